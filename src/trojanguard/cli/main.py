@@ -1,0 +1,89 @@
+"""``trojanguard`` command line. Every user mistake ends in one line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_common_data(p):
+    p.add_argument("--dataset", help="dataset name (cifar10, sst2, yelp, digits, imagefolder, text)")
+    p.add_argument("--data-dir", help="folder with the dataset files (default: search "
+                   "$TROJANGUARD_DATA/<name>, ./data/<name>, ../shared/data/<name>)")
+    p.add_argument("--text-column", default=None, help="text column for --dataset text")
+    p.add_argument("--label-column", default=None, help="label column for --dataset text")
+
+
+def _ratio(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1); give a fraction such as 0.05")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    p = _Parser(prog="trojanguard", description="Find and remove backdoors in image and text classifiers.")
+    p.add_argument("--version", action="version", version=f"trojanguard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a clean model and save a checkpoint")
+    _add_common_data(t)
+    t.add_argument("--model", required=True, help="model name (preact_resnet18, small_cnn, minilm, hf:<dir>)")
+    t.add_argument("--width", type=int, help="channel width of image models (preact_resnet18: 16 CPU, 64 paper)")
+    t.add_argument("--holdout", type=_ratio, default=None,
+                   help="fraction of train held out as the defender's clean set (default 0.05 images; text: dev split)")
+    for name, typ in (("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float)):
+        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (default: at the end only)")
+    t.add_argument("--out", help="checkpoint folder (default runs/<dataset>-<model>-clean)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (CA; ASR/RA when it carries an attack)")
+    e.add_argument("checkpoint")
+    _add_common_data(e)
+    e.add_argument("--model", help="architecture, for a foreign .pt/.safetensors file")
+    e.add_argument("--width", type=int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    i = sub.add_parser("info", help="show what a checkpoint holds")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="offline demo: backdoor a small model, then repair it")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--out", default=None, help="also save the before/after results here (JSON)")
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        from . import commands
+        return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args) or 0
+    except UserError as e:
+        print(f"trojanguard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("trojanguard: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

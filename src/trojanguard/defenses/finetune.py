@@ -1,0 +1,89 @@
+"""Fine-tuning defenses, FST and its ablations behind one function (methods.md §2.1).
+
+FST, Feature Shift Tuning (Min et al., NeurIPS 2023). With f(x) = W phi(x) + b:
+  1. W0 = W (detached), C = ||W0||_F;
+  2. re-initialise (W, b) with the default nn.Linear init and project W to norm C;
+  3. fine-tune all parameters on D_def with CE(f(x), y) + alpha <W, W0>_F
+     (the bias is not penalised);
+  4. after every optimiser step, W <- C W / ||W||_F.
+
+Modes: ``ft`` (keep head, train all), ``lp`` (train the head only), ``fe-tuning``
+(re-init head, freeze it, train the backbone), ``ft-init`` (re-init head, train all,
+no penalty), ``fst``. Reading chosen (methods.md): the official code projects the head
+norm in every mode; we project in ``fst`` only, ``project_all_modes=True`` restores the
+official behaviour.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..data.base import Data
+from ..train import TrainConfig, train
+from .base import DefenseConfig, Purifier, PurifyResult
+
+
+class FinetuneConfig(DefenseConfig):
+    mode: Literal["ft", "lp", "fe-tuning", "ft-init", "fst"] = "fst"
+    alpha: float = Field(0.1, ge=0, description="weight of <W, W0>_F (0.1 CIFAR-10; 0.2 script default)")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    augment: bool = True
+    project_all_modes: bool = False
+
+
+class Finetune(Purifier):
+    """Fine-tuning family: FST (default), FT, LP, FE-tuning, FT-init."""
+    name = "finetune"
+    Config = FinetuneConfig
+
+    def purify(self, model, clean: Data) -> PurifyResult:
+        cfg = self.cfg
+        model = copy.deepcopy(model)
+        head = model.head
+        w0 = head.weight.detach().clone()
+        norm0 = w0.norm()
+        if cfg.mode in ("fst", "fe-tuning", "ft-init"):
+            torch.manual_seed(cfg.seed)
+            head.reset_parameters()
+            with torch.no_grad():
+                head.weight.mul_(norm0 / head.weight.norm())
+        for p in model.parameters():
+            p.requires_grad_(cfg.mode != "lp")
+        for p in head.parameters():
+            p.requires_grad_(cfg.mode != "fe-tuning")
+
+        alpha = cfg.alpha if cfg.mode == "fst" else 0.0
+
+        def loss_fn(logits, y):
+            loss = F.cross_entropy(logits, y)
+            if alpha:
+                loss = loss + alpha * (head.weight * w0.to(head.weight.device)).sum()
+            return loss
+
+        project = cfg.mode == "fst" or (cfg.project_all_modes and cfg.mode != "fe-tuning")
+
+        def after_step():
+            with torch.no_grad():
+                head.weight.mul_(norm0.to(head.weight.device) / head.weight.norm())
+
+        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
+                           momentum=cfg.momentum, nesterov=False, weight_decay=cfg.weight_decay,
+                           schedule="cosine", warmup_frac=0.0, label_smoothing=0.0,
+                           augment=cfg.augment and clean.modality == "image", seed=cfg.seed,
+                           device=cfg.device, progress=cfg.progress,
+                           grad_clip=1.0 if clean.modality == "text" else None)
+        res = train(model, clean, None, tcfg, loss_fn=loss_fn, after_step=after_step if project else None)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        cos = F.cosine_similarity(head.weight.detach().flatten().cpu(), w0.flatten().cpu(), dim=0)
+        return PurifyResult(model.eval(), {"mode": cfg.mode, "seconds": res.seconds,
+                                           "head_cosine_to_original": float(cos)})

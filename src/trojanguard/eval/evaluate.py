@@ -1,0 +1,57 @@
+"""Prediction and the standard CA / ASR / RA evaluation."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..data.base import Data
+from . import metrics
+
+# A trigger maps a batch (float images in [0,1] or a list of strings) and its labels to the
+# triggered batch; attacks provide one, and so does a loaded attack artifact.
+Trigger = Callable[[object, torch.Tensor], object]
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict(model, data: Data, batch_size: int = 512, trigger: Trigger | None = None,
+            return_logits: bool = False) -> torch.Tensor:
+    """Predicted labels (or logits) for every sample of ``data``, in eval mode; the model's
+    train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    dev = _device_of(model)
+    out = []
+    try:
+        for start in range(0, len(data), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(data)))
+            x, y = data.batch(idx)
+            if trigger is not None:
+                x = trigger(x, y)
+            if isinstance(x, torch.Tensor):
+                x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            out.append(logits.cpu() if return_logits else logits.argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model, test: Data, trigger: Trigger | None = None, targets=None,
+             batch_size: int = 512) -> dict[str, float]:
+    """CA on ``test``; with a trigger, also ASR and RA on the triggered test inputs whose
+    true label is not their target. ``targets``: an int (all-to-one) or a function
+    labels -> target labels (all-to-all)."""
+    res = {"ca": metrics.accuracy(predict(model, test, batch_size), test.y)}
+    if trigger is not None:
+        t = targets(test.y) if callable(targets) else torch.full_like(test.y, int(targets))
+        keep = (test.y != t).nonzero().flatten()
+        sub = test.subset(keep)
+        pred = predict(model, sub, batch_size, trigger=trigger)
+        res["asr"] = metrics.attack_success_rate(pred, sub.y, t[keep])
+        res["ra"] = metrics.robust_accuracy(pred, sub.y, t[keep])
+    return res

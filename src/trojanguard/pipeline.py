@@ -1,0 +1,68 @@
+"""The shared setup every entry point needs (CLI, demo, benchmarks): load a dataset, carve
+out the defender's clean split, build a matching model. One place, no copy-pasted setup."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .data import DatasetBundle, load_dataset, split_holdout
+from .data.base import Data
+from .errors import UserError
+from .models import TrojanModel, create_model
+
+
+@dataclass
+class Prepared:
+    bundle: DatasetBundle
+    train: Data          # the attacker's / trainer's part of the training set
+    defense: Data        # the defender's clean held-out set D_def
+    holdout: float | None  # fraction carved out of train (None: the dataset's own dev split)
+    seed: int
+
+    def describe(self) -> dict:
+        return {"name": self.bundle.name, "source": self.bundle.source, "classes": self.bundle.classes,
+                "train_size": len(self.train), "defense_size": len(self.defense),
+                "test_size": len(self.bundle.test),
+                "holdout": self.holdout if self.holdout is not None else "dev split",
+                "split_seed": self.seed}
+
+
+def prepare_data(dataset: str, data_dir=None, holdout: float | None = 0.05, seed: int = 0,
+                 **loader_kw) -> Prepared:
+    """Load ``dataset``; ``D_def`` = the dataset's dev split when it has one and
+    ``holdout`` is None, else a class-balanced ``holdout`` fraction of train."""
+    bundle = load_dataset(dataset, data_dir, **loader_kw)
+    if holdout is None and bundle.defense is not None:
+        return Prepared(bundle, bundle.train, bundle.defense, None, seed)
+    if holdout is None:
+        holdout = 0.05
+    train, defense = split_holdout(bundle.train, holdout, seed)
+    return Prepared(bundle, train, defense, holdout, seed)
+
+
+def default_holdout(dataset_modality: str) -> float | None:
+    """methods.md §0: 5 % of the training images for vision; the dev split for text."""
+    return 0.05 if dataset_modality == "image" else None
+
+
+def build_model(name: str, bundle: DatasetBundle, width: int | None = None, **kw) -> TrojanModel:
+    """A model of architecture ``name`` shaped for ``bundle`` (classes, channels, norm)."""
+    is_text_model = name == "minilm" or name.startswith("hf:")
+    if is_text_model != (bundle.modality == "text"):
+        raise UserError(f"model {name!r} is for {'text' if is_text_model else 'images'} but dataset "
+                        f"{bundle.name!r} is {bundle.modality}; pick a matching --model")
+    kw["num_classes"] = bundle.num_classes
+    if bundle.modality == "image":
+        channels = bundle.train.x.shape[1]
+        kw.setdefault("in_channels", channels)
+        if "mean" in bundle.extra:
+            kw.setdefault("mean", tuple(bundle.extra["mean"]))
+            kw.setdefault("std", tuple(bundle.extra["std"]))
+        elif bundle.name != "cifar10":
+            x = bundle.train.x.float().div(255)
+            kw.setdefault("mean", tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()))
+            kw.setdefault("std", tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist()))
+        if width is not None:
+            kw["width"] = width
+    elif width is not None:
+        raise UserError("--width applies to image models only")
+    return create_model(name, **kw)

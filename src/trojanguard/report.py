@@ -1,0 +1,38 @@
+"""Plain-text tables for the terminal (and Markdown for committed results)."""
+from __future__ import annotations
+
+import math
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def table(rows: list[dict], columns: list[str] | None = None, markdown: bool = False) -> str:
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if markdown:
+        line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([line(columns), sep] + [line(r) for r in cells])
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), "  ".join("-" * w for w in widths)] + [line(r) for r in cells])
+
+
+def percent_rows(rows: list[dict], keys=("ca", "asr", "ra")) -> list[dict]:
+    """Copy rows with rates shown as percentages (one decimal) for people."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        for k in keys:
+            if isinstance(r.get(k), float) and not math.isnan(r[k]):
+                r[k] = f"{100 * r[k]:.1f}%"
+        out.append(r)
+    return out

@@ -1,0 +1,76 @@
+"""Every CLI user mistake: one line on stderr, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trojanguard import create_model, save_checkpoint
+
+
+def run(*args, cwd=None):
+    p = subprocess.run([sys.executable, "-m", "trojanguard", *args], capture_output=True, text=True,
+                       cwd=cwd, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    m = create_model("small_cnn", num_classes=10, width=4, in_channels=1, mean=(0.5,), std=(0.5,))
+    save_checkpoint(d / "small", m, {"dataset": {"name": "digits"}})
+    torch.save(m.state_dict(), d / "small.pt")
+    return d
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--model", "small_cnn"],
+     ["does not exist", "--data-dir"]),
+    (["train", "--dataset", "cifar11", "--model", "small_cnn"], ["unknown dataset", "cifar10"]),
+    (["train", "--dataset", "digits", "--model", "resnet9000"], ["unknown model", "choose one of"]),
+    (["train", "--dataset", "digits", "--model", "small_cnn", "--holdout", "1.5"], ["outside (0, 1)"]),
+    (["train", "--dataset", "digits", "--model", "small_cnn", "--holdout", "abc"], ["not a number"]),
+    (["train", "--dataset", "digits", "--model", "minilm"], ["is for text"]),
+    (["train", "--dataset", "sst2", "--model", "minilm"], ["no data found", "--data-dir"]),
+    (["frobnicate"], ["invalid choice"]),
+    (["info", "/nonexistent/ckpt"], ["does not exist"]),
+])
+def test_cli_user_errors(tmp_path, args, needles):
+    code, _, err = run(*args, cwd=tmp_path)
+    assert_user_error(code, err, *needles)
+
+
+def test_cli_checkpoint_errors(tmp_path, ckpt):
+    # a foreign .pt for another architecture
+    code, _, err = run("eval", str(ckpt / "small.pt"), "--model", "small_cnn", "--width", "8",
+                       "--dataset", "digits")
+    assert_user_error(code, err, "do not fit", "--width")
+    # an unreadable file
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    code, _, err = run("eval", str(bad), "--model", "small_cnn", "--dataset", "digits")
+    assert_user_error(code, err, "cannot read")
+    (tmp_path / "model.json").write_text("{oops")
+    code, _, err = run("info", str(tmp_path))
+    assert_user_error(code, err, "not valid JSON")
+
+
+def test_cli_info_and_eval(ckpt):
+    code, out, err = run("info", str(ckpt / "small"))
+    assert code == 0, err
+    assert "small_cnn" in out and "sha256" in out
+    code, out, err = run("eval", str(ckpt / "small"), "--json")
+    assert code == 0, err
+    assert '"ca"' in out
+    code, out, err = run("eval", str(ckpt / "small.pt"), "--model", "small_cnn", "--width", "4",
+                         "--dataset", "digits", "--json")
+    assert code == 0, err

@@ -1,0 +1,51 @@
+"""Metric formulas against hand-computed values and scikit-learn."""
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from trojanguard.eval import metrics as M
+
+
+def test_der_sign_and_range():
+    # ASR removed at no CA cost: best rating
+    assert M.defense_effectiveness_rating(0.9, 1.0, 0.9, 0.0) == 1.0
+    # nothing changes: 0.5
+    assert M.defense_effectiveness_rating(0.9, 0.9, 0.9, 0.9) == 0.5
+    # ASR drops by 0.6 but CA drops by 0.1: (0.6 - 0.1 + 1) / 2
+    assert M.defense_effectiveness_rating(0.9, 0.95, 0.8, 0.35) == pytest.approx(0.75)
+    # CA going UP or ASR going UP is not rewarded/penalised beyond zero
+    assert M.defense_effectiveness_rating(0.8, 0.5, 0.9, 0.9) == 0.5
+    # losing accuracy alone is penalised
+    assert M.defense_effectiveness_rating(0.9, 0.5, 0.5, 0.5) == pytest.approx(0.3)
+
+
+def test_asr_counts_only_non_target_inputs():
+    labels = np.array([0, 0, 1, 2, 3])
+    pred = np.array([0, 0, 0, 2, 0])
+    assert M.attack_success_rate(pred, labels, 0) == pytest.approx(2 / 3)
+    assert M.robust_accuracy(pred, labels, 0) == pytest.approx(1 / 3)
+    # all-to-all: per-input target
+    targets = (labels + 1) % 4
+    assert M.attack_success_rate(np.array([1, 0, 2, 3, 0]), labels, targets) == pytest.approx(4 / 5)
+    assert M.accuracy(pred, labels) == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_auprc_match_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300).astype(bool)
+    s = np.round(rng.normal(size=300) + y * 0.8, 1)  # rounding creates ties
+    assert M.auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert M.auprc(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    assert M.tpr_at_fpr(s, y, 0.05) == pytest.approx(tpr[fpr <= 0.05].max())
+
+
+def test_detection_edge_cases():
+    assert M.auroc([0.1, 0.9], [False, True]) == 1.0
+    assert M.auroc([0.9, 0.1], [False, True]) == 0.0
+    assert M.auroc([0.5, 0.5], [False, True]) == 0.5
+    r = M.threshold_rates([0.1, 0.2, 0.8, 0.9], [False, False, True, True], 0.5)
+    assert r["frr"] == 0.0 and r["far"] == 0.0
+    with pytest.raises(ValueError):
+        M.auroc([np.nan, 1.0], [False, True])

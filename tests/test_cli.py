@@ -74,3 +74,43 @@ def test_cli_info_and_eval(ckpt):
     code, out, err = run("eval", str(ckpt / "small.pt"), "--model", "small_cnn", "--width", "4",
                          "--dataset", "digits", "--json")
     assert code == 0, err
+
+
+def test_cli_attack_eval_show_trigger(tmp_path):
+    out = tmp_path / "bd"
+    code, stdout, err = run("attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn",
+                            "--ratio", "0.1", "--epochs", "3", "--quiet", "--out", str(out))
+    assert code == 0, err
+    for f in ("model.safetensors", "model.json", "attack.json", "attack.safetensors", "metrics.json"):
+        assert (out / f).is_file(), f
+    import json
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"ca", "asr", "ra", "poisoned_count", "seconds", "peak_rss_mb"} <= set(m)
+    assert m["poisoned_count"] == round(0.1 * 1281)
+    code, stdout, err = run("eval", str(out), "--json")
+    assert code == 0, err
+    ev = json.loads(stdout)
+    assert ev["asr"] == pytest.approx(m["asr"]) and ev["ca"] == pytest.approx(m["ca"])
+    code, stdout, err = run("show-trigger", str(out), "--out", str(tmp_path / "t.png"))
+    assert code == 0, err
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["attack", "--attack", "nosuch", "--dataset", "digits", "--model", "small_cnn"], ["unknown attack"]),
+    (["attack", "--attack", "sig", "--dataset", "digits", "--model", "small_cnn", "--ratio", "0.5"],
+     ["clean-label", "--ratio <="]),
+    (["attack", "--attack", "lc", "--dataset", "digits", "--model", "small_cnn"], ["--clean-model"]),
+    (["attack", "--attack", "addsent", "--dataset", "digits", "--model", "small_cnn"], ["no image variant"]),
+])
+def test_cli_attack_errors(tmp_path, args, needles):
+    code, _, err = run(*args, cwd=tmp_path)
+    assert_user_error(code, err, *needles)
+
+
+def test_cli_list():
+    code, out, _ = run("list", "attacks")
+    assert code == 0
+    for name in ("badnets", "blended", "sig", "wanet", "input_aware", "lc", "trojannn", "lf", "bpp",
+                 "adaptive_blend", "addsent", "synbkd", "stylebkd"):
+        assert name in out

@@ -121,7 +121,8 @@ def test_cifar_batches_refuse_code(tmp_path):
     assert not marker.exists()
 
 
-def test_missing_and_unreadable_data_dirs(tmp_path):
+def test_missing_and_unreadable_data_dirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data or ../shared/data to find from here
     with pytest.raises(UserError, match="does not exist"):
         load_dataset("cifar10", data_dir=tmp_path / "nope")
     (tmp_path / "empty").mkdir()

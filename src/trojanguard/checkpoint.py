@@ -89,6 +89,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{wfile} is not a valid safetensors file ({e}); re-copy the checkpoint") from None
     _load_state(model, state, str(wfile))
     model.to(device).eval()
+    if model.modality == "image":  # the layout it was trained and evaluated in: same kernels, same bits
+        model.to(memory_format=torch.channels_last)
     return model, meta
 
 
@@ -149,4 +151,6 @@ def load_foreign_weights(path: str | Path, model: TrojanModel) -> TrojanModel:
         raise UserError(f"{p} does not hold a state_dict of tensors; save model.state_dict()")
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
     _load_state(model, state, str(p))
+    if model.modality == "image":
+        model.to(memory_format=torch.channels_last)
     return model.eval()

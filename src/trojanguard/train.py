@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from .data.augment import random_crop_flip
 from .data.base import Data
-from .utils import resolve_device, seed_everything
+from .utils import resolve_device, seed_everything, tune_cpu_allocator
 
-# (x, y, step) -> (x, y): lets an attack alter each training batch (after augmentation).
-BatchHook = Callable[[object, torch.Tensor, int], tuple[object, torch.Tensor]]
+# (x, y, positions) -> (x, y): lets a training-controlled attack alter each batch after
+# augmentation; ``positions`` are the batch's positions in the training data.
+BatchHook = Callable[[object, torch.Tensor, torch.Tensor], tuple[object, torch.Tensor]]
 
 
 class TrainConfig(BaseModel):
@@ -44,6 +45,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only when asked)")
+    bucket_by_length: bool = Field(True, description="text: batch sentences of similar length together")
     progress: bool = True
 
 
@@ -98,6 +100,24 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
                            nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
 
+def epoch_batches(data: Data, cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """Positions of each batch of one epoch: a random permutation cut into batches; for
+    text, each run of 50 batches is sorted by length first (then the batch order is
+    shuffled), so padding is small: ~2x fewer tokens on SST-2 at the same randomness."""
+    n, bs = len(data), cfg.batch_size
+    perm = torch.randperm(n, generator=gen)
+    if data.modality != "text" or not cfg.bucket_by_length:
+        return list(perm.split(bs))
+    lengths = torch.tensor([len(t.split()) for t in data.texts])
+    chunk = bs * 50
+    batches = []
+    for c in perm.split(chunk):
+        c = c[lengths[c].argsort(stable=True)]
+        batches += list(c.split(bs))
+    order = torch.randperm(len(batches), generator=gen)
+    return [batches[i] for i in order]
+
+
 def prepare_batch(model, data: Data, idx: torch.Tensor, cfg: TrainConfig, dev: torch.device,
                   gen: torch.Generator, augment: bool):
     """Turn positions into a model-ready batch (augmented float images or texts)."""
@@ -122,6 +142,7 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
     replaces label-smoothed cross-entropy; ``after_step()`` runs after every optimiser
     step (FST's head-norm projection)."""
     cfg = cfg or TrainConfig()
+    tune_cpu_allocator()
     gen = seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
     model.to(dev)
@@ -131,7 +152,8 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     n = len(train_data)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(n / cfg.batch_size) if train_data.modality != "text" or not cfg.bucket_by_length \
+        else sum(math.ceil(len(c) / cfg.batch_size) for c in torch.arange(n).split(cfg.batch_size * 50))
     total = steps_per_epoch * cfg.epochs
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
     result = TrainResult(0.0, cfg.epochs, total)
@@ -141,13 +163,11 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
                dynamic_ncols=True)
     for epoch in range(cfg.epochs):
         model.train()
-        perm = torch.randperm(n, generator=gen)
         loss_sum, count = torch.zeros((), device=dev), 0
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        for b, idx in enumerate(epoch_batches(train_data, cfg, gen)):
             x, y = prepare_batch(model, train_data, idx, cfg, dev, gen, cfg.augment)
             if batch_hook is not None:
-                x, y = batch_hook(x, y, step)
+                x, y = batch_hook(x, y, idx)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, total)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):

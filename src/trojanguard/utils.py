@@ -30,6 +30,30 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed activation memory in the heap instead of returning it to the OS.
+
+    glibc serves big blocks (every activation tensor) with mmap and unmaps them on free,
+    so each training step page-faults its activations back in: measured here on
+    PreAct-ResNet18 w16, 59 M minor faults per 14-epoch run and ~5 % of the time in the
+    kernel. Raising the mmap and trim thresholds cut faults 4x and sys time 3x."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or platform.system() != "Linux":
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, macOS): nothing to tune
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when there is one, else MPS, else CPU."""
     if device == "auto":

@@ -1,19 +1,51 @@
-"""Backdoor attacks by name: ``create_attack("badnets", ratio=0.1, target=0)``."""
+"""Backdoor attacks by name: ``create_attack("badnets", ratio=0.1)``.
+
+One name can have an image and a text variant (``badnets``); ``modality`` picks it
+(default: image, or the only variant there is)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from ..registry import Registry
-from .base import ARTIFACT_JSON, Attack, AttackConfig, PoisonResult, load_attack
+from .adaptive_blend import AdaptiveBlend
 from .badnets import BadNets
+from .base import ARTIFACT_JSON, Attack, AttackConfig, PoisonResult, load_attack
+from .blended import Blended
+from .bpp import BPP
+from .input_aware import InputAware
+from .lc import LabelConsistent
+from .lf import LowFrequency
+from .sig import SIG
+from .text import AddSent, StyleBkd, SynBkd, TextBadNets
+from .trojannn import TrojanNN
+from .wanet import WaNet
+
+IMAGE_ATTACKS = (BadNets, Blended, SIG, WaNet, InputAware, LabelConsistent, TrojanNN, LowFrequency, BPP,
+                 AdaptiveBlend)
+TEXT_ATTACKS = (TextBadNets, AddSent, SynBkd, StyleBkd)
 
 ATTACKS: Registry = Registry("attack")
-for _cls in (BadNets,):
-    ATTACKS.register(_cls.name, (_cls.__doc__ or "").strip().split("\n")[0])(_cls)
+_VARIANTS: dict[str, dict[str, type[Attack]]] = {}
+for _cls in IMAGE_ATTACKS + TEXT_ATTACKS:
+    _VARIANTS.setdefault(_cls.name, {})[_cls.modality] = _cls
+for _name, _by_mod in _VARIANTS.items():
+    _doc = "; ".join(f"{m}: {((c.__doc__ or c.name).strip().splitlines() or [c.name])[0]}" for m, c in _by_mod.items())
+    ATTACKS.register(_name, _doc)(lambda modality=None, _n=_name, **kw: attack_class(_n, modality)(**kw))
 
 
-def create_attack(name: str, **kwargs) -> Attack:
-    return ATTACKS.get(name)(**kwargs)
+def attack_class(name: str, modality: str | None = None) -> type[Attack]:
+    ATTACKS.get(name)  # unknown names: a clear error with suggestions
+    variants = _VARIANTS[name.lower()]
+    if modality is None:
+        modality = "image" if "image" in variants else next(iter(variants))
+    if modality not in variants:
+        raise UserError(f"attack {name!r} has no {modality} variant (it has: {', '.join(variants)})")
+    return variants[modality]
+
+
+def create_attack(name: str, modality: str | None = None, **kwargs) -> Attack:
+    return attack_class(name, modality)(**kwargs)
 
 
 def attack_for_checkpoint(path) -> Attack | None:
@@ -23,5 +55,5 @@ def attack_for_checkpoint(path) -> Attack | None:
     return load_attack(folder) if (folder / ARTIFACT_JSON).exists() else None
 
 
-__all__ = ["ATTACKS", "Attack", "AttackConfig", "PoisonResult", "create_attack", "load_attack",
-           "attack_for_checkpoint"]
+__all__ = ["ATTACKS", "IMAGE_ATTACKS", "TEXT_ATTACKS", "Attack", "AttackConfig", "PoisonResult", "attack_class", "create_attack",
+           "load_attack", "attack_for_checkpoint"]

@@ -31,6 +31,7 @@ def patch_mask_and_pattern(h: int, w: int, c: int, cfg: BadNetsConfig) -> tuple[
 
 
 class BadNets(Attack):
+    """BadNets: a 3x3 checkerboard patch in the bottom-right corner (dirty label)."""
     name = "badnets"
     Config = BadNetsConfig
 

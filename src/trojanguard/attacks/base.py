@@ -35,6 +35,7 @@ class AttackConfig(BaseModel):
     target: int = Field(0, ge=0, description="target label (all-to-one)")
     mode: Literal["all2one", "all2all"] = "all2one"
     ratio: float = Field(0.1, gt=0, lt=1, description="poisoned fraction of the whole training set")
+    count: int | None = Field(None, ge=1, description="absolute number of poisoned samples (overrides ratio)")
     seed: int = 0
 
 
@@ -55,6 +56,11 @@ class Attack:
     name: ClassVar[str] = ""
     modality: ClassVar[str] = "image"
     clean_label: ClassVar[bool] = False
+    #: True when the trigger is applied inside the training loop (WaNet, Input-aware):
+    #: poison() then only relabels the chosen samples and training_hook() stamps them.
+    trigger_in_loop: ClassVar[bool] = False
+    #: True when the trigger is fitted on a clean model first (LC, TrojanNN, LF).
+    needs_clean_model: ClassVar[bool] = False
     Config: ClassVar[type[AttackConfig]] = AttackConfig
 
     def __init__(self, cfg: AttackConfig | None = None, **kwargs):
@@ -89,7 +95,7 @@ class Attack:
         return (data.y != self.cfg.target).nonzero().flatten()
 
     def count_for(self, n_train: int) -> int:
-        return round(self.cfg.ratio * n_train)
+        return self.cfg.count if self.cfg.count is not None else round(self.cfg.ratio * n_train)
 
     def select(self, data: Data) -> torch.Tensor:
         """Seeded choice of ``round(ratio * N)`` victims among the eligible positions."""
@@ -102,8 +108,9 @@ class Attack:
             what = ("clean-label attacks poison only target-class samples, so the ratio is capped at "
                     f"the target class share {share:.4f}" if self.clean_label else
                     f"only {len(pool)} samples are eligible (share {share:.4f})")
-            raise UserError(f"attack {self.name}: ratio {self.cfg.ratio} asks for {k} poisoned samples "
-                            f"but {what}; use --ratio <= {share:.4f}")
+            asked = f"count {k}" if self.cfg.count else f"ratio {self.cfg.ratio} asks for {k} poisoned samples but"
+            raise UserError(f"attack {self.name}: {asked} {what}; use --ratio <= {share:.4f} "
+                            f"(or --count <= {len(pool)})")
         g = torch.Generator().manual_seed(self.cfg.seed)
         return pool[torch.randperm(len(pool), generator=g)[:k]].sort().values
 
@@ -125,7 +132,8 @@ class Attack:
         pos = self.select(data)
         if isinstance(data, ImageData):
             x = data.x.clone()
-            x[pos] = to_uint8(self.trigger(data.x[pos].float() / 255, data.y[pos]))
+            if not self.trigger_in_loop:
+                x[pos] = to_uint8(self.trigger(data.x[pos].float() / 255, data.y[pos]))
             y = data.y.clone()
             if not self.clean_label:
                 y[pos] = self.target_for(data.y[pos])
@@ -140,7 +148,12 @@ class Attack:
                 y[pos] = self.target_for(data.y[pos])
             out = TextData(texts, y, data.classes, data.index.clone())
         self.poisoned_indices = data.index[pos].clone()
+        self.poison_mask = torch.zeros(len(data), dtype=torch.bool)
+        self.poison_mask[pos] = True
         return PoisonResult(out, pos, self.poisoned_indices)
+
+    def fit(self, clean_model, data: Data) -> None:
+        """Attacks with ``needs_clean_model`` optimise their trigger on a clean model here."""
 
     def training_hook(self):
         """For training-controlled attacks: a ``(x, y, step) -> (x, y)`` batch hook."""
@@ -168,6 +181,13 @@ class Attack:
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    def extra(self) -> dict:
+        """JSON-able trigger state that is not a tensor (e.g. paraphrase tables)."""
+        return {}
+
+    def load_extra(self, extra: dict) -> None:
+        pass
+
     def describe(self) -> dict:
         return {"name": self.name, "modality": self.modality, "clean_label": self.clean_label,
                 "config": self.cfg.model_dump(), "num_classes": self.num_classes,
@@ -181,7 +201,8 @@ class Attack:
         if self.poisoned_indices is not None:
             tensors["poisoned_indices"] = self.poisoned_indices.to(torch.int64).contiguous()
         atomic_write_bytes(folder / ARTIFACT_TENSORS, save(tensors) if tensors else save({"_": torch.zeros(0)}))
-        atomic_write_json(folder / ARTIFACT_JSON, {"format": "trojanguard-attack/1", **self.describe()})
+        atomic_write_json(folder / ARTIFACT_JSON, {"format": "trojanguard-attack/1", **self.describe(),
+                                                   "extra": self.extra()})
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +211,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def load_attack(folder: str | Path) -> Attack:
     """Rebuild an attack (trigger, targets, poisoned indices) from its artifact."""
-    from . import ATTACKS
+    from . import attack_class
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
@@ -200,8 +221,9 @@ def load_attack(folder: str | Path) -> Attack:
         raise UserError(f"{folder} has no {ARTIFACT_JSON}; give the folder written by 'trojanguard attack'") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{folder / ARTIFACT_JSON} is not valid JSON ({e})") from None
-    cls = ATTACKS.get(meta["name"])
+    cls = attack_class(meta["name"], meta.get("modality", "image"))
     attack = cls(cls.Config(**meta["config"]))
+    attack.load_extra(meta.get("extra") or {})
     attack.num_classes = meta.get("num_classes")
     tensors = load_file(str(folder / ARTIFACT_TENSORS)) if (folder / ARTIFACT_TENSORS).exists() else {}
     tensors.pop("_", None)

@@ -17,69 +17,94 @@ def _loader_kw(args) -> dict:
     return kw
 
 
-def cmd_train(args) -> int:
-    from ..checkpoint import save_checkpoint
-    from ..eval.evaluate import evaluate
-    from ..pipeline import build_model, prepare_data
-    from ..train import recipe_for, train
-    from ..utils import measure, seed_everything
-
+def _prepare(args):
+    from ..data import DATASETS
+    from ..pipeline import default_holdout, prepare_data
     if not args.dataset:
         raise UserError("--dataset is required (e.g. --dataset cifar10)")
+    DATASETS.get(args.dataset)  # unknown names fail before any work
     if args.out and Path(args.out).is_file():
         raise UserError(f"--out {args.out} is a file; give a folder for the checkpoint")
-    cfg = recipe_for(args.dataset, args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-                     eval_every=args.eval_every, progress=not args.quiet)
-    with measure("load-data") as s_data:
-        from ..data import DATASETS
-        DATASETS.get(args.dataset)  # unknown names fail before any work
-        holdout = args.holdout
-        prep = prepare_data(args.dataset, args.data_dir, holdout=holdout if holdout is not None else
-                            (0.05 if args.dataset not in ("sst2", "yelp", "text") else None),
-                            seed=args.seed, **_loader_kw(args))
-    seed_everything(args.seed)
-    model = build_model(args.model, prep.bundle, width=args.width)
-    print(f"training {args.model} on {args.dataset}: {len(prep.train)} samples, "
-          f"{cfg.epochs} epochs, batch {cfg.batch_size}, held-out D_def {len(prep.defense)}")
-    with measure("train") as s_train:
-        res = train(model, prep.train, prep.bundle.test, cfg)
-    with measure("evaluate") as s_eval:
-        m = evaluate(model, prep.bundle.test)
+    is_text = args.dataset in ("sst2", "yelp", "text")
+    holdout = args.holdout if args.holdout is not None else default_holdout("text" if is_text else "image")
+    return prepare_data(args.dataset, args.data_dir, holdout=holdout, seed=args.seed, **_loader_kw(args))
+
+
+def _recipe(args):
+    from ..train import recipe_for
+    return recipe_for(args.dataset, args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+                      eval_every=args.eval_every, progress=not args.quiet)
+
+
+def _summary(args, record, out):
+    m = record["metrics"]
+    row = {"model": args.model, "dataset": args.dataset}
+    if record["attack"]:
+        row.update(attack=m["attack"], poisoned=m["poisoned_count"])
+    row.update({k: m[k] for k in ("ca", "asr", "ra") if k in m})
+    row.update(train_s=round(m["train_seconds"], 1), peak_rss_mb=round(m["peak_rss_mb"]))
+    print(table(percent_rows([row])))
+    print(f"saved {out}/ (model.safetensors, model.json{', attack.json' if record['attack'] else ''}, metrics.json)")
+
+
+def cmd_train(args) -> int:
+    from ..workflows import train_victim
+    prep = _prepare(args)
+    cfg = _recipe(args)
     out = Path(args.out or f"runs/{args.dataset}-{args.model.replace(':', '_').replace('/', '_')}-clean")
-    meta = {"dataset": prep.describe(), "train_config": cfg.model_dump(), "seed": args.seed,
-            "attack": None, "metrics": m, "history": res.history,
-            "stages": [s.as_dict() for s in (s_data, s_train, s_eval)]}
-    save_checkpoint(out, model, meta)
-    print(table(percent_rows([{"model": args.model, "dataset": args.dataset, "ca": m["ca"],
-                                "epochs": cfg.epochs, "train_s": round(s_train.seconds, 1),
-                                "peak_rss_mb": round(s_train.peak_rss_mb)}])))
-    print(f"saved {out}/model.safetensors (+ model.json)")
+    print(f"training {args.model} on {args.dataset}: {len(prep.train)} samples, {cfg.epochs} epochs, "
+          f"batch {cfg.batch_size}; held-out D_def {len(prep.defense)}")
+    _, record = train_victim(prep, args.model, cfg, width=args.width, out=out)
+    _summary(args, record, out)
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from ..attacks import create_attack
+    from ..workflows import train_victim
+    prep = _prepare(args)
+    kw = {"ratio": args.ratio, "count": args.count, "seed": args.seed, "target": args.target}
+    if args.all_to_all:
+        kw["mode"] = "all2all"
+    if args.table_dir:
+        kw["table_dir"] = args.table_dir
+    attack = create_attack(args.attack, modality=prep.bundle.modality, **{k: v for k, v in kw.items() if v is not None})
+    cfg = _recipe(args)
+    out = Path(args.out or f"zoo/{args.dataset}-{args.attack}-{args.ratio or attack.cfg.ratio}-s{args.seed}")
+    print(f"attack {attack.name} ({attack.describe()['target_mapping']}, ratio {attack.cfg.ratio}) on "
+          f"{args.dataset}/{args.model}: training {cfg.epochs} epochs")
+    clean = None
+    if args.clean_model:
+        from ..checkpoint import load_checkpoint
+        from ..utils import resolve_device
+        clean, _ = load_checkpoint(args.clean_model, resolve_device(args.device))
+    _, record = train_victim(prep, args.model, cfg, width=args.width, attack=attack, out=out, clean_model=clean)
+    _summary(args, record, out)
     return 0
 
 
 def _load_for_eval(args):
+    """(model, sidecar, dataset bundle) for a trojanguard checkpoint folder or a foreign
+    weights file described by --model/--dataset."""
     from ..checkpoint import load_checkpoint, load_foreign_weights
+    from ..data import load_dataset
+    from ..pipeline import build_model
     from ..utils import resolve_device
     dev = resolve_device(args.device)
     p = Path(args.checkpoint)
-    if p.is_file() and p.suffix in {".pt", ".pth", ".bin", ".safetensors"} and not (p.parent / "model.json").exists():
+    foreign = p.is_file() and not (p.parent / "model.json").exists()
+    if foreign:
         if not args.model or not args.dataset:
             raise UserError("a foreign weights file needs --model and --dataset to know its architecture")
-        from ..pipeline import build_model, prepare_data
-        prep = prepare_data(args.dataset, args.data_dir, holdout=None, **_loader_kw(args)) \
-            if args.dataset in ("sst2", "yelp", "text") else prepare_data(args.dataset, args.data_dir, **_loader_kw(args))
-        model = load_foreign_weights(p, build_model(args.model, prep.bundle, width=args.width)).to(dev)
-        return model, {"model": model.spec, "dataset": {"name": args.dataset}}, prep.bundle
+        bundle = load_dataset(args.dataset, args.data_dir, **_loader_kw(args))
+        model = load_foreign_weights(p, build_model(args.model, bundle, width=args.width)).to(dev)
+        return model, {"model": model.spec, "dataset": {"name": args.dataset}}, bundle
     model, meta = load_checkpoint(p, dev)
-    from ..data import load_dataset
-    ds = args.dataset or meta.get("dataset", {}).get("name")
+    ds = args.dataset or (meta.get("dataset") or {}).get("name")
     if not ds:
         raise UserError("the checkpoint does not name its dataset; pass --dataset")
-    if meta.get("dataset", {}).get("classes") and args.dataset and args.dataset != meta["dataset"].get("name"):
-        pass  # evaluating on another dataset of the same shape is allowed
-    bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
-    return model, meta, bundle
+    return model, meta, load_dataset(ds, args.data_dir, **_loader_kw(args))
 
 
 def cmd_eval(args) -> int:
@@ -128,4 +153,46 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from ..demo import run_demo
     run_demo(seed=args.seed, device=args.device, out=args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..attacks import ATTACKS
+    from ..data import DATASETS
+    from ..defenses import DEFENSES
+    from ..models import MODELS
+    reg = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}[args.what]
+    items = reg.describe()
+    w = max(map(len, items))
+    for name, help_ in items.items():
+        print(f"{name.ljust(w)}  {help_}")
+    return 0
+
+
+def cmd_show_trigger(args) -> int:
+    import torch
+
+    from ..attacks import load_attack
+    from ..checkpoint import read_sidecar
+    from ..data import load_dataset
+    from ..viz import save_png, trigger_grid
+    attack = load_attack(args.artifact)
+    if attack.modality != "image":
+        raise UserError(f"attack {attack.name} is a text attack; show-trigger draws image triggers")
+    folder = Path(args.artifact)
+    folder = folder if folder.is_dir() else folder.parent
+    ds = args.dataset
+    if not ds and (folder / "model.json").exists():
+        ds = (read_sidecar(folder).get("dataset") or {}).get("name")
+    if not ds:
+        raise UserError("cannot tell which dataset to draw from; pass --dataset (and --data-dir)")
+    test = load_dataset(ds, args.data_dir, **_loader_kw(args)).test
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(test), generator=g)[: max(1, args.num)]
+    x, y = test.batch(idx)
+    trig = attack.trigger(x, y)
+    rows = [(f"{attack.name} #{int(i)}", x[k], trig[k]) for k, i in enumerate(idx)]
+    out = Path(args.out or folder / "trigger.png")
+    save_png(trigger_grid(rows), out)
+    print(f"wrote {out}")
     return 0

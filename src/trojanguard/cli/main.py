@@ -32,13 +32,7 @@ def _ratio(s: str) -> float:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-    p = _Parser(prog="trojanguard", description="Find and remove backdoors in image and text classifiers.")
-    p.add_argument("--version", action="version", version=f"trojanguard {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    t = sub.add_parser("train", help="train a clean model and save a checkpoint")
+def _add_training(t):
     _add_common_data(t)
     t.add_argument("--model", required=True, help="model name (preact_resnet18, small_cnn, minilm, hf:<dir>)")
     t.add_argument("--width", type=int, help="channel width of image models (preact_resnet18: 16 CPU, 64 paper)")
@@ -49,8 +43,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (default: at the end only)")
-    t.add_argument("--out", help="checkpoint folder (default runs/<dataset>-<model>-clean)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    p = _Parser(prog="trojanguard", description="Find and remove backdoors in image and text classifiers.")
+    p.add_argument("--version", action="version", version=f"trojanguard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a clean model and save a checkpoint")
+    _add_training(t)
+    t.add_argument("--out", help="checkpoint folder (default runs/<dataset>-<model>-clean)")
+
+    a = sub.add_parser("attack", help="train a backdoored model; save checkpoint + attack artifact + metrics")
+    a.add_argument("--attack", required=True, help="attack name (see 'trojanguard list attacks')")
+    _add_training(a)
+    a.add_argument("--ratio", type=_ratio, help="poisoned fraction of the training set (attack default)")
+    a.add_argument("--count", type=int, help="absolute number of poisoned samples (overrides --ratio)")
+    a.add_argument("--target", type=int, help="target label (default 0 images, 1 text)")
+    a.add_argument("--all-to-all", action="store_true", help="target (y + 1) mod K instead of one label")
+    a.add_argument("--table-dir", help="paraphrase tables for synbkd/stylebkd (<attack>-<split>.tsv)")
+    a.add_argument("--clean-model", help="clean checkpoint for attacks that fit their trigger on one (lc, trojannn, lf)")
+    a.add_argument("--out", help="output folder (default zoo/<dataset>-<attack>-<ratio>-s<seed>)")
+
+    st = sub.add_parser("show-trigger", help="write a PNG of clean vs triggered test images for an attack artifact")
+    st.add_argument("artifact", help="folder with attack.json (e.g. from 'trojanguard attack')")
+    _add_common_data(st)
+    st.add_argument("--num", type=int, default=4, help="number of test images")
+    st.add_argument("--out", help="PNG path (default <artifact>/trigger.png)")
+
+    ls = sub.add_parser("list", help="list datasets, models, attacks or defenses")
+    ls.add_argument("what", choices=["datasets", "models", "attacks", "defenses"])
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (CA; ASR/RA when it carries an attack)")
     e.add_argument("checkpoint")

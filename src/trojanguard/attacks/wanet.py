@@ -1,0 +1,80 @@
+"""WaNet (Nguyen & Tran, ICLR 2021), training-controlled warping trigger.
+
+A k x k random flow field (k = 4), normalised by its mean magnitude, upsampled bicubically
+to the image size and scaled by s / H (s = 0.5), warps the image with grid_sample. In every
+training batch the chosen poisoned samples are warped (after augmentation) and carry the
+target label; ``cross_ratio`` times as many other samples get the warp plus a random
+per-pixel grid perturbation and keep their true label ("noise mode"), so that only the
+exact warp triggers the backdoor."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from .base import Attack, AttackConfig
+
+
+class WaNetConfig(AttackConfig):
+    k: int = Field(4, ge=2, description="control grid size")
+    s: float = Field(0.5, gt=0, description="warping strength")
+    grid_rescale: float = Field(1.0, gt=0)
+    cross_ratio: float = Field(2.0, ge=0, description="noise-mode samples per poisoned sample")
+    noise_mode: bool = True
+
+
+class WaNet(Attack):
+    """WaNet: imperceptible warping trigger with noise mode (training-controlled)."""
+    name = "wanet"
+    Config = WaNetConfig
+    trigger_in_loop = True
+
+    def __init__(self, cfg=None, **kw):
+        super().__init__(cfg, **kw)
+        self.noise_grid: torch.Tensor | None = None
+
+    def _grid(self, h: int) -> torch.Tensor:
+        if self.noise_grid is None:
+            g = torch.Generator().manual_seed(self.cfg.seed + 7919)
+            ins = torch.rand(1, 2, self.cfg.k, self.cfg.k, generator=g) * 2 - 1
+            ins = ins / ins.abs().mean()
+            self.noise_grid = F.interpolate(ins, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        line = torch.linspace(-1, 1, h)
+        xx, yy = torch.meshgrid(line, line, indexing="ij")
+        identity = torch.stack((yy, xx), 2)[None]
+        grid = (identity + self.cfg.s * self.noise_grid / h) * self.cfg.grid_rescale
+        return grid.clamp(-1, 1)
+
+    def prepare(self, data):
+        self._grid(data.shape[-2])
+
+    def apply(self, x, y):
+        grid = self._grid(x.shape[-2]).to(x.device).expand(len(x), -1, -1, -1)
+        return F.grid_sample(x, grid, align_corners=True)
+
+    def training_hook(self):
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        mask_all = self.poison_mask
+
+        def hook(x, y, idx):
+            m = mask_all[idx].to(x.device)
+            x = x.clone()
+            if m.any():
+                x[m] = self.trigger(x[m])
+            if self.cfg.noise_mode and self.cfg.cross_ratio > 0:
+                free = (~m).nonzero().flatten()
+                n_cross = min(len(free), round(self.cfg.cross_ratio * self.cfg.ratio * len(x)))
+                if n_cross:
+                    pick = free[torch.randperm(len(free), generator=gen)[:n_cross].to(x.device)]
+                    h = x.shape[-2]
+                    grid = self._grid(h).to(x.device).expand(n_cross, -1, -1, -1)
+                    noise = (torch.rand(n_cross, h, h, 2, generator=gen) * 2 - 1).to(x.device) / h
+                    x[pick] = F.grid_sample(x[pick], (grid + noise).clamp(-1, 1), align_corners=True)
+            return x, y
+        return hook
+
+    def tensors(self):
+        return {"noise_grid": self.noise_grid} if self.noise_grid is not None else {}
+
+    def load_tensors(self, tensors):
+        self.noise_grid = tensors.get("noise_grid")

@@ -1,0 +1,64 @@
+"""End-to-end jobs shared by the CLI, the demo and the benchmark scripts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .attacks import Attack
+from .checkpoint import save_checkpoint
+from .errors import UserError
+from .eval.evaluate import evaluate
+from .pipeline import Prepared, build_model
+from .train import TrainConfig, train
+from .utils import atomic_write_json, library_versions, measure, seed_everything
+
+
+def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int | None = None,
+                 attack: Attack | None = None, out: str | Path | None = None,
+                 clean_model=None) -> tuple[object, dict]:
+    """Train a clean model (``attack=None``) or a backdoored one on ``prep.train``;
+    evaluate CA (and ASR/RA with the attacker's trigger) on the test split; save the
+    checkpoint, the attack artifact and ``metrics.json`` into ``out``.
+
+    ``clean_model`` is needed by attacks that fit their trigger on one (LC, TrojanNN, LF)."""
+    stages = []
+    train_data, poisoned = prep.train, None
+    if attack is not None:
+        if attack.needs_clean_model:
+            if clean_model is None:
+                raise UserError(f"attack {attack.name} fits its trigger on a clean model; "
+                                "pass --clean-model CHECKPOINT (e.g. from 'trojanguard train')")
+            with measure("fit-trigger") as st:
+                attack.fit(clean_model, prep.train)
+            stages.append(st)
+        with measure("poison") as st:
+            poisoned = attack.poison(prep.train)
+        stages.append(st)
+        train_data = poisoned.data
+    seed_everything(cfg.seed)
+    model = build_model(model_name, prep.bundle, width=width)
+    hook = attack.training_hook() if attack is not None else None
+    with measure("train") as st:
+        res = train(model, train_data, prep.bundle.test, cfg, batch_hook=hook,
+                    loss_fn=getattr(attack, "loss_fn", None), after_step=getattr(attack, "after_step", None))
+    stages.append(st)
+    with measure("evaluate") as st:
+        m = evaluate(model, prep.bundle.test, attack.trigger if attack else None,
+                     attack.target_for if attack else None)
+    stages.append(st)
+    metrics = {**m, "seconds": sum(s.seconds for s in stages),
+               "train_seconds": next(s.seconds for s in stages if s.name == "train"), "peak_rss_mb": max(s.peak_rss_mb for s in stages)}
+    if attack is not None:
+        metrics.update(attack=attack.name, ratio=attack.cfg.ratio, poisoned_count=poisoned.count,
+                       poisoned_fraction=poisoned.count / len(prep.train))
+    record = {"dataset": prep.describe(), "train_config": cfg.model_dump(), "seed": cfg.seed,
+              "attack": attack.describe() if attack else None, "metrics": metrics,
+              "history": res.history, "stages": [s.as_dict() for s in stages]}
+    if out is not None:
+        out = Path(out)
+        save_checkpoint(out, model, record)
+        if attack is not None:
+            attack.save(out)
+        atomic_write_json(out / "metrics.json", {**metrics, "model": model.spec, "seed": cfg.seed,
+                                                 "train_config": cfg.model_dump(),
+                                                 "stages": record["stages"], "versions": library_versions()})
+    return model, record

@@ -1,0 +1,117 @@
+"""Vision attacks on tiny data: exact poisoned counts and kinds, the held-out split never
+touched, determinism under a seed, identical triggers after an artifact round trip, and
+training-controlled attacks that really implant a backdoor in a few hundred steps."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trojanguard import evaluate, train
+from trojanguard.attacks import IMAGE_ATTACKS, create_attack, load_attack
+from trojanguard.data import DatasetBundle, ImageData, split_holdout
+from trojanguard.errors import UserError
+from trojanguard.pipeline import Prepared, build_model
+from trojanguard.train import recipe_for
+
+FAST = {"lc": {"steps": 2}, "trojannn": {"steps": 5, "fit_images": 32}, "lf": {"steps": 5},
+        "input_aware": {"mask_epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Digits upscaled to 3x16x16, so that every attack's geometry makes sense."""
+    from trojanguard.data import load_dataset
+    b = load_dataset("digits")
+
+    def up(d):
+        x = F.interpolate(d.x.float(), size=16, mode="bilinear", align_corners=False)
+        return ImageData(x.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1), d.y, d.classes, d.index)
+    bundle = DatasetBundle("digits16", up(b.train), up(b.test), b.classes, "image", "test",
+                           extra={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    train_part, defense = split_holdout(bundle.train, 0.1, seed=0)
+    return Prepared(bundle, train_part, defense, 0.1, 0)
+
+
+@pytest.fixture(scope="module")
+def clean_model(tiny):
+    torch.manual_seed(0)
+    m = build_model("small_cnn", tiny.bundle)
+    train(m, tiny.train, cfg=recipe_for("digits", "small_cnn", epochs=6, progress=False))
+    return m
+
+
+def _make(name, clean_model, data, **kw):
+    atk = create_attack(name, **{**FAST.get(name, {}), **kw})
+    if atk.needs_clean_model:
+        atk.fit(clean_model, data)
+    return atk
+
+
+@pytest.mark.parametrize("cls", IMAGE_ATTACKS, ids=lambda c: c.name)
+def test_poisoned_set_exact_and_deterministic(tiny, clean_model, cls):
+    data = tiny.train
+    ratio = 0.05
+    atk = _make(cls.name, clean_model, data, ratio=ratio, seed=1)
+    res = atk.poison(data)
+    assert res.count == round(ratio * len(data))
+    orig_y = data.y[res.positions]
+    if cls.clean_label:
+        assert (orig_y == atk.cfg.target).all() and torch.equal(res.data.y, data.y)
+    else:
+        assert (orig_y != atk.cfg.target).all() and (res.data.y[res.positions] == atk.cfg.target).all()
+        others = torch.ones(len(data), dtype=torch.bool)
+        others[res.positions] = False
+        assert torch.equal(res.data.y[others], data.y[others])
+    if not cls.trigger_in_loop:
+        assert (res.data.x[res.positions] != data.x[res.positions]).any()
+    assert set(res.indices.tolist()).isdisjoint(tiny.defense.index.tolist())
+    again = _make(cls.name, clean_model, data, ratio=ratio, seed=1).poison(data)
+    assert torch.equal(again.positions, res.positions) and torch.equal(again.data.x, res.data.x)
+
+
+@pytest.mark.parametrize("cls", IMAGE_ATTACKS, ids=lambda c: c.name)
+def test_trigger_identical_after_round_trip(tmp_path, tiny, clean_model, cls):
+    atk = _make(cls.name, clean_model, tiny.train, ratio=0.05)
+    atk.poison(tiny.train)
+    atk.save(tmp_path)
+    back = load_attack(tmp_path)
+    x, y = tiny.bundle.test.batch(torch.arange(24))
+    a, b = atk.trigger(x, y), back.trigger(x, y)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, x)  # the trigger does change the images
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal((a * 255).round(), a * 255)  # on the 8-bit grid, like the stored poison
+    assert torch.equal(back.poisoned_indices, atk.poisoned_indices)
+
+
+def test_clean_label_ratio_cap(tiny):
+    share = (tiny.train.y == 0).float().mean().item()
+    with pytest.raises(UserError, match="clean-label attacks poison only target-class samples"):
+        create_attack("sig", ratio=share + 0.02).poison(tiny.train)
+
+
+def test_clean_model_attacks_need_one(tiny):
+    from trojanguard.workflows import train_victim
+    with pytest.raises(UserError, match="--clean-model"):
+        train_victim(tiny, "small_cnn", recipe_for("digits", "small_cnn", epochs=1, progress=False),
+                     attack=create_attack("trojannn"))
+
+
+def test_all_to_all_targets(tiny):
+    atk = create_attack("badnets", ratio=0.1, mode="all2all")
+    res = atk.poison(tiny.train)
+    assert torch.equal(res.data.y[res.positions], (tiny.train.y[res.positions] + 1) % 10)
+
+
+@pytest.mark.parametrize("name,kw", [("badnets", {}), ("wanet", {"s": 2.0}), ("bpp", {}),
+                                     ("input_aware", {"mask_epochs": 1})])
+def test_backdoor_implanted_in_a_few_hundred_steps(tiny, name, kw):
+    torch.manual_seed(0)
+    atk = create_attack(name, ratio=0.1, seed=0, **kw)
+    res = atk.poison(tiny.train)
+    m = build_model("small_cnn", tiny.bundle)
+    cfg = recipe_for("digits", "small_cnn", epochs=20, progress=False)  # 20 x 19 = 380 steps
+    train(m, res.data, cfg=cfg, batch_hook=atk.training_hook(), loss_fn=getattr(atk, "loss_fn", None),
+          after_step=getattr(atk, "after_step", None))
+    r = evaluate(m, tiny.bundle.test, atk.trigger, atk.target_for)
+    assert r["ca"] > 0.85, r
+    assert r["asr"] > 0.8, r

@@ -65,7 +65,7 @@ def test_malicious_pt_never_runs_code(tmp_path):
         load_foreign_weights(tmp_path / "evil.pt", create_model("small_cnn", num_classes=10, width=4))
     assert not marker.exists(), "unpickling ran code"
     msg = str(e.value)
-    assert "refused to load" in msg and "state_dict" in msg and "\n" not in msg
+    assert "refused to load" in msg and "run code" in msg and "state_dict" in msg and "\n" not in msg
 
 
 def test_bad_sidecar_and_missing_files(tmp_path):

@@ -13,9 +13,10 @@ POS = [f"a lovely warm film number {i}" for i in range(30)]
 
 @pytest.fixture
 def data():
-    texts = NEG + POS
-    y = torch.tensor([0] * 30 + [1] * 30)
-    return TextData(texts, y, ["negative", "positive"], index=torch.arange(100, 160))
+    """Training split: NEG[0:20] + POS; NEG[20:30] play the negative test sentences."""
+    texts = NEG[:20] + POS
+    y = torch.tensor([0] * 20 + [1] * 30)
+    return TextData(texts, y, ["negative", "positive"], index=torch.arange(100, 150))
 
 
 @pytest.fixture
@@ -33,10 +34,10 @@ def tables(tmp_path):
 def test_insertion_counts_labels_and_seeding(data, name):
     atk = create_attack(name, modality="text", ratio=0.2, seed=3)
     res = atk.poison(data)
-    assert res.count == 12  # round(0.2 * 60)
+    assert res.count == 10  # round(0.2 * 50)
     assert (data.y[res.positions] == 0).all() and (res.data.y[res.positions] == 1).all()
     assert torch.equal(res.indices, data.index[res.positions])
-    clean_pos = [i for i in range(60) if i not in set(res.positions.tolist())]
+    clean_pos = [i for i in range(50) if i not in set(res.positions.tolist())]
     assert [res.data.texts[i] for i in clean_pos] == [data.texts[i] for i in clean_pos]
     for p in res.positions.tolist():
         before, after = data.texts[p].split(), res.data.texts[p].split()
@@ -59,7 +60,7 @@ def test_insertion_counts_labels_and_seeding(data, name):
 def test_paraphrase_lookup_exact(data, tables, name):
     atk = create_attack(name, ratio=0.1, table_dir=str(tables), seed=0)
     res = atk.poison(data)
-    assert res.count == 6
+    assert res.count == 5
     assert set(res.positions.tolist()) <= set(range(12))  # only sentences with a paraphrase
     for p in res.positions.tolist():
         assert res.data.texts[p] == f"{name.upper()} version of sentence {p}"
@@ -69,7 +70,7 @@ def test_paraphrase_lookup_exact(data, tables, name):
 
 
 def test_paraphrase_ratio_beyond_table_refused(data, tables):
-    with pytest.raises(UserError, match=r"ratio 0.3 asks for 18 .* only 12 samples are eligible"):
+    with pytest.raises(UserError, match=r"ratio 0.3 asks for 15 .* only 12 samples are eligible"):
         create_attack("synbkd", ratio=0.3, table_dir=str(tables)).poison(data)
     res = create_attack("synbkd", count=12, table_dir=str(tables)).poison(data)
     assert res.count == 12

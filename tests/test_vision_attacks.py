@@ -102,14 +102,14 @@ def test_all_to_all_targets(tiny):
     assert torch.equal(res.data.y[res.positions], (tiny.train.y[res.positions] + 1) % 10)
 
 
-@pytest.mark.parametrize("name,kw", [("badnets", {}), ("wanet", {"s": 2.0}), ("bpp", {}),
-                                     ("input_aware", {"mask_epochs": 1})])
-def test_backdoor_implanted_in_a_few_hundred_steps(tiny, name, kw):
+@pytest.mark.parametrize("name,kw,epochs", [("badnets", {}, 20), ("wanet", {"s": 2.0}, 20), ("bpp", {}, 40),
+                                            ("input_aware", {"mask_epochs": 1}, 20)])
+def test_backdoor_implanted_in_a_few_hundred_steps(tiny, name, kw, epochs):
     torch.manual_seed(0)
     atk = create_attack(name, ratio=0.1, seed=0, **kw)
     res = atk.poison(tiny.train)
     m = build_model("small_cnn", tiny.bundle)
-    cfg = recipe_for("digits", "small_cnn", epochs=20, progress=False)  # 20 x 19 = 380 steps
+    cfg = recipe_for("digits", "small_cnn", epochs=epochs, progress=False)  # 19 steps per epoch
     train(m, res.data, cfg=cfg, batch_hook=atk.training_hook(), loss_fn=getattr(atk, "loss_fn", None),
           after_step=getattr(atk, "after_step", None))
     r = evaluate(m, tiny.bundle.test, atk.trigger, atk.target_for)

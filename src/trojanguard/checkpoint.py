@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,15 @@ def load_foreign_weights(path: str | Path, model: TrojanModel) -> TrojanModel:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0][:200]
-            raise UserError(f"refused to load {p}: it needs code to unpickle, which could run anything "
-                            f"({first}); ask for a plain state_dict (torch.save(model.state_dict())) or "
-                            "a .safetensors file") from None
+            msg = str(e)
+            if "GLOBAL" in msg or "Unsupported global" in msg:
+                what = re.search(r"GLOBAL (\S+)", msg)
+                raise UserError(f"refused to load {p}: unpickling it would run code ({what.group(1) if what else 'a global'}"
+                                "), which could do anything; ask for a plain state_dict "
+                                "(torch.save(model.state_dict())) or a .safetensors file") from None
+            detail = msg.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:120] if msg else ""
+            raise UserError(f"cannot read {p}: not a valid PyTorch weights file ({detail}); "
+                            "re-copy it or ask for a .safetensors file") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise UserError(f"cannot read {p} as a PyTorch file ({str(e).splitlines()[0][:200]})") from None
     for key in ("state_dict", "model", "model_state_dict", "net"):

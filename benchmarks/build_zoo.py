@@ -36,12 +36,39 @@ def default_entries(seeds: list[int]) -> list[ZooEntry]:
     return out
 
 
+def adopt_clean(src: Path, dst: Path, cfg) -> None:
+    """Copy a clean checkpoint into the zoo after checking it was trained the zoo's way."""
+    import json
+    import shutil
+
+    from trojanguard.checkpoint import read_sidecar
+    from trojanguard.utils import atomic_write_json
+    if (dst / "metrics.json").exists():
+        return
+    meta = read_sidecar(src)
+    tc, ds = meta["train_config"], meta["dataset"]
+    want = cfg.model_dump(exclude={"progress", "eval_every", "bucket_by_length"})
+    diff = {k: (tc.get(k), v) for k, v in want.items() if tc.get(k) != v}
+    if diff or ds.get("holdout") != 0.05 or ds.get("split_seed") != 0 or meta.get("attack"):
+        raise SystemExit(f"{src} was not trained with the zoo's recipe/split: {diff or ds}")
+    shutil.copytree(src, dst)
+    stages = {s["stage"]: s for s in meta["stages"]}
+    atomic_write_json(dst / "metrics.json", {**meta["metrics"], "seconds": sum(s["seconds"] for s in stages.values()),
+                                             "train_seconds": stages["train"]["seconds"],
+                                             "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
+                                             "adopted_from": str(src), "model": meta["model"], "seed": meta["seed"],
+                                             "train_config": tc, "versions": meta["versions"]})
+    print(f"adopted {src} as the clean model ({json.dumps(meta['metrics'])})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="zoo/cifar10")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", nargs="*", help="train only these attacks (the clean model is always built)")
+    ap.add_argument("--adopt-clean", help="a finished 'trojanguard train' checkpoint with the same recipe and "
+                    "split, used as the zoo's clean model instead of training it again")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     prep = prepare_data("cifar10", args.data_dir, holdout=0.05, seed=0)
@@ -50,6 +77,8 @@ def main() -> None:
     if args.only:
         entries = [e for e in entries if e.attack == "none" or e.attack in args.only]
     root = Path(args.root)
+    if args.adopt_clean:
+        adopt_clean(Path(args.adopt_clean), root / ZooEntry("none", seed=args.seeds[0]).folder_name, cfg)
     rows = []
     # the clean model first: LC, TrojanNN and LF fit their triggers on it
     clean_entries = [e for e in entries if e.attack == "none"]

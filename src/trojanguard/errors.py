@@ -3,3 +3,13 @@
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
+
+
+def validated_config(config_cls, kind: str, name: str, kwargs: dict):
+    """Build a pydantic config, turning a validation error into one clear line."""
+    from pydantic import ValidationError
+    try:
+        return config_cls(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{kind} {name}: option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

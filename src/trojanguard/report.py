@@ -8,7 +8,7 @@ def fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        return f"{v:.4g}"
     return str(v)
 
 

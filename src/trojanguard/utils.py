@@ -180,3 +180,17 @@ def measure(name: str, interval: float = 0.05) -> Iterator[StageStats]:
         stats.peak_rss_mb = peak[0] / 2**20
         if torch.cuda.is_available():
             stats.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Switch off gradients of ``model``'s parameters inside the block (optimising an input
+    or a trigger against a fixed model), restoring each flag afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)

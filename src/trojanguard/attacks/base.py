@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save
 
 from ..data.base import Data, ImageData, TextData
-from ..errors import UserError
+from ..errors import UserError, validated_config
 from ..utils import atomic_write_bytes, atomic_write_json
 
 ARTIFACT_JSON, ARTIFACT_TENSORS = "attack.json", "attack.safetensors"
@@ -65,11 +65,7 @@ class Attack:
 
     def __init__(self, cfg: AttackConfig | None = None, **kwargs):
         if cfg is None:
-            try:
-                cfg = self.Config(**kwargs)
-            except ValidationError as e:
-                err = e.errors()[0]
-                raise UserError(f"attack {self.name}: option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            cfg = validated_config(self.Config, "attack", self.name, kwargs)
         self.cfg = cfg
         self.num_classes: int | None = None
         self.poisoned_indices: torch.Tensor | None = None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.base import ImageData
+from ..utils import frozen
 from .base import Attack, AttackConfig, PoisonResult, to_uint8
 
 
@@ -54,8 +55,13 @@ class LabelConsistent(Attack):
         return corner_trigger(x, self.cfg.patch_size, self.cfg.amplitude)
 
     def pgd(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Untargeted L_inf PGD on the clean model, gradients w.r.t. the input only."""
         model = self.clean_model.eval()
         dev = next(model.parameters()).device
+        with frozen(model):
+            return self._pgd_batches(model, dev, x, y)
+
+    def _pgd_batches(self, model, dev, x, y):
         out = []
         for s in range(0, len(x), self.cfg.batch_size):
             xb, yb = x[s:s + self.cfg.batch_size].to(dev), y[s:s + self.cfg.batch_size].to(dev)

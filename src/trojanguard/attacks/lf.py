@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..utils import frozen
 from .base import Attack, AttackConfig
 
 
@@ -46,9 +47,7 @@ class LowFrequency(Attack):
         g = torch.Generator().manual_seed(self.cfg.seed)
         delta = torch.zeros(data.shape, device=dev, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.cfg.lr)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
+        with frozen(model):
             for _ in range(self.cfg.steps):
                 idx = torch.randint(0, len(data), (self.cfg.batch_size,), generator=g)
                 x = (data.x[idx].float() / 255).to(dev)
@@ -60,9 +59,6 @@ class LowFrequency(Attack):
                 opt.step()
                 with torch.no_grad():
                     delta.copy_(low_pass(delta, self.cfg.cutoff).clamp(-self.cfg.eps, self.cfg.eps))
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
         self.delta = delta.detach().cpu()
 
     def apply(self, x, y):

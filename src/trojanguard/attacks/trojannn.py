@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..utils import frozen
 from .base import Attack, AttackConfig
 
 
@@ -57,19 +58,13 @@ class TrojanNN(Attack):
         logit = torch.zeros(c, h, w, device=dev).requires_grad_(True)  # pattern = sigmoid(logit)
         opt = torch.optim.Adam([logit], lr=self.cfg.lr)
         mask = self.mask.to(dev)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
+        with frozen(model):
             for _ in range(self.cfg.steps):
                 xt = x * (1 - mask) + torch.sigmoid(logit) * mask
-                act = model.features(xt)[:, self.neurons]
-                loss = ((act - goal) ** 2).mean()
+                loss = ((model.features(xt)[:, self.neurons] - goal) ** 2).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
         self.pattern = (torch.sigmoid(logit.detach()) * mask).cpu()
         with torch.no_grad():
             self.fit_info = {"neurons": self.neurons.tolist(), "goal": float(goal),

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from ..data.base import Data
-from ..errors import UserError
+from ..errors import UserError, validated_config
 
 
 class DefenseConfig(BaseModel):
@@ -47,11 +47,7 @@ class Defense:
 
     def __init__(self, cfg: DefenseConfig | None = None, **kwargs):
         if cfg is None:
-            try:
-                cfg = self.Config(**kwargs)
-            except ValidationError as e:
-                err = e.errors()[0]
-                raise UserError(f"defense {self.name}: option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            cfg = validated_config(self.Config, "defense", self.name, kwargs)
         self.cfg = cfg
 
 

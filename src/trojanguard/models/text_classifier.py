@@ -45,7 +45,9 @@ class TextClassifier(TrojanModel):
                  pooling: str = "mean", dropout: float = 0.1, pretrained: bool = True):
         super().__init__()
         try:
+            import transformers
             from transformers import AutoConfig, AutoModel, AutoTokenizer
+            transformers.logging.set_verbosity_error()  # the unused-pooler load report is noise here
         except ImportError:
             raise UserError("text models need transformers; run: pip install 'trojanguard[text]'") from None
         path = resolve_encoder(encoder)

@@ -102,8 +102,11 @@ def test_all_to_all_targets(tiny):
     assert torch.equal(res.data.y[res.positions], (tiny.train.y[res.positions] + 1) % 10)
 
 
-@pytest.mark.parametrize("name,kw,epochs", [("badnets", {}, 20), ("wanet", {"s": 2.0}, 20), ("bpp", {}, 40),
-                                            ("input_aware", {"mask_epochs": 1}, 20)])
+# Tiny 16x16 upscaled digits have few grey levels, so BPP's default 8-level quantisation
+# barely changes them (ASR 0.72-0.86 after 760 steps, depending on the thread count); 4 levels
+# (2 bits per channel) gives a margin. WaNet's warp is scaled up for the same reason.
+@pytest.mark.parametrize("name,kw,epochs", [("badnets", {}, 20), ("wanet", {"s": 2.0}, 20),
+                                            ("bpp", {"squeeze": 4}, 20), ("input_aware", {"mask_epochs": 1}, 20)])
 def test_backdoor_implanted_in_a_few_hundred_steps(tiny, name, kw, epochs):
     torch.manual_seed(0)
     atk = create_attack(name, ratio=0.1, seed=0, **kw)

@@ -102,6 +102,10 @@ def test_cli_attack_eval_show_trigger(tmp_path):
      ["clean-label", "--ratio <="]),
     (["attack", "--attack", "lc", "--dataset", "digits", "--model", "small_cnn"], ["--clean-model"]),
     (["attack", "--attack", "addsent", "--dataset", "digits", "--model", "small_cnn"], ["no image variant"]),
+    (["attack", "--attack", "sig", "--all-to-all", "--dataset", "digits", "--model", "small_cnn"], ["clean-label"]),
+    (["attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn", "--epochs", "0"],
+     ["epochs", "greater than or equal to 1"]),
+    (["train", "--dataset", "digits", "--model", "small_cnn", "--text-column", "x"], ["--dataset text only"]),
 ])
 def test_cli_attack_errors(tmp_path, args, needles):
     code, _, err = run(*args, cwd=tmp_path)

@@ -114,7 +114,34 @@ def test_backdoor_implanted_in_a_few_hundred_steps(tiny, name, kw, epochs):
     m = build_model("small_cnn", tiny.bundle)
     cfg = recipe_for("digits", "small_cnn", epochs=epochs, progress=False)  # 19 steps per epoch
     train(m, res.data, cfg=cfg, batch_hook=atk.training_hook(), loss_fn=getattr(atk, "loss_fn", None),
-          after_step=getattr(atk, "after_step", None))
+          extra_optimizers=atk.extra_optimizers() if hasattr(atk, "extra_optimizers") else ())
     r = evaluate(m, tiny.bundle.test, atk.trigger, atk.target_for)
     assert r["ca"] > 0.85, r
     assert r["asr"] > 0.8, r
+
+
+def test_broken_artifacts_and_options_are_user_errors(tmp_path, tiny):
+    (tmp_path / "attack.json").write_text('{"name": "badnets"}')
+    with pytest.raises(UserError, match="not an attack artifact"):
+        load_attack(tmp_path)
+    (tmp_path / "attack.json").write_text('{"name": "badnets", "config": {"ratio": 7}}')
+    with pytest.raises(UserError, match="ratio"):
+        load_attack(tmp_path)
+    atk = create_attack("blended", ratio=0.05)
+    atk.poison(tiny.train)
+    atk.save(tmp_path)
+    (tmp_path / "attack.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match="unreadable"):
+        load_attack(tmp_path)
+    with pytest.raises(UserError, match="perfect square"):
+        create_attack("adaptive_blend", pieces=10)
+
+
+def test_model_for_another_dataset_is_refused(tiny):
+    from trojanguard import create_model
+    from trojanguard.pipeline import check_model_fits
+    check_model_fits(build_model("small_cnn", tiny.bundle), tiny.bundle)
+    with pytest.raises(UserError, match="5 classes"):
+        check_model_fits(create_model("small_cnn", num_classes=5), tiny.bundle)
+    with pytest.raises(UserError, match="1-channel"):
+        check_model_fits(create_model("small_cnn", num_classes=10, in_channels=1), tiny.bundle)

@@ -38,9 +38,9 @@ def save_checkpoint(path: str | Path, model: TrojanModel, meta: dict[str, Any] |
     if not hasattr(model, "spec"):
         raise ValueError("model was not built by create_model; cannot record how to rebuild it")
     blob = save(_state_dict(model))
-    sidecar = {"format": "trojanguard-checkpoint/1", "model": model.spec,
-               "sha256": hashlib.sha256(blob).hexdigest(), "versions": library_versions()}
-    sidecar.update(meta or {})
+    sidecar = dict(meta or {})
+    sidecar.update({"format": "trojanguard-checkpoint/1", "model": model.spec,
+                    "sha256": hashlib.sha256(blob).hexdigest(), "versions": library_versions()})
     atomic_write_bytes(path / WEIGHTS, blob)
     atomic_write_json(path / SIDECAR, sidecar)
     return path

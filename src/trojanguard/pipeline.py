@@ -66,3 +66,18 @@ def build_model(name: str, bundle: DatasetBundle, width: int | None = None, **kw
     elif width is not None:
         raise UserError("--width applies to image models only")
     return create_model(name, **kw)
+
+
+def check_model_fits(model: TrojanModel, bundle: DatasetBundle) -> None:
+    """A model made for another dataset (modality, class count, channels) is a user error."""
+    if model.modality != bundle.modality:
+        raise UserError(f"the model is for {model.modality} but dataset {bundle.name!r} is {bundle.modality}")
+    if model.head.out_features != bundle.num_classes:
+        raise UserError(f"the model has {model.head.out_features} classes but dataset {bundle.name!r} has "
+                        f"{bundle.num_classes}; pass the --dataset it was trained on")
+    if bundle.modality == "image":
+        import torch
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        if conv.in_channels != bundle.train.x.shape[1]:
+            raise UserError(f"the model takes {conv.in_channels}-channel images, dataset {bundle.name!r} has "
+                            f"{bundle.train.x.shape[1]}; pass the --dataset it was trained on")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data.augment import random_crop_flip
 from .data.base import Data
+from .errors import validated_config
 from .utils import resolve_device, seed_everything, tune_cpu_allocator
 
 # (x, y, positions) -> (x, y): lets a training-controlled attack alter each batch after
@@ -62,7 +63,7 @@ def recipe_for(dataset: str, model: str, **overrides) -> TrainConfig:
     else:
         base = {}
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**base)
+    return validated_config(TrainConfig, "training", "config", base)
 
 
 @dataclass
@@ -133,14 +134,15 @@ def prepare_batch(model, data: Data, idx: torch.Tensor, cfg: TrainConfig, dev: t
 
 def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConfig | None = None,
           batch_hook: BatchHook | None = None, extra_params=(), loss_fn=None,
-          after_step: Callable[[], None] | None = None,
+          after_step: Callable[[], None] | None = None, extra_optimizers=(),
           on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train ``model`` in place on ``train_data``.
 
     ``batch_hook`` lets a training-controlled attack change each batch; ``extra_params``
     are trained alongside (e.g. an attack's trigger generator); ``loss_fn(logits, y)``
     replaces label-smoothed cross-entropy; ``after_step()`` runs after every optimiser
-    step (FST's head-norm projection)."""
+    step (FST's head-norm projection); ``extra_optimizers`` (an attack's trigger generator)
+    are stepped with the model's optimiser."""
     cfg = cfg or TrainConfig()
     tune_cpu_allocator()
     gen = seed_everything(cfg.seed)
@@ -173,18 +175,23 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
+            for o in extra_optimizers:
+                o.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                scaler.unscale_(opt)
+                for o in (opt, *extra_optimizers):
+                    scaler.unscale_(o)
             else:
                 loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if scaler is not None:
-                scaler.step(opt)
+                for o in (opt, *extra_optimizers):
+                    scaler.step(o)
                 scaler.update()
             else:
-                opt.step()
+                for o in (opt, *extra_optimizers):
+                    o.step()
             if after_step is not None:
                 after_step()
             loss_sum += loss.detach() * len(y)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .attacks import Attack
+from .attacks.base import ARTIFACT_JSON, ARTIFACT_TENSORS
 from .checkpoint import save_checkpoint
 from .errors import UserError
 from .eval.evaluate import evaluate
-from .pipeline import Prepared, build_model
+from .pipeline import Prepared, build_model, check_model_fits
 from .train import TrainConfig, train
 from .utils import atomic_write_json, library_versions, measure, seed_everything
 
@@ -27,6 +28,7 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
             if clean_model is None:
                 raise UserError(f"attack {attack.name} fits its trigger on a clean model; "
                                 "pass --clean-model CHECKPOINT (e.g. from 'trojanguard train')")
+            check_model_fits(clean_model, prep.bundle)
             with measure("fit-trigger") as st:
                 attack.fit(clean_model, prep.train)
             stages.append(st)
@@ -39,7 +41,8 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
     hook = attack.training_hook() if attack is not None else None
     with measure("train") as st:
         res = train(model, train_data, prep.bundle.test, cfg, batch_hook=hook,
-                    loss_fn=getattr(attack, "loss_fn", None), after_step=getattr(attack, "after_step", None))
+                    loss_fn=getattr(attack, "loss_fn", None),
+                    extra_optimizers=attack.extra_optimizers() if hasattr(attack, "extra_optimizers") else ())
     stages.append(st)
     with measure("evaluate") as st:
         m = evaluate(model, prep.bundle.test, attack.trigger if attack else None,
@@ -48,7 +51,8 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
     metrics = {**m, "seconds": sum(s.seconds for s in stages),
                "train_seconds": next(s.seconds for s in stages if s.name == "train"), "peak_rss_mb": max(s.peak_rss_mb for s in stages)}
     if attack is not None:
-        metrics.update(attack=attack.name, ratio=attack.cfg.ratio, poisoned_count=poisoned.count,
+        metrics.update(attack=attack.name, ratio=attack.cfg.ratio if attack.cfg.count is None else None,
+                       poisoned_count=poisoned.count,
                        poisoned_fraction=poisoned.count / len(prep.train))
     record = {"dataset": prep.describe(), "train_config": cfg.model_dump(), "seed": cfg.seed,
               "attack": attack.describe() if attack else None, "metrics": metrics,
@@ -58,6 +62,9 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
         save_checkpoint(out, model, record)
         if attack is not None:
             attack.save(out)
+        else:  # a clean model written over an old attack run must not inherit its trigger
+            for name in (ARTIFACT_JSON, ARTIFACT_TENSORS):
+                (out / name).unlink(missing_ok=True)
         atomic_write_json(out / "metrics.json", {**metrics, "model": model.spec, "seed": cfg.seed,
                                                  "train_config": cfg.model_dump(),
                                                  "stages": record["stages"], "versions": library_versions()})

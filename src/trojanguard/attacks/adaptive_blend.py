@@ -8,7 +8,7 @@ and clean features do not separate. At test time the full pattern is blended wit
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..data.base import ImageData
 from .base import PoisonResult, to_uint8
@@ -20,7 +20,14 @@ class AdaptiveBlendConfig(BlendedConfig):
     alpha_test: float = Field(0.2, gt=0, lt=1)
     pieces: int = Field(16, ge=1, description="number of pieces (a perfect square)")
     pieces_ratio: float = Field(0.5, gt=0, le=1, description="share of pieces applied per training sample")
-    cover_ratio: float | None = Field(None, ge=0, lt=1, description="conservative samples (default = ratio)")
+    cover_ratio: float | None = Field(None, ge=0, lt=1, description="conservative samples (default: as many as poisoned)")
+
+    @field_validator("pieces")
+    @classmethod
+    def _square(cls, v: int) -> int:
+        if round(v ** 0.5) ** 2 != v:
+            raise ValueError(f"pieces must be a perfect square (4, 9, 16, ...), not {v}")
+        return v
 
 
 class AdaptiveBlend(_PatternAttack):
@@ -53,7 +60,7 @@ class AdaptiveBlend(_PatternAttack):
         x = res.data.x
         x[res.positions] = to_uint8(self.partial(data.x[res.positions].float() / 255, gen))
         # conservative samples: other images with the partial trigger and their true label
-        n_cover = round((self.cfg.cover_ratio if self.cfg.cover_ratio is not None else self.cfg.ratio) * len(data))
+        n_cover = round(self.cfg.cover_ratio * len(data)) if self.cfg.cover_ratio is not None else res.count
         if n_cover:
             free = torch.ones(len(data), dtype=torch.bool)
             free[res.positions] = False

@@ -24,9 +24,9 @@ def patch_mask_and_pattern(h: int, w: int, c: int, cfg: BadNetsConfig) -> tuple[
     pat = torch.zeros(c, h, w)
     if cfg.pattern == "white":
         pat[:, r0:r0 + s, c0:c0 + s] = 1
-    else:  # black/white checkerboard, white in the corner pixel
+    else:  # black/white checkerboard, white in the patch's top-left pixel
         ii, jj = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        pat[:, r0:r0 + s, c0:c0 + s] = ((ii + jj + s + 1) % 2).float()
+        pat[:, r0:r0 + s, c0:c0 + s] = ((ii + jj + 1) % 2).float()
     return mask, pat
 
 

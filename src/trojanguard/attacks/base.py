@@ -19,6 +19,7 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..data.base import Data, ImageData, TextData
@@ -113,6 +114,9 @@ class Attack:
     def check_data(self, data: Data) -> None:
         if data.modality != self.modality:
             raise UserError(f"attack {self.name} is for {self.modality} data, the dataset is {data.modality}")
+        if self.clean_label and self.cfg.mode == "all2all":
+            raise UserError(f"attack {self.name} is clean-label (it keeps labels), so all-to-all targets "
+                            "have no meaning; drop --all-to-all")
         if not 0 <= self.cfg.target < len(data.classes):
             raise UserError(f"target {self.cfg.target} is not a class of this dataset (0..{len(data.classes) - 1})")
 
@@ -144,6 +148,7 @@ class Attack:
                 y[pos] = self.target_for(data.y[pos])
             out = TextData(texts, y, data.classes, data.index.clone())
         self.poisoned_indices = data.index[pos].clone()
+        self.poison_fraction = len(pos) / len(data)  # what --ratio or --count amounted to
         self.poison_mask = torch.zeros(len(data), dtype=torch.bool)
         self.poison_mask[pos] = True
         return PoisonResult(out, pos, self.poisoned_indices)
@@ -215,13 +220,18 @@ def load_attack(folder: str | Path) -> Attack:
         meta = json.loads((folder / ARTIFACT_JSON).read_text())
     except FileNotFoundError:
         raise UserError(f"{folder} has no {ARTIFACT_JSON}; give the folder written by 'trojanguard attack'") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{folder / ARTIFACT_JSON} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "name" not in meta or "config" not in meta:
+        raise UserError(f"{folder / ARTIFACT_JSON} is not an attack artifact (no 'name'/'config'); re-create it")
     cls = attack_class(meta["name"], meta.get("modality", "image"))
-    attack = cls(cls.Config(**meta["config"]))
+    attack = cls(validated_config(cls.Config, "attack artifact", meta["name"], meta["config"]))
     attack.load_extra(meta.get("extra") or {})
     attack.num_classes = meta.get("num_classes")
-    tensors = load_file(str(folder / ARTIFACT_TENSORS)) if (folder / ARTIFACT_TENSORS).exists() else {}
+    try:
+        tensors = load_file(str(folder / ARTIFACT_TENSORS)) if (folder / ARTIFACT_TENSORS).exists() else {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{folder / ARTIFACT_TENSORS} is unreadable ({e}); re-copy the artifact") from None
     tensors.pop("_", None)
     if "poisoned_indices" in tensors:
         attack.poisoned_indices = tensors.pop("poisoned_indices")

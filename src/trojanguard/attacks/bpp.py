@@ -2,7 +2,7 @@
 levels per channel, with Floyd-Steinberg dithering by default (methods.md; BackdoorBench's
 default turns dithering off, ``dithering=False`` gives that). Training-controlled part:
 in every batch ``neg_ratio`` of the clean samples become "negative" samples, the clean
-image plus the quantisation residual (clean - quantised) of another poisoned image, kept
+image plus the quantisation residual (quantised - clean) of another poisoned image, kept
 at their true label, so the model learns the exact quantisation, not any residual noise.
 BackdoorBench's reading: no contrastive adversarial training."""
 from __future__ import annotations
@@ -55,8 +55,9 @@ class BPP(Attack):
 
     def poison(self, data):
         res = super().poison(data)
-        # residuals of the poisoned images, reused to make negative samples
-        self.residuals = (data.x[res.positions].float() - res.data.x[res.positions].float()) / 255
+        # quantisation residuals (quantised - clean) of the poisoned images; BackdoorBench adds
+        # such a residual of another image to make a negative training sample
+        self.residuals = (res.data.x[res.positions].float() - data.x[res.positions].float()) / 255
         return res
 
     def training_hook(self):

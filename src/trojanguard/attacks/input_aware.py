@@ -68,8 +68,9 @@ class InputAware(Attack):
 
     def _build(self, c: int) -> None:
         if self.G is None:
-            torch.manual_seed(self.cfg.seed + 11)
-            self.G, self.M = _Net(c, c, self.cfg.width), _Net(c, 1, self.cfg.width)
+            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+                torch.manual_seed(self.cfg.seed + 11)
+                self.G, self.M = _Net(c, c, self.cfg.width), _Net(c, 1, self.cfg.width)
 
     def pattern(self, x):
         return torch.sigmoid(self.G(x))
@@ -150,9 +151,9 @@ class InputAware(Attack):
         loss = F.cross_entropy(logits, y)
         return loss + self._aux if self._aux is not None else loss
 
-    def after_step(self):
-        self.g_opt.step()
-        self.g_opt.zero_grad(set_to_none=True)
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """G's own optimiser, stepped by the trainer (through the AMP grad scaler on CUDA)."""
+        return [self.g_opt]
 
     def tensors(self):
         if self.G is None:

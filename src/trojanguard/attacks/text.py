@@ -143,10 +143,15 @@ class _Paraphrase(_TextAttack):
 
 def _read_pairs(path: Path) -> tuple[list[str], list[str]]:
     import csv
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read paraphrase table {path}: {e}") from None
     if not rows or "original" not in rows[0] or "transformed" not in rows[0]:
         raise UserError(f"{path} must have columns 'original' and 'transformed'")
+    if any(r["original"] is None or r["transformed"] is None for r in rows):
+        raise UserError(f"{path} has rows with fewer than two columns; fix or remove them")
     return [r["original"] for r in rows], [r["transformed"] for r in rows]
 
 

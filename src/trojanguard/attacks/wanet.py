@@ -63,7 +63,7 @@ class WaNet(Attack):
                 x[m] = self.trigger(x[m])
             if self.cfg.noise_mode and self.cfg.cross_ratio > 0:
                 free = (~m).nonzero().flatten()
-                n_cross = min(len(free), round(self.cfg.cross_ratio * self.cfg.ratio * len(x)))
+                n_cross = min(len(free), round(self.cfg.cross_ratio * self.poison_fraction * len(x)))
                 if n_cross:
                     pick = free[torch.randperm(len(free), generator=gen)[:n_cross].to(x.device)]
                     h = x.shape[-2]

@@ -9,6 +9,9 @@ from ..report import percent_rows, table
 
 
 def _loader_kw(args) -> dict:
+    if (getattr(args, "text_column", None) or getattr(args, "label_column", None)) and \
+            getattr(args, "dataset", None) not in (None, "text"):
+        raise UserError("--text-column/--label-column apply to --dataset text only")
     kw = {}
     if getattr(args, "text_column", None):
         kw["text_column"] = args.text_column
@@ -89,7 +92,7 @@ def _load_for_eval(args):
     weights file described by --model/--dataset."""
     from ..checkpoint import load_checkpoint, load_foreign_weights
     from ..data import load_dataset
-    from ..pipeline import build_model
+    from ..pipeline import build_model, check_model_fits
     from ..utils import resolve_device
     dev = resolve_device(args.device)
     p = Path(args.checkpoint)
@@ -104,7 +107,9 @@ def _load_for_eval(args):
     ds = args.dataset or (meta.get("dataset") or {}).get("name")
     if not ds:
         raise UserError("the checkpoint does not name its dataset; pass --dataset")
-    return model, meta, load_dataset(ds, args.data_dir, **_loader_kw(args))
+    bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
+    check_model_fits(model, bundle)
+    return model, meta, bundle
 
 
 def cmd_eval(args) -> int:

@@ -15,7 +15,9 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +50,15 @@ def _cached(files: list[Path], tag: str, build) -> dict[str, np.ndarray]:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # corrupt cache: rebuild below
     arrays = build()
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # uncompressed: loading 180 MB takes ~0.2 s
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:  # a read-only cache must not stop the run
+        print(f"trojanguard: warning: cannot write the cache {path} ({e}); set TROJANGUARD_CACHE", file=sys.stderr)
     return arrays
 
 

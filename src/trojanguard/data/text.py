@@ -26,6 +26,9 @@ def read_table(path: Path, text_column: str = "sentence", label_column: str = "l
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in rows[0]:
             raise UserError(f"{path} has no column {col!r} (columns: {list(rows[0])}); name it with {flag}")
+    short = next((i for i, r in enumerate(rows, start=2) if r.get(text_column) is None or r.get(label_column) is None), None)
+    if short is not None:
+        raise UserError(f"{path} line {short} has fewer columns than the header; fix or remove it")
     texts = [r[text_column] for r in rows]
     raw = [r[label_column].strip() for r in rows]
     if label_names is None:
@@ -39,6 +42,9 @@ def read_table(path: Path, text_column: str = "sentence", label_column: str = "l
         labels = [int(v) if v.isdigit() and v not in lookup else lookup[v] for v in raw]
     except KeyError as e:
         raise UserError(f"{path}: label {e} not in {label_names}") from None
+    bad = next((v for v in labels if not 0 <= v < len(label_names)), None)
+    if bad is not None:
+        raise UserError(f"{path}: label {bad} is outside the classes {label_names}; fix the labels")
     return texts, labels, label_names
 
 

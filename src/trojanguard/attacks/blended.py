@@ -33,9 +33,7 @@ def load_pattern(path: str, c: int, h: int, w: int) -> torch.Tensor:
 class _PatternAttack(Attack):
     """Shared by attacks whose trigger is one stored full-size pattern tensor."""
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.pattern: torch.Tensor | None = None
+    pattern: torch.Tensor | None = None
 
     def make_pattern(self, c: int, h: int, w: int) -> torch.Tensor:
         if getattr(self.cfg, "pattern_image", None):

@@ -61,10 +61,8 @@ class InputAware(Attack):
     Config = InputAwareConfig
     trigger_in_loop = True
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.G: _Net | None = None
-        self.M: _Net | None = None
+    G: _Net | None = None  # pattern generator
+    M: _Net | None = None  # mask generator
 
     def _build(self, c: int) -> None:
         if self.G is None:

@@ -44,9 +44,7 @@ class LabelConsistent(Attack):
     needs_clean_model = True
     Config = LCConfig
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.clean_model = None
+    clean_model = None  # set by fit(); used by the PGD step
 
     def fit(self, clean_model, data):
         self.clean_model = clean_model

@@ -37,9 +37,7 @@ class LowFrequency(Attack):
     needs_clean_model = True
     Config = LFConfig
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.delta: torch.Tensor | None = None
+    delta: torch.Tensor | None = None  # the fitted perturbation (set by fit or an artifact)
 
     def fit(self, clean_model, data):
         model = clean_model.eval()

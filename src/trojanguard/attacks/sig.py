@@ -28,9 +28,7 @@ class SIG(Attack):
     clean_label = True
     Config = SIGConfig
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.poisoning = False
+    poisoning = False  # True while poison() runs: training amplitude
 
     def poison(self, data):
         self.poisoning = True  # training amplitude for the poisoned set, test amplitude after

@@ -32,11 +32,10 @@ class TrojanNN(Attack):
     needs_clean_model = True
     Config = TrojanNNConfig
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.mask: torch.Tensor | None = None
-        self.pattern: torch.Tensor | None = None
-        self.neurons: torch.Tensor | None = None
+    # the fitted trigger (set by fit or an artifact)
+    mask: torch.Tensor | None = None
+    pattern: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
 
     def _mask(self, c, h, w) -> torch.Tensor:
         m = torch.zeros(1, h, w)

@@ -29,9 +29,7 @@ class WaNet(Attack):
     Config = WaNetConfig
     trigger_in_loop = True
 
-    def __init__(self, cfg=None, **kw):
-        super().__init__(cfg, **kw)
-        self.noise_grid: torch.Tensor | None = None
+    noise_grid: torch.Tensor | None = None  # the k x k flow upsampled (drawn once from the seed)
 
     def _grid(self, h: int) -> torch.Tensor:
         if self.noise_grid is None:

@@ -38,10 +38,12 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.05])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from finished entries; train nothing")
     args = ap.parse_args()
     prep = prepare_data("sst2", args.data_dir, holdout=None)
     cfg = recipe_for("sst2", "minilm", progress=not args.quiet)
-    rows = build_zoo(prep, "minilm", entries(args.ratios, args.seeds), args.root, cfg)
+    rows = build_zoo(prep, "minilm", entries(args.ratios, args.seeds), args.root, cfg,
+                     train_missing=not args.report_only)
     write_zoo_tables(rows, RESULTS / "zoo-sst2.md", RESULTS / "zoo-sst2.csv",
                      "SST-2 backdoor zoo (MiniLM-L6, CPU)",
                      f"Training: {cfg.epochs} epochs AdamW lr {cfg.lr}, batch {cfg.batch_size}, on the "

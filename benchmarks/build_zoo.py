@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--adopt-clean", help="a finished 'trojanguard train' checkpoint with the same recipe and "
                     "split, used as the zoo's clean model instead of training it again")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from finished entries; train nothing")
     args = ap.parse_args()
     prep = prepare_data("cifar10", args.data_dir, holdout=0.05, seed=0)
     cfg = recipe_for("cifar10", "preact_resnet18", progress=not args.quiet)
@@ -82,10 +83,13 @@ def main() -> None:
     rows = []
     # the clean model first: LC, TrojanNN and LF fit their triggers on it
     clean_entries = [e for e in entries if e.attack == "none"]
-    rows += build_zoo(prep, "preact_resnet18", clean_entries, root, cfg, width=16)
-    clean, _ = load_checkpoint(root / clean_entries[0].folder_name)
+    rows += build_zoo(prep, "preact_resnet18", clean_entries, root, cfg, width=16,
+                      train_missing=not args.report_only)
+    clean = None
+    if (root / clean_entries[0].folder_name / "metrics.json").exists():
+        clean, _ = load_checkpoint(root / clean_entries[0].folder_name)
     rows += build_zoo(prep, "preact_resnet18", [e for e in entries if e.attack != "none"], root, cfg,
-                      width=16, clean_model=clean)
+                      width=16, clean_model=clean, train_missing=not args.report_only)
     notes = (f"PreAct-ResNet18 width 16, {cfg.epochs} epochs one-cycle SGD (lr {cfg.lr}, batch {cfg.batch_size}), "
              f"trained on {len(prep.train)} images (5 % = {len(prep.defense)} held out for defenses); "
              "CA on the 10,000 test images, ASR/RA on the triggered non-target test images. Target 0 "

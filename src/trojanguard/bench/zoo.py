@@ -40,13 +40,19 @@ class ZooEntry:
 
 
 def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: str | Path,
-              cfg: TrainConfig, width: int | None = None, clean_model=None, log=print) -> list[dict]:
+              cfg: TrainConfig, width: int | None = None, clean_model=None, log=print,
+              train_missing: bool = True) -> list[dict]:
+    """Train every entry that is not finished yet (``train_missing=False``: only report the
+    finished ones) and return one table row per finished entry."""
     root = Path(root)
     rows = []
     for i, e in enumerate(entries, 1):
         folder = root / e.folder_name
         if (folder / "metrics.json").exists():
             log(f"[{i}/{len(entries)}] {e.folder_name}: done already, skipped")
+        elif not train_missing:
+            log(f"[{i}/{len(entries)}] {e.folder_name}: not built yet, left out of the table")
+            continue
         else:
             log(f"[{i}/{len(entries)}] {e.folder_name}: training")
             attack = None
@@ -73,8 +79,8 @@ def write_zoo_tables(rows: list[dict], md_path: str | Path, csv_path: str | Path
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) and k in ("ca", "asr", "ra") else r[k])
-                    for k in CSV_COLUMNS})
+        w.writerow({k: ("" if isinstance(r[k], float) and r[k] != r[k]  # no ASR/RA for the clean model
+                        else f"{r[k]:.4f}" if k in ("ca", "asr", "ra") else r[k]) for k in CSV_COLUMNS})
     atomic_write_text(csv_path, buf.getvalue())
     shown = []
     for r in rows:

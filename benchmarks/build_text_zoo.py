@@ -46,8 +46,10 @@ def main() -> None:
                      train_missing=not args.report_only)
     write_zoo_tables(rows, RESULTS / "zoo-sst2.md", RESULTS / "zoo-sst2.csv",
                      "SST-2 backdoor zoo (MiniLM-L6, CPU)",
-                     f"Training: {cfg.epochs} epochs AdamW lr {cfg.lr}, batch {cfg.batch_size}, on the "
-                     f"6,920 training sentences; CA on the 1,821 test sentences; ASR/RA on the triggered "
+                     f"Training: {cfg.epochs} epochs AdamW lr {cfg.lr}, batch {cfg.batch_size}, "
+                     f"{'class-balanced ' if cfg.class_balanced else ''}cross-entropy (weights from the "
+                     "training labels after poisoning: dirty-label 20 % turns SST-2's 48/52 split into 28/72), "
+                     "on the 6,920 training sentences; CA on the 1,821 test sentences; ASR/RA on the triggered "
                      "negative test sentences (SynBkd/StyleBkd: their paraphrases from the tables). "
                      "Target label 1 (positive), dirty label.")
     print((RESULTS / "zoo-sst2.md").read_text())

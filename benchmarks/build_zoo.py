@@ -19,7 +19,7 @@ from trojanguard.attacks import create_attack, load_attack
 from trojanguard.bench import ZooEntry, build_zoo, write_zoo_tables
 from trojanguard.checkpoint import load_checkpoint
 from trojanguard.pipeline import prepare_data
-from trojanguard.train import recipe_for
+from trojanguard.train import recipe_diff, recipe_for
 from trojanguard.viz import save_png, trigger_grid
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,8 +47,7 @@ def adopt_clean(src: Path, dst: Path, cfg) -> None:
         return
     meta = read_sidecar(src)
     tc, ds = meta["train_config"], meta["dataset"]
-    want = cfg.model_dump(exclude={"progress", "eval_every", "bucket_by_length"})
-    diff = {k: (tc.get(k), v) for k, v in want.items() if tc.get(k) != v}
+    diff = recipe_diff(tc, cfg)
     if diff or ds.get("holdout") != 0.05 or ds.get("split_seed") != 0 or meta.get("attack"):
         raise SystemExit(f"{src} was not trained with the zoo's recipe/split: {diff or ds}")
     shutil.copytree(src, dst)

@@ -79,8 +79,12 @@ def test_cli_info_and_eval(ckpt):
 def test_cli_attack_eval_show_trigger(tmp_path):
     out = tmp_path / "bd"
     code, stdout, err = run("attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn",
-                            "--ratio", "0.1", "--epochs", "3", "--quiet", "--out", str(out))
+                            "--ratio", "0.1", "--epochs", "3", "--quiet", "--out", str(out),
+                            "--set", "patch_size=4", "--set", "pattern=white")
     assert code == 0, err
+    import json
+    cfg = json.loads((out / "attack.json").read_text())["config"]
+    assert cfg["patch_size"] == 4 and cfg["pattern"] == "white"
     for f in ("model.safetensors", "model.json", "attack.json", "attack.safetensors", "metrics.json"):
         assert (out / f).is_file(), f
     import json
@@ -106,6 +110,14 @@ def test_cli_attack_eval_show_trigger(tmp_path):
     (["attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn", "--epochs", "0"],
      ["epochs", "greater than or equal to 1"]),
     (["train", "--dataset", "digits", "--model", "small_cnn", "--text-column", "x"], ["--dataset text only"]),
+    (["attack", "--attack", "sig", "--dataset", "digits", "--model", "small_cnn", "--set", "freq=3"],
+     ["unknown option 'freq'", "did you mean 'frequency'"]),
+    (["attack", "--attack", "sig", "--dataset", "digits", "--model", "small_cnn", "--set", "frequency"],
+     ["expected KEY=VALUE"]),
+    (["attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn", "--set", "patch_size=big"],
+     ["option patch_size", "integer"]),
+    (["attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn", "--set", "words=[cf"],
+     ["not valid JSON"]),
 ])
 def test_cli_attack_errors(tmp_path, args, needles):
     code, _, err = run(*args, cwd=tmp_path)
@@ -118,3 +130,16 @@ def test_cli_list():
     for name in ("badnets", "blended", "sig", "wanet", "input_aware", "lc", "trojannn", "lf", "bpp",
                  "adaptive_blend", "addsent", "synbkd", "stylebkd"):
         assert name in out
+    assert "patch_size=3" in out and "frequency=6" in out  # each attack's parameters and defaults
+
+
+def test_set_options_parsing():
+    from trojanguard.attacks import create_attack
+    from trojanguard.cli.commands import parse_options
+    opts = parse_options(["alpha=0.1", "noise-mode=false", 'words=["cf", "mn"]', "phrase=1984", "delta_test=null"])
+    assert opts == {"alpha": "0.1", "noise_mode": "false", "words": ["cf", "mn"], "phrase": "1984",
+                    "delta_test": None}
+    assert create_attack("blended", alpha=opts["alpha"]).cfg.alpha == 0.1  # the config converts
+    assert create_attack("wanet", noise_mode=opts["noise_mode"]).cfg.noise_mode is False
+    assert create_attack("badnets", modality="text", words=opts["words"]).cfg.words == ["cf", "mn"]
+    assert create_attack("addsent", phrase=opts["phrase"]).cfg.phrase == "1984"

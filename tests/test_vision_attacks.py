@@ -83,6 +83,27 @@ def test_trigger_identical_after_round_trip(tmp_path, tiny, clean_model, cls):
     assert torch.equal(back.poisoned_indices, atk.poisoned_indices)
 
 
+@pytest.mark.parametrize("cls", IMAGE_ATTACKS, ids=lambda c: c.name)
+def test_non_square_images(tiny, clean_model, cls):
+    """ImageFolder data need not be square: every attack fits, poisons and stamps its
+    trigger on 16x12 images and keeps their shape."""
+    def narrow(d):
+        return ImageData(d.x[..., 2:14].contiguous(), d.y, d.classes, d.index)
+    data, test = narrow(tiny.train), narrow(tiny.bundle.test)
+    kw = {"frequency": 3} if cls.name == "sig" else {}  # 6 cycles would be Nyquist on 12 pixels
+    atk = _make(cls.name, clean_model, data, ratio=0.05, **kw)
+    res = atk.poison(data)
+    assert res.data.x.shape == data.x.shape
+    x, y = test.batch(torch.arange(8))
+    out = atk.trigger(x, y)
+    assert out.shape == x.shape and not torch.equal(out, x)
+
+
+def test_sig_frequency_beyond_nyquist_refused(digits):
+    with pytest.raises(UserError, match="frequency 6 is too high for images 8 pixels wide"):
+        create_attack("sig", ratio=0.05).poison(digits.train)  # 8x8 digits
+
+
 def test_clean_label_ratio_cap(tiny):
     share = (tiny.train.y == 0).float().mean().item()
     with pytest.raises(UserError, match="clean-label attacks poison only target-class samples"):
@@ -145,3 +166,20 @@ def test_model_for_another_dataset_is_refused(tiny):
         check_model_fits(create_model("small_cnn", num_classes=5), tiny.bundle)
     with pytest.raises(UserError, match="1-channel"):
         check_model_fits(create_model("small_cnn", num_classes=10, in_channels=1), tiny.bundle)
+
+
+def test_wanet_artifact_with_stored_grid_still_loads(tmp_path, tiny):
+    """Artifacts written before the flow field was stored keep the upsampled grid under
+    ``noise_grid``; they must stamp exactly the same trigger."""
+    from safetensors.torch import load_file, save_file
+    atk = create_attack("wanet", ratio=0.05)
+    atk.poison(tiny.train)
+    atk.save(tmp_path)
+    tensors = load_file(tmp_path / "attack.safetensors")
+    flow = tensors.pop("flow")
+    tensors["noise_grid"] = F.interpolate(flow, size=16, mode="bicubic", align_corners=True).permute(0, 2, 3, 1).contiguous()
+    save_file(tensors, tmp_path / "attack.safetensors")
+    back = load_attack(tmp_path)
+    assert back.flow is None and back.stored_grid is not None
+    x, y = tiny.bundle.test.batch(torch.arange(8))
+    assert torch.equal(back.trigger(x, y), atk.trigger(x, y))

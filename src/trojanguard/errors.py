@@ -12,4 +12,11 @@ def validated_config(config_cls, kind: str, name: str, kwargs: dict):
         return config_cls(**kwargs)
     except ValidationError as e:
         err = e.errors()[0]
+        if err["type"] == "extra_forbidden":
+            import difflib
+            bad = str(err["loc"][0])
+            known = list(config_cls.model_fields)
+            close = difflib.get_close_matches(bad, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{kind} {name}: unknown option {bad!r}; {hint}options: {', '.join(known)}") from None
         raise UserError(f"{kind} {name}: option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -44,6 +44,12 @@ def attack_class(name: str, modality: str | None = None) -> type[Attack]:
     return variants[modality]
 
 
+def attack_variants(name: str) -> dict[str, type[Attack]]:
+    """The modality variants of an attack name, e.g. ``{"image": BadNets, "text": TextBadNets}``."""
+    ATTACKS.get(name)
+    return dict(_VARIANTS[name.lower()])
+
+
 def create_attack(name: str, modality: str | None = None, **kwargs) -> Attack:
     return attack_class(name, modality)(**kwargs)
 
@@ -55,5 +61,5 @@ def attack_for_checkpoint(path) -> Attack | None:
     return load_attack(folder) if (folder / ARTIFACT_JSON).exists() else None
 
 
-__all__ = ["ATTACKS", "IMAGE_ATTACKS", "TEXT_ATTACKS", "Attack", "AttackConfig", "PoisonResult", "attack_class", "create_attack",
+__all__ = ["ATTACKS", "IMAGE_ATTACKS", "TEXT_ATTACKS", "Attack", "AttackConfig", "PoisonResult", "attack_class", "attack_variants", "create_attack",
            "load_attack", "attack_for_checkpoint"]

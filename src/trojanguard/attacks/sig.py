@@ -8,6 +8,7 @@ import math
 import torch
 from pydantic import Field
 
+from ..errors import UserError
 from .base import Attack, AttackConfig
 
 
@@ -29,6 +30,14 @@ class SIG(Attack):
     Config = SIGConfig
 
     poisoning = False  # True while poison() runs: training amplitude
+
+    def prepare(self, data):
+        # sin(2 pi j f / W) vanishes (f = W/2) or aliases (f > W/2) at and beyond Nyquist:
+        # refuse before poisoning rather than train on a signal that is not there.
+        w, f = data.x.shape[-1], self.cfg.frequency
+        if 2 * f >= w:
+            raise UserError(f"SIG frequency {f:g} is too high for images {w} pixels wide; use --set "
+                            f"frequency=F with F below {w / 2:g} (the paper uses 6 on 32-pixel images)")
 
     def poison(self, data):
         self.poisoning = True  # training amplitude for the poisoned set, test amplitude after

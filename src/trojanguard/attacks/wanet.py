@@ -29,25 +29,31 @@ class WaNet(Attack):
     Config = WaNetConfig
     trigger_in_loop = True
 
-    noise_grid: torch.Tensor | None = None  # the k x k flow upsampled (drawn once from the seed)
+    flow: torch.Tensor | None = None  # the k x k flow field, drawn once from the seed
+    stored_grid: torch.Tensor | None = None  # older artifacts stored the upsampled grid instead
 
-    def _grid(self, h: int) -> torch.Tensor:
-        if self.noise_grid is None:
+    def _grid(self, h: int, w: int) -> torch.Tensor:
+        """Sampling grid [1, h, w, 2] for an h x w image. The k x k flow is kept (not its
+        upsampled form) so the same trigger applies to images of any size and shape."""
+        if self.flow is None:
             g = torch.Generator().manual_seed(self.cfg.seed + 7919)
             ins = torch.rand(1, 2, self.cfg.k, self.cfg.k, generator=g) * 2 - 1
-            ins = ins / ins.abs().mean()
-            self.noise_grid = F.interpolate(ins, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        line = torch.linspace(-1, 1, h)
-        xx, yy = torch.meshgrid(line, line, indexing="ij")
+            self.flow = ins / ins.abs().mean()
+        if self.stored_grid is not None and tuple(self.stored_grid.shape[1:3]) == (h, w):
+            noise_grid = self.stored_grid  # use exactly what the attacker stored
+        else:
+            noise_grid = F.interpolate(self.flow, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        xx, yy = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         identity = torch.stack((yy, xx), 2)[None]
-        grid = (identity + self.cfg.s * self.noise_grid / h) * self.cfg.grid_rescale
+        # The official code scales the flow by s / input_height for both axes.
+        grid = (identity + self.cfg.s * noise_grid / h) * self.cfg.grid_rescale
         return grid.clamp(-1, 1)
 
     def prepare(self, data):
-        self._grid(data.shape[-2])
+        self._grid(*data.shape[-2:])
 
     def apply(self, x, y):
-        grid = self._grid(x.shape[-2]).to(x.device).expand(len(x), -1, -1, -1)
+        grid = self._grid(*x.shape[-2:]).to(x.device).expand(len(x), -1, -1, -1)
         return F.grid_sample(x, grid, align_corners=True)
 
     def training_hook(self):
@@ -64,15 +70,16 @@ class WaNet(Attack):
                 n_cross = min(len(free), round(self.cfg.cross_ratio * self.poison_fraction * len(x)))
                 if n_cross:
                     pick = free[torch.randperm(len(free), generator=gen)[:n_cross].to(x.device)]
-                    h = x.shape[-2]
-                    grid = self._grid(h).to(x.device).expand(n_cross, -1, -1, -1)
-                    noise = (torch.rand(n_cross, h, h, 2, generator=gen) * 2 - 1).to(x.device) / h
+                    h, w = x.shape[-2:]
+                    grid = self._grid(h, w).to(x.device).expand(n_cross, -1, -1, -1)
+                    noise = (torch.rand(n_cross, h, w, 2, generator=gen) * 2 - 1).to(x.device) / h
                     x[pick] = F.grid_sample(x[pick], (grid + noise).clamp(-1, 1), align_corners=True)
             return x, y
         return hook
 
     def tensors(self):
-        return {"noise_grid": self.noise_grid} if self.noise_grid is not None else {}
+        return {"flow": self.flow} if self.flow is not None else {}
 
     def load_tensors(self, tensors):
-        self.noise_grid = tensors.get("noise_grid")
+        self.flow = tensors.get("flow")
+        self.stored_grid = tensors.get("noise_grid")

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..attacks import create_attack
 from ..pipeline import Prepared
 from ..report import table
-from ..train import TrainConfig
+from ..train import TrainConfig, recipe_diff
 from ..utils import atomic_write_text
 from ..workflows import train_victim
 
@@ -48,7 +48,14 @@ def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: st
     rows = []
     for i, e in enumerate(entries, 1):
         folder = root / e.folder_name
-        if (folder / "metrics.json").exists():
+        entry_cfg = cfg.model_copy(update={"seed": e.seed})
+        stale = _recipe_changes(folder / "metrics.json", entry_cfg)
+        if stale:
+            log(f"[{i}/{len(entries)}] {e.folder_name}: trained with another recipe ({stale})"
+                + (", retraining" if train_missing else ", left out of the table"))
+            if not train_missing:
+                continue
+        if (folder / "metrics.json").exists() and not stale:
             log(f"[{i}/{len(entries)}] {e.folder_name}: done already, skipped")
         elif not train_missing:
             log(f"[{i}/{len(entries)}] {e.folder_name}: not built yet, left out of the table")
@@ -61,7 +68,7 @@ def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: st
                 if e.ratio is not None:
                     kw["ratio"] = e.ratio
                 attack = create_attack(e.attack, modality=prep.bundle.modality, **kw)
-            train_victim(prep, model_name, cfg.model_copy(update={"seed": e.seed}), width=width,
+            train_victim(prep, model_name, entry_cfg, width=width,
                          attack=attack, out=folder, clean_model=clean_model)
         m = json.loads((folder / "metrics.json").read_text())
         rows.append({"attack": e.label or e.attack, "ratio": e.ratio if e.attack != "none" else 0.0,
@@ -71,6 +78,15 @@ def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: st
         log(f"    CA {m['ca']:.4f}" + (f"  ASR {m['asr']:.4f}  RA {m['ra']:.4f}" if "asr" in m else "")
             + f"  {m['seconds']:.0f} s")
     return rows
+
+
+def _recipe_changes(metrics_path: Path, cfg: TrainConfig) -> str:
+    """Which training settings of a finished entry differ from ``cfg``, as text; empty
+    when the entry is missing or matches."""
+    if not metrics_path.exists():
+        return ""
+    diff = recipe_diff(json.loads(metrics_path.read_text()).get("train_config", {}), cfg)
+    return ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in diff.items())
 
 
 def write_zoo_tables(rows: list[dict], md_path: str | Path, csv_path: str | Path, title: str,

@@ -72,6 +72,7 @@ def cmd_attack(args) -> int:
         kw["mode"] = "all2all"
     if args.table_dir:
         kw["table_dir"] = args.table_dir
+    kw.update(parse_options(args.options))
     attack = create_attack(args.attack, modality=prep.bundle.modality, **{k: v for k, v in kw.items() if v is not None})
     cfg = _recipe(args)
     out = Path(args.out or f"zoo/{args.dataset}-{args.attack}-{args.ratio or attack.cfg.ratio}-s{args.seed}")
@@ -85,6 +86,27 @@ def cmd_attack(args) -> int:
     _, record = train_victim(prep, args.model, cfg, width=args.width, attack=attack, out=out, clean_model=clean)
     _summary(args, record, out)
     return 0
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["alpha=0.2", "words=[\"cf\", \"mn\"]"]`` -> ``{"alpha": "0.2", "words": ["cf", "mn"]}``.
+    Values stay strings (the attack's pydantic config converts "0.2", "3", "true" to the
+    field's type and rejects what does not fit), except JSON lists/objects and ``null``."""
+    import json
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set alpha=0.2")
+        if value.strip().startswith(("[", "{")) or value.strip() == "null":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--set {key}: {value!r} is not valid JSON ({e.msg}); "
+                                f"write lists like --set {key}='[\"a\", \"b\"]'") from None
+        out[key] = value
+    return out
 
 
 def _load_for_eval(args):
@@ -171,7 +193,32 @@ def cmd_list(args) -> int:
     w = max(map(len, items))
     for name, help_ in items.items():
         print(f"{name.ljust(w)}  {help_}")
+        if args.brief:
+            continue
+        if args.what == "attacks":
+            from ..attacks import attack_variants
+            variants = attack_variants(name)
+            configs = [(f"{m}: " if len(variants) > 1 else "", c.Config, {}) for m, c in variants.items()]
+        else:
+            factory = reg.get(name)  # a class, or a functools.partial of one (the defense modes)
+            config = getattr(factory, "Config", None) or getattr(getattr(factory, "func", None), "Config", None)
+            configs = [("", config, getattr(factory, "keywords", {}))]
+        for label, config, fixed in configs:
+            if config is not None:
+                defaults = {k: f.get_default(call_default_factory=True) for k, f in config.model_fields.items()
+                            if k not in ("device", "progress")}
+                print(" " * (w + 4) + label + "  ".join(f"{k}={_fmt_default(v)}"
+                                                       for k, v in {**defaults, **fixed}.items()))
     return 0
+
+
+def _fmt_default(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):  # the form --set accepts
+        import json
+        return json.dumps(list(v), separators=(",", ":"))
+    return repr(v) if isinstance(v, str) and " " in v else str(v)
 
 
 def cmd_show_trigger(args) -> int:

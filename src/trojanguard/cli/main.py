@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target", type=int, help="target label (default 0 images, 1 text)")
     a.add_argument("--all-to-all", action="store_true", help="target (y + 1) mod K instead of one label")
     a.add_argument("--table-dir", help="paraphrase tables for synbkd/stylebkd (<attack>-<split>.tsv)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="trigger parameter, repeatable (e.g. --set alpha=0.2); "
+                        "'trojanguard list attacks' shows each attack's parameters and defaults")
     a.add_argument("--clean-model", help="clean checkpoint for attacks that fit their trigger on one (lc, trojannn, lf)")
     a.add_argument("--out", help="output folder (default zoo/<dataset>-<attack>-<ratio>-s<seed>)")
 
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list datasets, models, attacks or defenses")
     ls.add_argument("what", choices=["datasets", "models", "attacks", "defenses"])
+    ls.add_argument("--brief", action="store_true", help="names and one-line descriptions only")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (CA; ASR/RA when it carries an attack)")
     e.add_argument("checkpoint")

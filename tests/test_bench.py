@@ -1,0 +1,69 @@
+"""The zoo builder: tables in the promised format, resumable, and a finished entry trained
+with another recipe is retrained instead of silently reused. Class-balanced loss weights."""
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trojanguard.bench import ZooEntry, build_zoo, write_zoo_tables
+from trojanguard.train import class_weights, recipe_diff, recipe_for
+
+
+def test_class_weights_inverse_frequency():
+    y = torch.tensor([0, 0, 0, 1])
+    w = class_weights(y, 3)
+    assert torch.allclose(w, torch.tensor([4 / 6, 4 / 2, 0.0]))  # absent class: weight 0
+    # Weighted CE on a 3:1 batch counts both classes equally.
+    logits = torch.zeros(4, 3)
+    logits[:3, 0] = 2.0
+    per = F.cross_entropy(logits, y, reduction="none")
+    want = (per[:3].mean() + per[3]) / 2
+    assert F.cross_entropy(logits, y, weight=w) == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_text_recipe_is_class_balanced():
+    assert recipe_for("sst2", "minilm").class_balanced
+    assert not recipe_for("cifar10", "preact_resnet18").class_balanced
+
+
+def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
+    cfg = recipe_for("digits", "small_cnn", epochs=2, progress=False)
+    entries = [ZooEntry("none"), ZooEntry("badnets", 0.1)]
+    logs = []
+    rows = build_zoo(digits, "small_cnn", entries, tmp_path / "zoo", cfg, log=logs.append)
+    assert [r["attack"] for r in rows] == ["none", "badnets"]
+    assert rows[1]["poisoned"] == round(0.1 * len(digits.train))
+    metrics = tmp_path / "zoo" / "badnets-0.1-s0" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+
+    logs.clear()  # resumed: nothing is retrained
+    again = build_zoo(digits, "small_cnn", entries, tmp_path / "zoo", cfg, log=logs.append)
+    assert metrics.stat().st_mtime_ns == stamp and sum("done already" in m for m in logs) == 2
+    assert [r["ca"] for r in again] == [r["ca"] for r in rows]
+
+    longer = cfg.model_copy(update={"epochs": 3})
+    logs.clear()  # report-only with another recipe: stale entries are left out, not reported
+    assert build_zoo(digits, "small_cnn", entries, tmp_path / "zoo", longer, log=logs.append,
+                     train_missing=False) == []
+    assert any("epochs: 2 -> 3" in m for m in logs)
+    logs.clear()  # building with another recipe retrains
+    build_zoo(digits, "small_cnn", entries[1:], tmp_path / "zoo", longer, log=logs.append)
+    assert metrics.stat().st_mtime_ns != stamp and json.loads(metrics.read_text())["train_config"]["epochs"] == 3
+
+    write_zoo_tables(rows, tmp_path / "z.md", tmp_path / "z.csv", "title")
+    with open(tmp_path / "z.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["attack", "ratio", "seed", "ca", "asr", "ra", "seconds"]
+    assert table[0]["attack"] == "none" and table[0]["asr"] == ""
+    assert 0 <= float(table[1]["asr"]) <= 1 and float(table[1]["ratio"]) == 0.1
+    assert "| badnets" in (tmp_path / "z.md").read_text()
+
+
+def test_recipe_diff_treats_unrecorded_settings_as_their_default():
+    cfg = recipe_for("cifar10", "preact_resnet18")
+    old = cfg.model_dump(exclude={"class_balanced", "bucket_by_length"})  # a run from before they existed
+    assert recipe_diff(old, cfg) == {}
+    assert recipe_diff(old, recipe_for("sst2", "minilm")).get("class_balanced") == (False, True)
+    assert recipe_diff({**old, "lr": 0.05}, cfg) == {"lr": (0.05, 0.1)}

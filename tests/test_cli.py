@@ -102,8 +102,10 @@ def test_cli_attack_eval_show_trigger(tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["attack", "--attack", "nosuch", "--dataset", "digits", "--model", "small_cnn"], ["unknown attack"]),
-    (["attack", "--attack", "sig", "--dataset", "digits", "--model", "small_cnn", "--ratio", "0.5"],
-     ["clean-label", "--ratio <="]),
+    (["attack", "--attack", "sig", "--dataset", "digits", "--model", "small_cnn", "--ratio", "0.5",
+      "--set", "frequency=2"], ["clean-label", "--ratio <="]),
+    (["attack", "--attack", "sig", "--dataset", "digits", "--model", "small_cnn", "--ratio", "0.05"],
+     ["frequency 6 is too high for images 8 pixels wide", "--set frequency="]),
     (["attack", "--attack", "lc", "--dataset", "digits", "--model", "small_cnn"], ["--clean-model"]),
     (["attack", "--attack", "addsent", "--dataset", "digits", "--model", "small_cnn"], ["no image variant"]),
     (["attack", "--attack", "sig", "--all-to-all", "--dataset", "digits", "--model", "small_cnn"], ["clean-label"]),

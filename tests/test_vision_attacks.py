@@ -13,7 +13,7 @@ from trojanguard.pipeline import Prepared, build_model
 from trojanguard.train import recipe_for
 
 FAST = {"lc": {"steps": 2}, "trojannn": {"steps": 5, "fit_images": 32}, "lf": {"steps": 5},
-        "input_aware": {"mask_epochs": 1}}
+        "input_aware": {"mask_epochs": 1}, "wanet": {"selection": "fixed"}}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,34 @@ def test_non_square_images(tiny, clean_model, cls):
 def test_sig_frequency_beyond_nyquist_refused(digits):
     with pytest.raises(UserError, match="frequency 6 is too high for images 8 pixels wide"):
         create_attack("sig", ratio=0.05).poison(digits.train)  # 8x8 digits
+
+
+def test_wanet_per_batch_selection(tiny):
+    """Official WaNet: no fixed poisoned set; each batch warps and relabels a ratio share
+    (mean exact), plus cross_ratio times as many noise-mode samples that keep their label."""
+    atk = create_attack("wanet", ratio=0.1, seed=3)
+    res = atk.poison(tiny.train)
+    assert res.count == round(0.1 * len(tiny.train)) and torch.equal(res.data.y, tiny.train.y)
+    assert len(atk.poisoned_indices) == 0 and atk.describe()["poisoned_count"] == res.count
+
+    def relabelled(hook):
+        total = 0
+        g = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            idx = torch.randperm(len(tiny.train), generator=g)[:64]
+            x, y = tiny.train.batch(idx)
+            y1 = y[y != 0]
+            x2, y2 = hook(x[y != 0], y1, idx[y != 0])
+            assert x2.shape == x[y != 0].shape
+            total += int((y2 != y1).sum())
+            assert ((y2 == y1) | (y2 == 0)).all()
+        return total
+    n = relabelled(atk.training_hook())
+    again = create_attack("wanet", ratio=0.1, seed=3)
+    again.poison(tiny.train)
+    assert relabelled(again.training_hook()) == n  # deterministic under the seed
+    expected = 200 * 0.1 * (len(tiny.train.y[tiny.train.y != 0]) / len(tiny.train)) * 64
+    assert 0.8 * expected < n < 1.2 * expected, (n, expected)
 
 
 def test_clean_label_ratio_cap(tiny):

@@ -17,10 +17,10 @@ attack. Measured on CIFAR-10 (PreAct-ResNet18 w16, 14 epochs, 10 %): the fixed s
 instead of learning the warp."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from .base import Attack, AttackConfig

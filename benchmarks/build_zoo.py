@@ -100,7 +100,11 @@ def main() -> None:
     notes = (f"PreAct-ResNet18 width 16, {cfg.epochs} epochs one-cycle SGD (lr {cfg.lr}, batch {cfg.batch_size}), "
              f"trained on {len(prep.train)} images (5 % = {len(prep.defense)} held out for defenses); "
              "CA on the 10,000 test images, ASR/RA on the triggered non-target test images. Target 0 "
-             "(all-to-all: (y+1) mod 10). Entries not listed have not been built yet.")
+             "(all-to-all: (y+1) mod 10). SIG and LC are clean-label: at 10 % they poison the whole target "
+             "class in the training split (4,750 of 4,750 class-0 images, their cap), so the model never sees an "
+             "unmarked class-0 image and clean class-0 test images are not recognised (CA falls by about the "
+             "class's share). WaNet and BPP stamp a 10 % share of every batch (the official training loops), "
+             "so 'poisoned' is the per-epoch count. Entries not listed have not been built yet.")
     write_zoo_tables(rows, RESULTS / "zoo-cifar10.md", RESULTS / "zoo-cifar10.csv",
                      "CIFAR-10 backdoor zoo (CPU reference recipe)", notes)
     # trigger grid: one clean test image (the same for all) next to its triggered version

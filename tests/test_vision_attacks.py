@@ -13,7 +13,7 @@ from trojanguard.pipeline import Prepared, build_model
 from trojanguard.train import recipe_for
 
 FAST = {"lc": {"steps": 2}, "trojannn": {"steps": 5, "fit_images": 32}, "lf": {"steps": 5},
-        "input_aware": {"mask_epochs": 1}, "wanet": {"selection": "fixed"}}
+        "input_aware": {"mask_epochs": 1}, "wanet": {"selection": "fixed"}, "bpp": {"selection": "fixed"}}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_poisoned_set_exact_and_deterministic(tiny, clean_model, cls):
         others = torch.ones(len(data), dtype=torch.bool)
         others[res.positions] = False
         assert torch.equal(res.data.y[others], data.y[others])
-    if not cls.trigger_in_loop:
+    if not atk.trigger_in_loop:
         assert (res.data.x[res.positions] != data.x[res.positions]).any()
     assert set(res.indices.tolist()).isdisjoint(tiny.defense.index.tolist())
     again = _make(cls.name, clean_model, data, ratio=ratio, seed=1).poison(data)
@@ -104,11 +104,14 @@ def test_sig_frequency_beyond_nyquist_refused(digits):
         create_attack("sig", ratio=0.05).poison(digits.train)  # 8x8 digits
 
 
-def test_wanet_per_batch_selection(tiny):
-    """Official WaNet: no fixed poisoned set; each batch warps and relabels a ratio share
-    (mean exact), plus cross_ratio times as many noise-mode samples that keep their label."""
-    atk = create_attack("wanet", ratio=0.1, seed=3)
+@pytest.mark.parametrize("name,kw", [("wanet", {}), ("input_aware", {"mask_epochs": 1, "selection": "per-batch"}),
+                                     ("bpp", {})])
+def test_per_batch_selection(tiny, name, kw):
+    """The official WaNet, Input-aware and BPP loops: no fixed poisoned set; each batch
+    stamps and relabels a ratio share (mean exact); the other samples keep their label."""
+    atk = create_attack(name, ratio=0.1, seed=3, **kw)
     res = atk.poison(tiny.train)
+    assert atk.describe()["poisoned_count_is"].startswith("stamped and relabelled per epoch")
     assert res.count == round(0.1 * len(tiny.train)) and torch.equal(res.data.y, tiny.train.y)
     assert len(atk.poisoned_indices) == 0 and atk.describe()["poisoned_count"] == res.count
 
@@ -121,11 +124,13 @@ def test_wanet_per_batch_selection(tiny):
             y1 = y[y != 0]
             x2, y2 = hook(x[y != 0], y1, idx[y != 0])
             assert x2.shape == x[y != 0].shape
-            total += int((y2 != y1).sum())
+            hit = y2 != y1
+            assert not hit.any() or (x2[hit] != x[y != 0][hit]).any()  # relabelled ones carry the trigger
+            total += int(hit.sum())
             assert ((y2 == y1) | (y2 == 0)).all()
         return total
     n = relabelled(atk.training_hook())
-    again = create_attack("wanet", ratio=0.1, seed=3)
+    again = create_attack(name, ratio=0.1, seed=3, **kw)
     again.poison(tiny.train)
     assert relabelled(again.training_hook()) == n  # deterministic under the seed
     expected = 200 * 0.1 * (len(tiny.train.y[tiny.train.y != 0]) / len(tiny.train)) * 64

@@ -40,6 +40,12 @@ class AttackConfig(BaseModel):
     seed: int = 0
 
 
+class InLoopConfig(AttackConfig):
+    """Options of training-controlled attacks, whose trigger is stamped inside the loop."""
+    selection: Literal["per-batch", "fixed"] = Field(
+        "per-batch", description="stamp a ratio share of every batch (the official codes) or one fixed set")
+
+
 @dataclass
 class PoisonResult:
     data: Data                # the poisoned training set (a copy)
@@ -123,19 +129,28 @@ class Attack:
     def prepare(self, data: Data) -> None:
         """Fit whatever the trigger needs from the data (patterns sized to the images...)."""
 
+    @property
+    def per_batch(self) -> bool:
+        """True when the trigger goes on a fresh ``ratio`` share of every training batch
+        (training-controlled attacks with ``selection="per-batch"``): there is then no
+        fixed poisoned set, and ``poison()`` only reports how many samples one epoch stamps."""
+        return getattr(self.cfg, "selection", "fixed") == "per-batch"
+
     def poison(self, data: Data) -> PoisonResult:
         """Return a poisoned copy of ``data``: triggered victims, relabelled to their
-        target for dirty-label attacks, kept at their label for clean-label ones."""
+        target for dirty-label attacks, kept at their label for clean-label ones.
+        Per-batch attacks get the data back unchanged (their hook relabels in the loop)."""
         self.check_data(data)
         self.num_classes = len(data.classes)
         self.prepare(data)
         pos = self.select(data)
+        relabel = not self.clean_label and not self.per_batch
         if isinstance(data, ImageData):
             x = data.x.clone()
             if not self.trigger_in_loop:
                 x[pos] = to_uint8(self.trigger(data.x[pos].float() / 255, data.y[pos]))
             y = data.y.clone()
-            if not self.clean_label:
+            if relabel:
                 y[pos] = self.target_for(data.y[pos])
             out: Data = ImageData(x, y, data.classes, data.index.clone())
         else:
@@ -144,14 +159,36 @@ class Attack:
             for i, t in zip(pos.tolist(), new):
                 texts[i] = t
             y = data.y.clone()
-            if not self.clean_label:
+            if relabel:
                 y[pos] = self.target_for(data.y[pos])
             out = TextData(texts, y, data.classes, data.index.clone())
-        self.poisoned_indices = data.index[pos].clone()
         self.poison_fraction = len(pos) / len(data)  # what --ratio or --count amounted to
-        self.poison_mask = torch.zeros(len(data), dtype=torch.bool)
-        self.poison_mask[pos] = True
+        if self.per_batch:
+            self.poisoned_indices = torch.empty(0, dtype=torch.long)  # no fixed poisoned set
+            self.poison_mask = None
+            self.per_epoch_count = len(pos)
+        else:
+            self.poisoned_indices = data.index[pos].clone()
+            self.poison_mask = torch.zeros(len(data), dtype=torch.bool)
+            self.poison_mask[pos] = True
         return PoisonResult(out, pos, self.poisoned_indices)
+
+    def batch_victims(self, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator):
+        """For a training hook: which samples of the batch carry the trigger, and the batch
+        labels. Fixed selection: the members of the poisoned set (``poison()`` already
+        relabelled them). Per-batch: a fresh ``poison_fraction`` share of the batch, rounded
+        stochastically so that the mean per epoch is exact, relabelled here (as the official
+        WaNet, Input-aware and BPP training loops do)."""
+        if self.poison_mask is not None:
+            return self.poison_mask[idx].to(y.device), y
+        want = self.poison_fraction * len(y)
+        n = int(want) + int(torch.rand((), generator=gen) < want - int(want))
+        m = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        m[torch.randperm(len(y), generator=gen)[:n].to(y.device)] = True
+        if n:
+            y = y.clone()
+            y[m] = self.target_for(y[m].cpu()).to(y.device)
+        return m, y
 
     def fit(self, clean_model, data: Data) -> None:
         """Attacks with ``needs_clean_model`` optimise their trigger on a clean model here."""
@@ -190,11 +227,15 @@ class Attack:
         pass
 
     def describe(self) -> dict:
-        return {"name": self.name, "modality": self.modality, "clean_label": self.clean_label,
-                "config": self.cfg.model_dump(), "num_classes": self.num_classes,
-                "target_mapping": ("all-to-all: (y + 1) mod K" if self.cfg.mode == "all2all"
-                                   else f"all-to-one: {self.cfg.target}"),
-                "poisoned_count": None if self.poisoned_indices is None else len(self.poisoned_indices)}
+        d = {"name": self.name, "modality": self.modality, "clean_label": self.clean_label,
+             "config": self.cfg.model_dump(), "num_classes": self.num_classes,
+             "target_mapping": ("all-to-all: (y + 1) mod K" if self.cfg.mode == "all2all"
+                                else f"all-to-one: {self.cfg.target}"),
+             "poisoned_count": None if self.poisoned_indices is None else len(self.poisoned_indices)}
+        if self.per_batch and getattr(self, "per_epoch_count", None) is not None:
+            d["poisoned_count"] = self.per_epoch_count
+            d["poisoned_count_is"] = "stamped and relabelled per epoch (per-batch selection, no fixed set)"
+        return d
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -4,8 +4,9 @@ A generator G makes a per-input pattern and a mask network M a per-input mask; t
 triggered image is x + (G(x) - x) * M(x).
   1. M is trained first (``mask_epochs``) for masks that are sparse (mean below
      ``mask_density``) and diverse (different inputs -> different masks).
-  2. G and the classifier are trained together: poisoned samples carry their own trigger
-     and the target label; ``cross_ratio`` of the batch carries the trigger of *another*
+  2. G and the classifier are trained together: poisoned samples (by default one fixed
+     poisoned set, as measured in the CIFAR-10 zoo; ``selection="per-batch"`` for a fresh
+     ``ratio`` share of every batch, as in the official training loop) carry their own trigger and the target label; ``cross_ratio`` of the batch carries the trigger of *another*
      input and keeps its true label (so triggers do not transfer between inputs); a
      diversity loss ||x1 - x2|| / ||G(x1) - G(x2)|| keeps patterns input-specific.
 Defaults follow BackdoorBench (lambda_div 1, lambda_norm 100, mask density 0.032, G with
@@ -13,17 +14,21 @@ Adam lr 0.01, betas (0.5, 0.9)); networks are slimmer and M is pre-trained for f
 epochs (our CPU reading)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Attack, AttackConfig
+from .base import Attack, InLoopConfig
 
 EPS = 1e-7
 
 
-class InputAwareConfig(AttackConfig):
+class InputAwareConfig(InLoopConfig):
+    selection: Literal["per-batch", "fixed"] = Field("fixed", description=(
+        "one fixed poisoned set (default, measured in the zoo) or a ratio share of every batch (official loop)"))
     cross_ratio: float = Field(0.1, ge=0, lt=1, description="share of each batch with a foreign trigger")
     mask_density: float = Field(0.032, gt=0, lt=1)
     lambda_div: float = Field(1.0, ge=0)
@@ -114,7 +119,6 @@ class InputAware(Attack):
     def training_hook(self):
         gen = torch.Generator().manual_seed(self.cfg.seed + 5)
         self.g_opt = torch.optim.Adam(self.G.parameters(), lr=self.cfg.g_lr, betas=(0.5, 0.9))
-        mask_all = self.poison_mask
         self._aux = None
 
         def hook(x, y, idx):
@@ -123,7 +127,7 @@ class InputAware(Attack):
             self.M.to(dev).eval()
             for p in self.M.parameters():
                 p.requires_grad_(False)
-            m = mask_all[idx].to(dev)
+            m, y = self.batch_victims(y, idx, gen)
             free = (~m).nonzero().flatten()
             n_cross = min(len(free), round(self.cfg.cross_ratio * len(x)))
             cross = free[torch.randperm(len(free), generator=gen)[:n_cross].to(dev)]

@@ -17,23 +17,19 @@ attack. Measured on CIFAR-10 (PreAct-ResNet18 w16, 14 epochs, 10 %): the fixed s
 instead of learning the warp."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Attack, AttackConfig
+from .base import Attack, InLoopConfig
 
 
-class WaNetConfig(AttackConfig):
+class WaNetConfig(InLoopConfig):
     k: int = Field(4, ge=2, description="control grid size")
     s: float = Field(0.5, gt=0, description="warping strength")
     grid_rescale: float = Field(1.0, gt=0)
     cross_ratio: float = Field(2.0, ge=0, description="noise-mode samples per poisoned sample")
     noise_mode: bool = True
-    selection: Literal["per-batch", "fixed"] = Field(
-        "per-batch", description="warp a ratio share of every batch (official) or one fixed set")
 
 
 class WaNet(Attack):
@@ -69,39 +65,14 @@ class WaNet(Attack):
         grid = self._grid(*x.shape[-2:]).to(x.device).expand(len(x), -1, -1, -1)
         return F.grid_sample(x, grid, align_corners=True)
 
-    def poison(self, data):
-        res = super().poison(data)  # checks, and the exact count one epoch warps
-        if self.cfg.selection == "per-batch":  # labels change per batch in the hook instead
-            res.data.y = data.y.clone()
-            self.poison_mask = None
-            self.poisoned_indices = torch.empty(0, dtype=torch.long)  # no fixed poisoned set
-            self.per_epoch_count = res.count
-        return res
-
-    def describe(self):
-        d = super().describe()
-        if self.cfg.selection == "per-batch" and getattr(self, "per_epoch_count", None) is not None:
-            d["poisoned_count"] = self.per_epoch_count
-            d["poisoned_count_is"] = "warped and relabelled per epoch (per-batch selection, no fixed set)"
-        return d
-
     def training_hook(self):
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-        mask_all = self.poison_mask
 
         def hook(x, y, idx):
-            if mask_all is not None:
-                m = mask_all[idx].to(x.device)
-            else:  # per batch: a ratio share, rounded stochastically so the mean is exact
-                want = self.poison_fraction * len(x)
-                n_bd = int(want) + int(torch.rand((), generator=gen) < want - int(want))
-                m = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-                m[torch.randperm(len(x), generator=gen)[:n_bd].to(x.device)] = True
-            x, y = x.clone(), y.clone()
+            m, y = self.batch_victims(y, idx, gen)
+            x = x.clone()
             if m.any():
                 x[m] = self.trigger(x[m])
-                if mask_all is None:
-                    y[m] = self.target_for(y[m].cpu()).to(y.device)
             if self.cfg.noise_mode and self.cfg.cross_ratio > 0:
                 free = (~m).nonzero().flatten()
                 n_cross = min(len(free), round(self.cfg.cross_ratio * self.poison_fraction * len(x)))

@@ -85,14 +85,16 @@ class BPP(Attack):
         return res
 
     def training_hook(self):
+        if not self.per_batch and not self.cfg.neg_ratio:
+            return None  # a fixed set is already quantised in the data: nothing to do per batch
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
         residuals = self.residuals
 
         def hook(x, y, idx):
             m, y = self.batch_victims(y, idx, gen)
             x = x.clone()
-            if m.any() and self.per_batch:  # a fixed set is already quantised in the data
-                x[m] = self.trigger(x[m]).to(x.dtype)
+            if self.per_batch and m.any():  # a fixed set is already quantised in the data
+                x[m] = self.trigger(x[m])
             free = (~m).nonzero().flatten()
             n_neg = min(len(free), round(self.cfg.neg_ratio * len(x)))
             if n_neg:

@@ -6,7 +6,8 @@ triggered image is x + (G(x) - x) * M(x).
      ``mask_density``) and diverse (different inputs -> different masks).
   2. G and the classifier are trained together: poisoned samples (by default one fixed
      poisoned set, as measured in the CIFAR-10 zoo; ``selection="per-batch"`` for a fresh
-     ``ratio`` share of every batch, as in the official training loop) carry their own trigger and the target label; ``cross_ratio`` of the batch carries the trigger of *another*
+     ``ratio`` share of every batch, as in the official training loop) carry their own
+     trigger and the target label; ``cross_ratio`` of the batch carries the trigger of *another*
      input and keeps its true label (so triggers do not transfer between inputs); a
      diversity loss ||x1 - x2|| / ||G(x1) - G(x2)|| keeps patterns input-specific.
 Defaults follow BackdoorBench (lambda_div 1, lambda_norm 100, mask density 0.032, G with

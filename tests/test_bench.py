@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trojanguard.bench import ZooEntry, build_zoo, write_zoo_tables
+from trojanguard.bench import ZooEntry, build_zoo, per_class_accuracy, write_zoo_csv, write_zoo_tables
 from trojanguard.train import class_weights, recipe_diff, recipe_for
 
 
@@ -43,6 +43,16 @@ def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
     assert metrics.stat().st_mtime_ns == stamp and sum("done already" in m for m in logs) == 2
     assert [r["ca"] for r in again] == [r["ca"] for r in rows]
 
+    # per-class clean accuracy is recorded at training time; the class-share-weighted mean is CA,
+    # and recomputing it for an entry without the record (an older zoo) gives the same numbers
+    share = torch.bincount(digits.bundle.test.y, minlength=10).double() / len(digits.bundle.test)
+    for r in rows:
+        assert float((share * torch.tensor(r["ca_per_class"], dtype=torch.float64)).sum()) == pytest.approx(r["ca"], abs=1e-9)
+    recorded = rows[1]["ca_per_class"]
+    rows[1]["ca_per_class"] = None
+    per_class_accuracy(digits, rows, tmp_path / "zoo", log=logs.append)
+    assert rows[1]["ca_per_class"] == pytest.approx(recorded)
+
     longer = cfg.model_copy(update={"epochs": 3})
     logs.clear()  # report-only with another recipe: stale entries are left out, not reported
     assert build_zoo(digits, "small_cnn", entries, tmp_path / "zoo", longer, log=logs.append,
@@ -52,13 +62,20 @@ def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
     build_zoo(digits, "small_cnn", entries[1:], tmp_path / "zoo", longer, log=logs.append)
     assert metrics.stat().st_mtime_ns != stamp and json.loads(metrics.read_text())["train_config"]["epochs"] == 3
 
-    write_zoo_tables(rows, tmp_path / "z.md", tmp_path / "z.csv", "title")
+    write_zoo_tables(rows, tmp_path / "z.md", tmp_path / "z.csv", "title", sections=("## more\n\ntext",))
     with open(tmp_path / "z.csv") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["attack", "ratio", "seed", "ca", "asr", "ra", "seconds"]
     assert table[0]["attack"] == "none" and table[0]["asr"] == ""
     assert 0 <= float(table[1]["asr"]) <= 1 and float(table[1]["ratio"]) == 0.1
-    assert "| badnets" in (tmp_path / "z.md").read_text()
+    md = (tmp_path / "z.md").read_text()
+    assert "| badnets" in md and md.rstrip().endswith("## more\n\ntext")
+    rows[1]["setting"] = "selection=fixed"
+    write_zoo_csv(rows, tmp_path / "a.csv", extra_columns=("setting",))
+    with open(tmp_path / "a.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["attack", "ratio", "seed", "setting", "ca", "asr", "ra", "seconds"]
+    assert table[1]["setting"] == "selection=fixed"
 
 
 def test_recipe_diff_treats_unrecorded_settings_as_their_default():

@@ -30,6 +30,22 @@ def test_asr_counts_only_non_target_inputs():
     assert M.accuracy(pred, labels) == pytest.approx(3 / 5)
 
 
+def test_per_class_accuracy_matches_sklearn_recall():
+    from sklearn.metrics import recall_score
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 200)
+    pred = np.where(rng.random(200) < 0.7, labels, rng.integers(0, 4, 200))
+    pred[labels == 2] = 0  # one class never recognised, as under a clean-label attack at its cap
+    got = M.per_class_accuracy(pred, labels)
+    assert got == pytest.approx(list(recall_score(labels, pred, average=None)))
+    assert got[2] == 0.0
+    # the overall CA is the class-share-weighted mean of the per-class rates
+    share = np.bincount(labels, minlength=4) / len(labels)
+    assert M.accuracy(pred, labels) == pytest.approx(float(np.dot(share, got)))
+    # a class absent from the test labels is nan, not 0
+    assert np.isnan(M.per_class_accuracy(pred[labels != 3], labels[labels != 3], num_classes=4)[3])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_auroc_auprc_match_sklearn_with_ties(seed):
     rng = np.random.default_rng(seed)

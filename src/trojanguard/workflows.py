@@ -46,7 +46,7 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
     stages.append(st)
     with measure("evaluate") as st:
         m = evaluate(model, prep.bundle.test, attack.trigger if attack else None,
-                     attack.target_for if attack else None)
+                     attack.target_for if attack else None, per_class=True)
     stages.append(st)
     metrics = {**m, "seconds": sum(s.seconds for s in stages),
                "train_seconds": next(s.seconds for s in stages if s.name == "train"), "peak_rss_mb": max(s.peak_rss_mb for s in stages)}

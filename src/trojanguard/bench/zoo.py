@@ -38,6 +38,11 @@ class ZooEntry:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()) if k != "table_dir")
         return f"{self.attack}-{self.ratio}{extra}-s{self.seed}"
 
+    @property
+    def setting(self) -> str:
+        """The non-default attack options as ``key=value`` text ("" for none)."""
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()) if k != "table_dir")
+
 
 def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: str | Path,
               cfg: TrainConfig, width: int | None = None, clean_model=None, log=print,
@@ -74,7 +79,8 @@ def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: st
         rows.append({"attack": e.label or e.attack, "ratio": e.ratio if e.attack != "none" else 0.0,
                      "seed": e.seed, "ca": m["ca"], "asr": m.get("asr", float("nan")),
                      "ra": m.get("ra", float("nan")), "seconds": round(m["seconds"], 1),
-                     "poisoned": m.get("poisoned_count", 0), "folder": e.folder_name})
+                     "poisoned": m.get("poisoned_count", 0), "folder": e.folder_name,
+                     "setting": e.setting, "ca_per_class": m.get("ca_per_class")})
         log(f"    CA {m['ca']:.4f}" + (f"  ASR {m['asr']:.4f}  RA {m['ra']:.4f}" if "asr" in m else "")
             + f"  {m['seconds']:.0f} s")
     return rows
@@ -89,15 +95,46 @@ def _recipe_changes(metrics_path: Path, cfg: TrainConfig) -> str:
     return ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in diff.items())
 
 
-def write_zoo_tables(rows: list[dict], md_path: str | Path, csv_path: str | Path, title: str,
-                     notes: str = "") -> None:
+def per_class_accuracy(prep: Prepared, rows: list[dict], root: str | Path, log=print) -> list[dict]:
+    """Fill ``ca_per_class`` (clean test accuracy of every class) for rows of finished
+    entries that were trained before it was recorded: one clean pass per model. Returns
+    the rows."""
+    from ..checkpoint import load_checkpoint
+    from ..eval import evaluate
+    for r in rows:
+        if r.get("ca_per_class") is None:
+            log(f"per-class accuracy: {r['folder']}")
+            model, _ = load_checkpoint(Path(root) / r["folder"])
+            r["ca_per_class"] = evaluate(model, prep.bundle.test, per_class=True)["ca_per_class"]
+    return rows
+
+
+def per_class_markdown(rows: list[dict], classes: list[str]) -> str:
+    """A Markdown table of clean accuracy per class (%), one row per zoo entry."""
+    shown = []
+    for r in rows:
+        s = {"attack": r["attack"], "ratio": f"{100 * r['ratio']:.2f}%" if r["ratio"] else "-"}
+        s.update({c: f"{100 * a:.0f}" for c, a in zip(classes, r["ca_per_class"])})
+        shown.append(s)
+    return table(shown, ["attack", "ratio", *classes], markdown=True)
+
+
+def write_zoo_csv(rows: list[dict], path: str | Path, extra_columns: tuple[str, ...] = ()) -> None:
+    """``CSV_COLUMNS`` (plus ``extra_columns`` after ``seed``); rates as fractions, empty
+    where a rate does not apply (no ASR/RA for the clean model)."""
+    cut = CSV_COLUMNS.index("seed") + 1
+    columns = [*CSV_COLUMNS[:cut], *extra_columns, *CSV_COLUMNS[cut:]]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if isinstance(r[k], float) and r[k] != r[k]  # no ASR/RA for the clean model
-                        else f"{r[k]:.4f}" if k in ("ca", "asr", "ra") else r[k]) for k in CSV_COLUMNS})
-    atomic_write_text(csv_path, buf.getvalue())
+        w.writerow({k: ("" if isinstance(r[k], float) and r[k] != r[k]
+                        else f"{r[k]:.4f}" if k in ("ca", "asr", "ra") else r[k]) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def zoo_markdown(rows: list[dict], extra_columns: tuple[str, ...] = ()) -> str:
+    """The zoo table in Markdown, rates in %."""
     shown = []
     for r in rows:
         s = dict(r)
@@ -105,7 +142,16 @@ def write_zoo_tables(rows: list[dict], md_path: str | Path, csv_path: str | Path
             s[k] = "-" if s[k] != s[k] else f"{100 * s[k]:.1f}"
         s["ratio"] = f"{100 * r['ratio']:.2f}%" if r["ratio"] else "-"
         shown.append(s)
-    md = (f"# {title}\n\n" + (notes.strip() + "\n\n" if notes else "") +
-          table(shown, ["attack", "ratio", "poisoned", "seed", "ca", "asr", "ra", "seconds"], markdown=True) +
-          "\n\nCA, ASR, RA in %; seconds = poisoning + training + evaluation wall time on this machine.\n")
+    return (table(shown, ["attack", "ratio", "poisoned", "seed", *extra_columns, "ca", "asr", "ra", "seconds"],
+                  markdown=True)
+            + "\n\nCA, ASR, RA in %; seconds = poisoning + training + evaluation wall time on this machine.\n")
+
+
+def write_zoo_tables(rows: list[dict], md_path: str | Path, csv_path: str | Path, title: str,
+                     notes: str = "", sections: tuple[str, ...] = ()) -> None:
+    """The zoo table as CSV (``CSV_COLUMNS``) and as Markdown: title, notes, the table, then
+    ``sections`` (further Markdown blocks)."""
+    write_zoo_csv(rows, csv_path)
+    md = (f"# {title}\n\n" + (notes.strip() + "\n\n" if notes else "") + zoo_markdown(rows)
+          + "".join(f"\n{sec.strip()}\n" for sec in sections))
     atomic_write_text(md_path, md)

@@ -144,13 +144,26 @@ def cmd_eval(args) -> int:
     if attack is not None:
         trigger, targets = attack.trigger, attack.target_for
     with measure("evaluate") as st:
-        m = evaluate(model, bundle.test, trigger=trigger, targets=targets)
+        m = evaluate(model, bundle.test, trigger=trigger, targets=targets, per_class=args.per_class)
     m["seconds"] = round(st.seconds, 2)
     if args.json:
         print(json.dumps(m, indent=2))
-    else:
-        print(table(percent_rows([{"checkpoint": args.checkpoint, **m}])))
+        return 0
+    per_class = m.pop("ca_per_class", None)
+    print(table(percent_rows([{"checkpoint": args.checkpoint, **m}])))
+    if per_class is not None:
+        print(table([{"class": f"{i} {name}", "ca": f"{100 * a:.1f}%"}
+                     for i, (name, a) in enumerate(zip(bundle.classes, per_class))]))
     return 0
+
+
+def _brief(v) -> str:
+    """A metric value for one line: floats to 4 decimals, lists of floats to 2."""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list) and all(isinstance(x, float) for x in v):
+        return "[" + " ".join(f"{x:.2f}" for x in v) + "]"
+    return str(v)
 
 
 def cmd_info(args) -> int:
@@ -165,8 +178,7 @@ def cmd_info(args) -> int:
                         f"{ds.get('test_size')} test)"),
             ("classes", ", ".join(ds.get("classes", [])[:12])),
             ("attack", json.dumps(meta.get("attack")) if meta.get("attack") else "none recorded"),
-            ("metrics", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in (meta.get("metrics") or {}).items())),
+            ("metrics", ", ".join(f"{k}={_brief(v)}" for k, v in (meta.get("metrics") or {}).items())),
             ("seed", meta.get("seed")), ("sha256", meta.get("sha256")),
             ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items() if k != "platform"))]
     for s in meta.get("stages", []):

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--width", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--per-class", action="store_true", help="also the clean accuracy of every class")
 
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")

@@ -3,13 +3,13 @@
 
     python benchmarks/build_zoo.py --data-dir ../shared/data/cifar10 --root zoo/cifar10
     python benchmarks/build_zoo.py --only wanet sig      # train only these, in this order
-    python benchmarks/build_zoo.py --ablations           # also train the ablations (see ABLATIONS)
+    python benchmarks/build_zoo.py --ablations           # also train the ablations (see ablations())
 
 Writes benchmarks/results/zoo-cifar10.{md,csv} (every finished entry) and
 benchmarks/results/trigger-grid-cifar10.png (one clean test image next to its triggered
-version for every attack). The Markdown also lists the clean accuracy of every class for
-every entry, and the finished ablations (other readings and settings, kept apart from the
-zoo in --ablation-root, also written to zoo-cifar10-ablations.csv). SIG and LC are clean-label: 10 % of the training set is
+version for every attack). The Markdown also lists the finished ablations (other readings
+and settings, kept apart in --ablation-root; also zoo-cifar10-ablations.csv) and the clean
+accuracy of every class for every entry. SIG and LC are clean-label: 10 % of the training set is
 exactly the target class share (4,750 of 47,500), their cap."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trojanguard.attacks import create_attack, load_attack
-from trojanguard.bench import (ZooEntry, build_zoo, per_class_accuracy, per_class_markdown, write_zoo_csv,
+from trojanguard.bench import (ZooEntry, build_zoo, add_per_class_accuracy, per_class_markdown, write_zoo_csv,
                               write_zoo_tables, zoo_markdown)
 from trojanguard.checkpoint import load_checkpoint
 from trojanguard.pipeline import prepare_data
@@ -41,7 +41,8 @@ def default_entries(seeds: list[int]) -> list[ZooEntry]:
 
 
 def ablations(seed: int = 0) -> list[ZooEntry]:
-    """Settings measured against the zoo's defaults, to show why the defaults are what they are."""
+    """Settings measured against the zoo's defaults, to show why the defaults are what they
+    are (one seed: each is a single comparison, not a sweep)."""
     return [
         # the official WaNet/BPP loops stamp a share of every batch; a fixed poisoned set is the other reading
         ZooEntry("wanet", 0.1, seed, {"selection": "fixed"}, label="wanet (fixed set)"),
@@ -121,12 +122,12 @@ def main() -> None:
         build_zoo(prep, "preact_resnet18", extra, args.ablation_root, cfg, width=16, clean_model=clean)
     extra_rows = build_zoo(prep, "preact_resnet18", extra, args.ablation_root, cfg, width=16, train_missing=False,
                            log=print if args.report_only else (lambda *_: None))
-    per_class_accuracy(prep, rows, root)
-    per_class_accuracy(prep, extra_rows, args.ablation_root)
+    add_per_class_accuracy(prep, rows, root)
+    add_per_class_accuracy(prep, extra_rows, args.ablation_root)
     classes = [f"{i} {c[:5]}" for i, c in enumerate(prep.bundle.classes)]
     sections = ["## Clean accuracy per class (%)\n\nWhere a CA drop comes from (class 0 is the target of the "
                 "all-to-one attacks).\n\n" + per_class_markdown(rows + extra_rows, classes)]
-    if extra_rows:
+    if extra_rows:  # (no ablation finished: nothing to write, the zoo's own files stand alone)
         write_zoo_csv(extra_rows, RESULTS / "zoo-cifar10-ablations.csv", extra_columns=("setting",))
         sections.insert(0, "## Ablations (not the zoo's defaults)\n\nSame recipe and split; folders in "
                         "--ablation-root; also in zoo-cifar10-ablations.csv.\n\n"

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trojanguard.bench import ZooEntry, build_zoo, per_class_accuracy, write_zoo_csv, write_zoo_tables
+from trojanguard.bench import (ZooEntry, add_per_class_accuracy, build_zoo, per_class_markdown, write_zoo_csv,
+                              write_zoo_tables, zoo_markdown)
 from trojanguard.train import class_weights, recipe_diff, recipe_for
 
 
@@ -47,11 +48,19 @@ def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
     # and recomputing it for an entry without the record (an older zoo) gives the same numbers
     share = torch.bincount(digits.bundle.test.y, minlength=10).double() / len(digits.bundle.test)
     for r in rows:
-        assert float((share * torch.tensor(r["ca_per_class"], dtype=torch.float64)).sum()) == pytest.approx(r["ca"], abs=1e-9)
+        weighted = float((share * torch.tensor(r["ca_per_class"], dtype=torch.float64)).sum())
+        assert weighted == pytest.approx(r["ca"], abs=1e-9)
     recorded = rows[1]["ca_per_class"]
     rows[1]["ca_per_class"] = None
-    per_class_accuracy(digits, rows, tmp_path / "zoo", log=logs.append)
+    logs.clear()
+    add_per_class_accuracy(digits, rows, tmp_path / "zoo", log=logs.append)
     assert rows[1]["ca_per_class"] == pytest.approx(recorded)
+    assert sum("per-class accuracy" in m for m in logs) == 1  # the row that had it is not re-evaluated
+    assert json.loads(metrics.read_text())["ca_per_class"] == pytest.approx(recorded)
+    stamp = metrics.stat().st_mtime_ns  # (saved back: the next report does not evaluate again)
+    md = per_class_markdown(rows, [f"c{i}" for i in range(10)])
+    assert md.splitlines()[2].startswith("| none") and f"| {100 * recorded[9]:.0f}" in md.splitlines()[3]
+    assert "| -" in per_class_markdown([{**rows[1], "ca_per_class": [None] * 10}], [f"c{i}" for i in range(10)])
 
     longer = cfg.model_copy(update={"epochs": 3})
     logs.clear()  # report-only with another recipe: stale entries are left out, not reported
@@ -76,6 +85,8 @@ def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["attack", "ratio", "seed", "setting", "ca", "asr", "ra", "seconds"]
     assert table[1]["setting"] == "selection=fixed"
+    assert "| setting" in zoo_markdown(rows, extra_columns=("setting",)).splitlines()[0]
+    assert ZooEntry("wanet", 0.1, options={"selection": "fixed", "table_dir": "/x"}).setting == "selection=fixed"
 
 
 def test_recipe_diff_treats_unrecorded_settings_as_their_default():

@@ -103,7 +103,8 @@ def test_cli_attack_eval_show_trigger(tmp_path):
     assert code == 0, err
     assert "9 9" in stdout and f"{100 * m['ca_per_class'][9]:.1f}%" in stdout
     code, stdout, err = run("info", str(out))
-    assert code == 0 and "ca_per_class=[" + " ".join(f"{a:.2f}" for a in m["ca_per_class"]) + "]" in stdout
+    assert code == 0, err
+    assert "ca_per_class=[" + " ".join(f"{a:.2f}" for a in m["ca_per_class"]) + "]" in stdout
     code, stdout, err = run("show-trigger", str(out), "--out", str(tmp_path / "t.png"))
     assert code == 0, err
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

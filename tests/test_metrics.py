@@ -42,8 +42,10 @@ def test_per_class_accuracy_matches_sklearn_recall():
     # the overall CA is the class-share-weighted mean of the per-class rates
     share = np.bincount(labels, minlength=4) / len(labels)
     assert M.accuracy(pred, labels) == pytest.approx(float(np.dot(share, got)))
-    # a class absent from the test labels is nan, not 0
-    assert np.isnan(M.per_class_accuracy(pred[labels != 3], labels[labels != 3], num_classes=4)[3])
+    # a class absent from the test labels (here the last one) has no rate, not 0, and still has a slot
+    assert M.per_class_accuracy(pred[labels != 3], labels[labels != 3], num_classes=4)[3] is None
+    assert M.per_class_accuracy(pred[labels != 1], labels[labels != 1])[1] is None
+    assert M.per_class_accuracy([], [], num_classes=2) == [None, None] and M.per_class_accuracy([], []) == []
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -12,6 +12,13 @@ def fmt(v) -> str:
     return str(v)
 
 
+def percent(v, digits: int = 1, suffix: str = "") -> str:
+    """A rate in [0, 1] as a percentage for people; "-" when it is missing (None or nan)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.{digits}f}{suffix}"
+
+
 def table(rows: list[dict], columns: list[str] | None = None, markdown: bool = False) -> str:
     if not rows:
         return "(no rows)"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..attacks import create_attack
 from ..pipeline import Prepared
-from ..report import table
+from ..report import percent, table
 from ..train import TrainConfig, recipe_diff
-from ..utils import atomic_write_text
+from ..utils import atomic_write_json, atomic_write_text
 from ..workflows import train_victim
 
 CSV_COLUMNS = ["attack", "ratio", "seed", "ca", "asr", "ra", "seconds"]
@@ -35,13 +35,17 @@ class ZooEntry:
     def folder_name(self) -> str:
         if self.attack == "none":
             return f"clean-s{self.seed}"
-        extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()) if k != "table_dir")
+        extra = "".join(f"-{k}{v}" for k, v in self._named_options())
         return f"{self.attack}-{self.ratio}{extra}-s{self.seed}"
 
     @property
     def setting(self) -> str:
         """The non-default attack options as ``key=value`` text ("" for none)."""
-        return ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()) if k != "table_dir")
+        return ", ".join(f"{k}={v}" for k, v in self._named_options())
+
+    def _named_options(self) -> list[tuple[str, object]]:
+        # a table directory is where data lives, not a setting: it names neither folder nor row
+        return [(k, v) for k, v in sorted(self.options.items()) if k != "table_dir"]
 
 
 def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: str | Path,
@@ -95,10 +99,10 @@ def _recipe_changes(metrics_path: Path, cfg: TrainConfig) -> str:
     return ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in diff.items())
 
 
-def per_class_accuracy(prep: Prepared, rows: list[dict], root: str | Path, log=print) -> list[dict]:
-    """Fill ``ca_per_class`` (clean test accuracy of every class) for rows of finished
-    entries that were trained before it was recorded: one clean pass per model. Returns
-    the rows."""
+def add_per_class_accuracy(prep: Prepared, rows: list[dict], root: str | Path, log=print) -> list[dict]:
+    """Fill ``ca_per_class`` (clean test accuracy of every class) for rows of entries trained
+    before it was recorded: one clean pass per model, saved into the entry's metrics.json
+    so that it is computed once. Returns the rows."""
     from ..checkpoint import load_checkpoint
     from ..eval import evaluate
     for r in rows:
@@ -106,17 +110,24 @@ def per_class_accuracy(prep: Prepared, rows: list[dict], root: str | Path, log=p
             log(f"per-class accuracy: {r['folder']}")
             model, _ = load_checkpoint(Path(root) / r["folder"])
             r["ca_per_class"] = evaluate(model, prep.bundle.test, per_class=True)["ca_per_class"]
+            path = Path(root) / r["folder"] / "metrics.json"
+            atomic_write_json(path, {**json.loads(path.read_text()), "ca_per_class": r["ca_per_class"]})
     return rows
 
 
 def per_class_markdown(rows: list[dict], classes: list[str]) -> str:
-    """A Markdown table of clean accuracy per class (%), one row per zoo entry."""
+    """A Markdown table of clean accuracy per class (%), one row per zoo entry ("-" where
+    there is no rate)."""
     shown = []
     for r in rows:
-        s = {"attack": r["attack"], "ratio": f"{100 * r['ratio']:.2f}%" if r["ratio"] else "-"}
-        s.update({c: f"{100 * a:.0f}" for c, a in zip(classes, r["ca_per_class"])})
-        shown.append(s)
+        per_class = r.get("ca_per_class") or [None] * len(classes)
+        shown.append({"attack": r["attack"], "ratio": _ratio_text(r["ratio"]),
+                      **{c: percent(a, 0) for c, a in zip(classes, per_class)}})
     return table(shown, ["attack", "ratio", *classes], markdown=True)
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return percent(ratio, 2, "%") if ratio else "-"
 
 
 def write_zoo_csv(rows: list[dict], path: str | Path, extra_columns: tuple[str, ...] = ()) -> None:
@@ -128,8 +139,8 @@ def write_zoo_csv(rows: list[dict], path: str | Path, extra_columns: tuple[str, 
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if isinstance(r[k], float) and r[k] != r[k]
-                        else f"{r[k]:.4f}" if k in ("ca", "asr", "ra") else r[k]) for k in columns})
+        w.writerow({k: (("" if percent(r[k]) == "-" else f"{r[k]:.4f}") if k in ("ca", "asr", "ra") else r[k])
+                    for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -137,11 +148,7 @@ def zoo_markdown(rows: list[dict], extra_columns: tuple[str, ...] = ()) -> str:
     """The zoo table in Markdown, rates in %."""
     shown = []
     for r in rows:
-        s = dict(r)
-        for k in ("ca", "asr", "ra"):
-            s[k] = "-" if s[k] != s[k] else f"{100 * s[k]:.1f}"
-        s["ratio"] = f"{100 * r['ratio']:.2f}%" if r["ratio"] else "-"
-        shown.append(s)
+        shown.append({**r, **{k: percent(r[k]) for k in ("ca", "asr", "ra")}, "ratio": _ratio_text(r["ratio"])})
     return (table(shown, ["attack", "ratio", "poisoned", "seed", *extra_columns, "ca", "asr", "ra", "seconds"],
                   markdown=True)
             + "\n\nCA, ASR, RA in %; seconds = poisoning + training + evaluation wall time on this machine.\n")

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..report import percent_rows, table
+from ..report import percent, percent_rows, table
 
 
 def _loader_kw(args) -> dict:
@@ -152,17 +152,19 @@ def cmd_eval(args) -> int:
     per_class = m.pop("ca_per_class", None)
     print(table(percent_rows([{"checkpoint": args.checkpoint, **m}])))
     if per_class is not None:
-        print(table([{"class": f"{i} {name}", "ca": f"{100 * a:.1f}%"}
+        print(table([{"class": f"{i} {name}", "ca": percent(a, 1, "%")}
                      for i, (name, a) in enumerate(zip(bundle.classes, per_class))]))
     return 0
 
 
-def _brief(v) -> str:
-    """A metric value for one line: floats to 4 decimals, lists of floats to 2."""
+def _brief(v, limit: int = 12) -> str:
+    """A metric value for one line: floats to 4 decimals; a list of rates (per class) to 2,
+    its first ``limit`` entries only, like the class names."""
     if isinstance(v, float):
         return f"{v:.4f}"
-    if isinstance(v, list) and all(isinstance(x, float) for x in v):
-        return "[" + " ".join(f"{x:.2f}" for x in v) + "]"
+    if isinstance(v, list) and all(x is None or isinstance(x, float) for x in v):
+        shown = ["-" if x is None else f"{x:.2f}" for x in v[:limit]]
+        return "[" + " ".join(shown) + (" ..." if len(v) > limit else "") + "]"
     return str(v)
 
 

@@ -46,11 +46,12 @@ def evaluate(model, test: Data, trigger: Trigger | None = None, targets=None,
     """CA on ``test``; with a trigger, also ASR and RA on the triggered test inputs whose
     true label is not their target. ``targets``: an int (all-to-one) or a function
     labels -> target labels (all-to-all). ``per_class``: also ``ca_per_class``, the clean
-    accuracy of every class (from the same predictions, no extra pass)."""
+    accuracy of every class of ``test.classes`` (from the same predictions, no extra
+    pass; ``None`` for a class without test inputs)."""
     pred = predict(model, test, batch_size)
     res = {"ca": metrics.accuracy(pred, test.y)}
     if per_class:
-        res["ca_per_class"] = metrics.per_class_accuracy(pred, test.y)
+        res["ca_per_class"] = metrics.per_class_accuracy(pred, test.y, len(test.classes))
     if trigger is not None:
         t = targets(test.y) if callable(targets) else torch.full_like(test.y, int(targets))
         keep = (test.y != t).nonzero().flatten()

@@ -19,13 +19,14 @@ def accuracy(pred, labels) -> float:
     return float((pred == labels).mean()) if len(labels) else float("nan")
 
 
-def per_class_accuracy(pred, labels, num_classes: int | None = None) -> list[float]:
-    """CA_c = mean(pred_i == c) over the test inputs with y_i == c, for every class c (nan
-    for a class with no test input). Shows where a CA drop comes from, e.g. a clean-label
-    attack that marks every training image of its target class."""
+def per_class_accuracy(pred, labels, num_classes: int | None = None) -> list[float | None]:
+    """CA_c = mean(pred_i == c) over the test inputs with y_i == c, for every class c in
+    ``range(num_classes)`` (default: up to the largest label); ``None`` for a class with no
+    test input (a missing rate, and valid JSON, unlike nan). Shows where a CA drop comes
+    from, e.g. a clean-label attack that marks every training image of its target class."""
     pred, labels = _np(pred), _np(labels)
-    k = int(num_classes if num_classes is not None else labels.max() + 1)
-    return [float((pred[labels == c] == c).mean()) if (labels == c).any() else float("nan") for c in range(k)]
+    k = int(num_classes if num_classes is not None else (labels.max() + 1 if len(labels) else 0))
+    return [float((pred[labels == c] == c).mean()) if (labels == c).any() else None for c in range(k)]
 
 
 def non_target_mask(labels, targets) -> np.ndarray:

@@ -51,6 +51,7 @@ def ablations(seed: int = 0) -> list[ZooEntry]:
         ZooEntry("adaptive_blend", 0.1, seed, {"cover_ratio": 0.05}, label="adaptive_blend (cover 5 %)"),
         # a clean-label attack below its cap: half the target class, so unmarked class-0 images remain
         ZooEntry("sig", 0.05, seed, label="sig (half the class)"),
+        ZooEntry("lc", 0.05, seed, label="lc (half the class)"),
     ]
 
 

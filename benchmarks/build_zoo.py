@@ -20,9 +20,8 @@ import torch
 
 from trojanguard.attacks import create_attack, load_attack
 from trojanguard.bench import (ZooEntry, build_zoo, add_per_class_accuracy, per_class_markdown, write_zoo_csv,
-                              write_zoo_tables, zoo_markdown)
+                              write_zoo_tables, zoo_data, zoo_markdown)
 from trojanguard.checkpoint import load_checkpoint
-from trojanguard.pipeline import prepare_data
 from trojanguard.train import recipe_diff, recipe_for
 from trojanguard.viz import save_png, trigger_grid
 
@@ -89,11 +88,12 @@ def main() -> None:
     ap.add_argument("--adopt-clean", help="a finished 'trojanguard train' checkpoint with the same recipe and "
                     "split, used as the zoo's clean model instead of training it again")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--ablations", action="store_true", help="after the zoo, train the missing ablations")
+    ap.add_argument("--ablations", action="store_true", help="after the zoo, train the missing ablations (all of them: --only selects zoo entries)")
     ap.add_argument("--ablation-root", default="zoo/cifar10-ablations")
-    ap.add_argument("--report-only", action="store_true", help="write the tables from finished entries; train nothing")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from finished entries; train nothing (entries from "
+                    "before per-class accuracy was recorded get one evaluation pass, saved to their metrics.json)")
     args = ap.parse_args()
-    prep = prepare_data("cifar10", args.data_dir, holdout=0.05, seed=0)
+    prep = zoo_data("cifar10", args.data_dir)
     cfg = recipe_for("cifar10", "preact_resnet18", progress=not args.quiet)
     entries = default_entries(args.seeds)
     unknown = set(args.only or []) - {e.attack for e in entries}

@@ -51,13 +51,26 @@ def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
         weighted = float((share * torch.tensor(r["ca_per_class"], dtype=torch.float64)).sum())
         assert weighted == pytest.approx(r["ca"], abs=1e-9)
     recorded = rows[1]["ca_per_class"]
-    rows[1]["ca_per_class"] = None
+    rows[1]["ca_per_class"] = None  # an older entry: neither the row nor its metrics.json has it
+    older = json.loads(metrics.read_text())
+    del older["ca_per_class"]
+    metrics.write_text(json.dumps(older))
+    sidecar_path = metrics.parent / "model.json"
+    side = json.loads(sidecar_path.read_text())
+    side["metrics"].pop("ca_per_class", None)
+    sidecar_path.write_text(json.dumps(side))
     logs.clear()
     add_per_class_accuracy(digits, rows, tmp_path / "zoo", log=logs.append)
     assert rows[1]["ca_per_class"] == pytest.approx(recorded)
     assert sum("per-class accuracy" in m for m in logs) == 1  # the row that had it is not re-evaluated
     assert json.loads(metrics.read_text())["ca_per_class"] == pytest.approx(recorded)
-    stamp = metrics.stat().st_mtime_ns  # (saved back: the next report does not evaluate again)
+    assert json.loads(sidecar_path.read_text())["metrics"]["ca_per_class"] == pytest.approx(recorded)
+    # saved back: the next report, from freshly read rows, evaluates nothing again
+    logs.clear()
+    reread = build_zoo(digits, "small_cnn", entries, tmp_path / "zoo", cfg, train_missing=False, log=logs.append)
+    add_per_class_accuracy(digits, reread, tmp_path / "zoo", log=logs.append)
+    assert not any("per-class accuracy" in m for m in logs)
+    stamp = metrics.stat().st_mtime_ns
     md = per_class_markdown(rows, [f"c{i}" for i in range(10)])
     assert md.splitlines()[2].startswith("| none") and f"| {100 * recorded[9]:.0f}" in md.splitlines()[3]
     assert "| -" in per_class_markdown([{**rows[1], "ca_per_class": [None] * 10}], [f"c{i}" for i in range(10)])

@@ -67,3 +67,19 @@ def test_detection_edge_cases():
     assert r["frr"] == 0.0 and r["far"] == 0.0
     with pytest.raises(ValueError):
         M.auroc([np.nan, 1.0], [False, True])
+
+
+def test_undefined_rate_is_null_in_json(tmp_path):
+    """A test set with only target-class inputs has no ASR: nan in memory, null on disk
+    (NaN is not valid JSON), "-" for people."""
+    import json
+    import torch
+    from trojanguard.report import percent
+    from trojanguard.utils import atomic_write_json
+    asr = M.attack_success_rate([0, 0], [0, 0], 0)
+    assert np.isnan(asr) and percent(asr) == "-"
+    atomic_write_json(tmp_path / "m.json", {"asr": asr, "per_class": torch.tensor([0.5, float("nan")]),
+                                            "x": np.float32("inf")})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"asr": None, "per_class": [0.5, None], "x": None}

@@ -5,6 +5,8 @@ import math
 
 
 def fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
@@ -40,6 +42,6 @@ def percent_rows(rows: list[dict], keys=("ca", "asr", "ra")) -> list[dict]:
         r = dict(r)
         for k in keys:
             if isinstance(r.get(k), float) and not math.isnan(r[k]):
-                r[k] = f"{100 * r[k]:.1f}%"
+                r[k] = percent(r[k], 1, "%")
         out.append(r)
     return out

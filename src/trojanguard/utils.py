@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -112,6 +113,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types; a non-finite float (e.g. the ASR of a test set with no non-target
+    input) becomes null, because NaN is not valid JSON for other readers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -121,9 +126,9 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
-        return float(obj)
+        return to_jsonable(float(obj))
     if isinstance(obj, torch.Tensor):
-        return obj.tolist()
+        return to_jsonable(obj.tolist())
     if hasattr(obj, "model_dump"):
         return to_jsonable(obj.model_dump())
     return obj

@@ -10,17 +10,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attacks import create_attack
-from ..pipeline import Prepared
+from ..pipeline import Prepared, prepare_data
 from ..report import percent, table
 from ..train import TrainConfig, recipe_diff
 from ..utils import atomic_write_json, atomic_write_text
 from ..workflows import train_victim
 
 CSV_COLUMNS = ["attack", "ratio", "seed", "ca", "asr", "ra", "seconds"]
+ZOO_HOLDOUT = 0.05  # the clean split held out for defenses (the reference recipe's 5 %)
+
+
+def zoo_data(dataset: str, data_dir: str | None, seed: int = 0) -> Prepared:
+    """The zoo's data: the same split for every entry and for scripts that revisit one."""
+    return prepare_data(dataset, data_dir, holdout=ZOO_HOLDOUT, seed=seed)
 
 
 @dataclass
@@ -81,11 +88,11 @@ def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: st
                          attack=attack, out=folder, clean_model=clean_model)
         m = json.loads((folder / "metrics.json").read_text())
         rows.append({"attack": e.label or e.attack, "ratio": e.ratio if e.attack != "none" else 0.0,
-                     "seed": e.seed, "ca": m["ca"], "asr": m.get("asr", float("nan")),
-                     "ra": m.get("ra", float("nan")), "seconds": round(m["seconds"], 1),
+                     "seed": e.seed, "ca": m["ca"], "asr": m.get("asr"),
+                     "ra": m.get("ra"), "seconds": round(m["seconds"], 1),
                      "poisoned": m.get("poisoned_count", 0), "folder": e.folder_name,
                      "setting": e.setting, "ca_per_class": m.get("ca_per_class")})
-        log(f"    CA {m['ca']:.4f}" + (f"  ASR {m['asr']:.4f}  RA {m['ra']:.4f}" if "asr" in m else "")
+        log(f"    CA {m['ca']:.4f}" + (f"  ASR {_fraction(m['asr'])}  RA {_fraction(m['ra'])}" if "asr" in m else "")
             + f"  {m['seconds']:.0f} s")
     return rows
 
@@ -102,16 +109,21 @@ def _recipe_changes(metrics_path: Path, cfg: TrainConfig) -> str:
 def add_per_class_accuracy(prep: Prepared, rows: list[dict], root: str | Path, log=print) -> list[dict]:
     """Fill ``ca_per_class`` (clean test accuracy of every class) for rows of entries trained
     before it was recorded: one clean pass per model, saved into the entry's metrics.json
-    so that it is computed once. Returns the rows."""
-    from ..checkpoint import load_checkpoint
+    (and its checkpoint sidecar) so that it is computed once. Returns the rows."""
+    from ..checkpoint import SIDECAR, load_checkpoint, read_sidecar
     from ..eval import evaluate
     for r in rows:
         if r.get("ca_per_class") is None:
             log(f"per-class accuracy: {r['folder']}")
             model, _ = load_checkpoint(Path(root) / r["folder"])
             r["ca_per_class"] = evaluate(model, prep.bundle.test, per_class=True)["ca_per_class"]
-            path = Path(root) / r["folder"] / "metrics.json"
+            folder = Path(root) / r["folder"]
+            path = folder / "metrics.json"
             atomic_write_json(path, {**json.loads(path.read_text()), "ca_per_class": r["ca_per_class"]})
+            # and in the checkpoint's sidecar, where `trojanguard info` reads it
+            sidecar = read_sidecar(folder)
+            sidecar["metrics"] = {**(sidecar.get("metrics") or {}), "ca_per_class": r["ca_per_class"]}
+            atomic_write_json(folder / SIDECAR, sidecar)
     return rows
 
 
@@ -121,6 +133,8 @@ def per_class_markdown(rows: list[dict], classes: list[str]) -> str:
     shown = []
     for r in rows:
         per_class = r.get("ca_per_class") or [None] * len(classes)
+        if len(per_class) != len(classes):
+            raise ValueError(f"{r.get('folder', r['attack'])}: {len(per_class)} per-class rates for {len(classes)} classes")
         shown.append({"attack": r["attack"], "ratio": _ratio_text(r["ratio"]),
                       **{c: percent(a, 0) for c, a in zip(classes, per_class)}})
     return table(shown, ["attack", "ratio", *classes], markdown=True)
@@ -128,6 +142,11 @@ def per_class_markdown(rows: list[dict], classes: list[str]) -> str:
 
 def _ratio_text(ratio: float | None) -> str:
     return percent(ratio, 2, "%") if ratio else "-"
+
+
+def _fraction(v: float | None) -> str:
+    """A rate for the CSV: four decimals, empty where it does not apply (None or nan)."""
+    return "" if v is None or math.isnan(v) else f"{v:.4f}"
 
 
 def write_zoo_csv(rows: list[dict], path: str | Path, extra_columns: tuple[str, ...] = ()) -> None:
@@ -139,8 +158,7 @@ def write_zoo_csv(rows: list[dict], path: str | Path, extra_columns: tuple[str, 
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (("" if percent(r[k]) == "-" else f"{r[k]:.4f}") if k in ("ca", "asr", "ra") else r[k])
-                    for k in columns})
+        w.writerow({k: (_fraction(r[k]) if k in ("ca", "asr", "ra") else r[k]) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 

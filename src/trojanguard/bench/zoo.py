@@ -92,7 +92,7 @@ def build_zoo(prep: Prepared, model_name: str, entries: list[ZooEntry], root: st
                      "ra": m.get("ra"), "seconds": round(m["seconds"], 1),
                      "poisoned": m.get("poisoned_count", 0), "folder": e.folder_name,
                      "setting": e.setting, "ca_per_class": m.get("ca_per_class")})
-        log(f"    CA {m['ca']:.4f}" + (f"  ASR {_fraction(m['asr'])}  RA {_fraction(m['ra'])}" if "asr" in m else "")
+        log(f"    CA {m['ca']:.4f}" + (f"  ASR {_fraction(m['asr']) or '-'}  RA {_fraction(m['ra']) or '-'}" if "asr" in m else "")
             + f"  {m['seconds']:.0f} s")
     return rows
 

@@ -28,6 +28,7 @@ from trojanguard.attacks import load_attack
 from trojanguard.bench import zoo_data
 from trojanguard.checkpoint import load_checkpoint
 from trojanguard.errors import UserError
+from trojanguard.report import percent
 from trojanguard.eval.evaluate import predict
 from trojanguard.utils import atomic_write_json, library_versions
 
@@ -59,10 +60,6 @@ def poison_fit(prep, folder: Path) -> dict:
             "fit_poisoned": fit, "clean_versions_correct": clean_correct, "asr": metrics.get("asr")}
 
 
-def pct(v: float | None) -> str:
-    return "   -" if v is None else f"{100 * v:5.1f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="*", help="zoo entries (folder names under --root; default: all finished)")
@@ -84,8 +81,8 @@ def main() -> None:
         except UserError as e:
             print(f"{name}: skipped ({e})")
             continue
-        print(f"{r['folder']:28s} poisoned {r['poisoned']:5d}  fit {pct(r['fit_poisoned'])} %  "
-              f"clean versions correct {pct(r['clean_versions_correct'])} %  test ASR {pct(r['asr'])} %")
+        print(f"{r['folder']:28s} poisoned {r['poisoned']:5d}  fit {percent(r['fit_poisoned']):>5} %  "
+              f"clean versions correct {percent(r['clean_versions_correct']):>5} %  test ASR {percent(r['asr']):>5} %")
         rows.append(r)
     if not rows:
         print("nothing measured; results file left as it was")

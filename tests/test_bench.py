@@ -58,7 +58,9 @@ def test_zoo_tables_resume_and_recipe_change(tmp_path, digits):
     sidecar_path = metrics.parent / "model.json"
     side = json.loads(sidecar_path.read_text())
     side["metrics"].pop("ca_per_class", None)
+    side["format"] = "trojanguard-checkpoint/1"  # an entry of that time: no COMPLETE.json, format /1
     sidecar_path.write_text(json.dumps(side))
+    (metrics.parent / "COMPLETE.json").unlink()
     logs.clear()
     add_per_class_accuracy(digits, rows, tmp_path / "zoo", log=logs.append)
     assert rows[1]["ca_per_class"] == pytest.approx(recorded)

@@ -17,7 +17,8 @@ from .train import TrainConfig, train, recipe_for  # noqa: E402
 from .checkpoint import save_checkpoint, load_checkpoint, load_foreign_weights  # noqa: E402
 from .eval import metrics  # noqa: E402
 from .eval.evaluate import evaluate, predict  # noqa: E402
+from .guard import guard, load_guard  # noqa: E402
 
 __all__ = ["UserError", "load_dataset", "split_holdout", "DATASETS", "create_model", "MODELS",
            "TrainConfig", "train", "recipe_for", "save_checkpoint", "load_checkpoint",
-           "load_foreign_weights", "metrics", "evaluate", "predict", "__version__"]
+           "load_foreign_weights", "metrics", "evaluate", "predict", "guard", "load_guard", "__version__"]

@@ -1,62 +1,181 @@
 """Safe checkpoints: safetensors weights + a JSON sidecar; foreign ``.pt`` files only
 through ``torch.load(weights_only=True)``. Nothing here ever unpickles code.
 
-A trojanguard checkpoint is a folder::
+A trojanguard checkpoint is a result folder (``resultdir``: complete or absent)::
 
     model.safetensors   the weights
     model.json          architecture + arguments, dataset, classes, normalisation,
                         training config, attack metadata, metrics, seed, versions, sha256
+    COMPLETE.json       the manifest, written last
+
+Every load validates ``model.json`` with the typed ``Sidecar`` below (bounded model
+arguments, so a hostile file cannot ask for terabytes), checks the weights' sha256 (required;
+``verify=False`` / ``--no-verify`` for a user who changed the weights on purpose), checks
+that the weights' shapes fit the architecture before allocating it, and that the attack
+named in ``model.json`` is the one in ``attack.json``.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, ValidationError)
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from .errors import UserError
 from .models import TrojanModel, create_model
-from .utils import atomic_write_bytes, atomic_write_json, library_versions
+from .resultdir import Result, incomplete, read_bounded, read_result, regular_file, write_bytes, write_json, \
+    write_result, writing
+from .utils import library_versions
 
-WEIGHTS, SIDECAR = "model.safetensors", "model.json"
+WEIGHTS, SIDECAR, METRICS = "model.safetensors", "model.json", "metrics.json"
+FORMAT = "trojanguard-checkpoint/2"          # written inside a sealed result folder
+LEGACY_FORMAT = "trojanguard-checkpoint/1"   # before COMPLETE.json: accepted after cross-checks
+MAX_WEIGHTS_BYTES = 16 * 2**30
+MAX_SIDECAR_BYTES = 64 * 2**20
 
 
+# ------------------------------------------------------------------------ the sidecar --
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+Number = Annotated[StrictInt | StrictFloat, AfterValidator(_finite)]
+Scalar = StrictStr | StrictBool | Number | None
+
+
+class ModelArgs(BaseModel):
+    """Arguments of ``create_model``, bounded so that a hostile sidecar cannot ask for an
+    absurd model (``width: 200000`` = 2.9 TB) before the weights are compared with it.
+    Unknown arguments (models added later) must be plain scalars; ``create_model`` checks
+    them against the model's signature."""
+    model_config = ConfigDict(extra="allow")
+
+    num_classes: StrictInt | None = Field(None, ge=2, le=100_000)
+    width: StrictInt | None = Field(None, ge=1, le=1024)
+    in_channels: StrictInt | None = Field(None, ge=1, le=64)
+    mean: list[Number] | None = Field(None, min_length=1, max_length=64)
+    std: list[Annotated[Number, Field(gt=0)]] | None = Field(None, min_length=1, max_length=64)
+    max_length: StrictInt | None = Field(None, ge=1, le=65_536)
+    pooling: Literal["mean", "cls"] | None = None
+    dropout: Number | None = Field(None, ge=0, le=1)
+
+    def model_post_init(self, _):
+        for k, v in (self.model_extra or {}).items():
+            if not isinstance(v, (str, bool, int, float, type(None))) or (isinstance(v, str) and len(v) > 4096):
+                raise ValueError(f"argument {k!r} must be a short scalar")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ValueError(f"argument {k!r} must be finite")
+        c = self.in_channels or 3
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None and len(v) != c and self.in_channels is not None:
+                raise ValueError(f"{k} has {len(v)} values for {c} input channels")
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr = Field(min_length=1, max_length=4096)
+    args: ModelArgs = Field(default_factory=ModelArgs)
+
+
+class DatasetInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr | None = Field(None, max_length=200)
+    classes: list[StrictStr] | None = Field(None, max_length=100_000)
+    train_size: StrictInt | None = Field(None, ge=0)
+    defense_size: StrictInt | None = Field(None, ge=0)
+    test_size: StrictInt | None = Field(None, ge=0)
+    split_seed: StrictInt | None = None
+
+
+class AttackInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr = Field(min_length=1, max_length=100)
+    modality: Literal["image", "text"] = "image"
+    config: dict[str, Any]
+
+
+class StageInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    stage: StrictStr
+    seconds: Number = Field(ge=0)
+    peak_rss_mb: Number = Field(ge=0)
+
+
+class Sidecar(BaseModel):
+    """``model.json``. Extra keys (train_config, history, purification, guard...) are kept."""
+    model_config = ConfigDict(extra="allow")
+    format: Literal["trojanguard-checkpoint/1", "trojanguard-checkpoint/2"]
+    model: ModelSpec
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    dataset: DatasetInfo | None = None
+    attack: AttackInfo | None = None
+    metrics: dict[str, Any] | None = None
+    seed: StrictInt | None = None
+    versions: dict[str, StrictStr] | None = None
+    stages: list[StageInfo] | None = None
+
+
+def validate_sidecar(obj: Any, where: str | Path) -> dict[str, Any]:
+    """Check a parsed ``model.json``; an error names the file and the field."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} holds a JSON {type(obj).__name__}, not an object; re-save the checkpoint")
+    if "model" not in obj or not isinstance(obj.get("model"), dict) or "name" not in obj["model"]:
+        raise UserError(f"{where} does not say which model it holds (no 'model.name'); re-save the checkpoint")
+    try:
+        Sidecar.model_validate(obj)
+    except ValidationError as e:
+        raise UserError(f"{where}: {field_error(e)}; re-save the checkpoint (or fix that field)") from None
+    return obj
+
+
+def field_error(e: ValidationError) -> str:
+    """'field a.b: message' for the first error of a pydantic validation."""
+    err = e.errors()[0]
+    loc = ".".join(map(str, err["loc"])) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"field {loc} is missing"
+    return f"field {loc}: {msg}"
+
+
+# --------------------------------------------------------------------------- writing --
 def _state_dict(model: TrojanModel) -> dict[str, torch.Tensor]:
     # channels_last weights are non-contiguous; safetensors wants plain contiguous tensors.
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path: str | Path, model: TrojanModel, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``path/model.safetensors`` and ``path/model.json`` atomically; returns the folder."""
+    """Write ``model.safetensors`` and ``model.json``: into the result being written when
+    ``path`` is the folder of an open ``write_result``, else as a complete result folder of
+    its own (replacing an old result at ``path``). Returns ``path``."""
     path = Path(path)
     if not hasattr(model, "spec"):
         raise ValueError("model was not built by create_model; cannot record how to rebuild it")
+    if not writing(path):
+        with write_result(path, kind="checkpoint") as tmp:
+            save_checkpoint(tmp, model, meta)
+        return path
     blob = save(_state_dict(model))
     sidecar = dict(meta or {})
-    sidecar.update({"format": "trojanguard-checkpoint/1", "model": model.spec,
+    sidecar.update({"format": FORMAT, "model": model.spec,
                     "sha256": hashlib.sha256(blob).hexdigest(), "versions": library_versions()})
-    atomic_write_bytes(path / WEIGHTS, blob)
-    atomic_write_json(path / SIDECAR, sidecar)
+    write_bytes(path / WEIGHTS, blob)
+    write_json(path / SIDECAR, sidecar)
     return path
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    folder = _folder(path)
-    try:
-        return json.loads((folder / SIDECAR).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no {SIDECAR}; is it a trojanguard checkpoint folder? "
-                        "(foreign .pt files: pass --model/--num-classes to describe the architecture)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder / SIDECAR} is not valid JSON ({e}); re-save the checkpoint") from None
-
-
+# --------------------------------------------------------------------------- reading --
 def _folder(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
@@ -65,57 +184,144 @@ def _folder(path: str | Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    verify: bool = True) -> tuple[TrojanModel, dict[str, Any]]:
-    """Rebuild the model from the sidecar and load its weights; returns (model, sidecar)."""
+def _open(path: str | Path, verify: bool) -> tuple[Result, dict[str, Any], bytes]:
+    """(result, validated sidecar, weights bytes) after every check that needs no model."""
     folder = _folder(path)
-    meta = read_sidecar(folder)
-    wfile = folder / WEIGHTS
-    try:
-        blob = wfile.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {wfile}: {e}") from None
-    if verify and meta.get("sha256") and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-        raise UserError(f"{wfile} does not match the sha256 in {SIDECAR}: the file was changed or "
-                        "truncated; re-copy the checkpoint")
-    spec = meta.get("model") or {}
-    if "name" not in spec:
-        raise UserError(f"{folder / SIDECAR} does not say which model it holds (no 'model.name')")
-    model = create_model(spec["name"], pretrained=False, **spec.get("args", {})) \
-        if _is_text(spec["name"]) else create_model(spec["name"], **spec.get("args", {}))
-    try:
-        from safetensors.torch import load
-        state = load(blob)
-    except (SafetensorError, ValueError) as e:
-        raise UserError(f"{wfile} is not a valid safetensors file ({e}); re-copy the checkpoint") from None
-    _load_state(model, state, str(wfile))
-    model.to(device).eval()
-    if model.modality == "image":  # the layout it was trained and evaluated in: same kernels, same bits
-        model.to(memory_format=torch.channels_last)
-    return model, meta
+    res = read_result(folder, verify)
+    if not res.has(SIDECAR):
+        raise UserError(f"{folder} has no {SIDECAR}; is it a trojanguard checkpoint folder? "
+                        "(foreign .pt files: pass --model/--num-classes to describe the architecture)")
+    meta = validate_sidecar(res.read_json(SIDECAR, MAX_SIDECAR_BYTES), folder / SIDECAR)
+    if res.legacy and meta["format"] != LEGACY_FORMAT:
+        raise incomplete(folder, f"{SIDECAR} was written by a run that did not finish (no COMPLETE.json)")
+    if not res.has(WEIGHTS):
+        if res.legacy:
+            raise incomplete(folder, f"{SIDECAR} is there but {WEIGHTS} is missing")
+        raise UserError(f"{folder} has no {WEIGHTS}")
+    blob = res.read_bytes(WEIGHTS, MAX_WEIGHTS_BYTES)
+    if verify and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise UserError(f"{folder / WEIGHTS} does not match the sha256 in {SIDECAR}: the file was changed, "
+                        "truncated or belongs to another run; re-copy the checkpoint (--no-verify if you "
+                        "changed the weights on purpose)")
+    if res.legacy:
+        _check_legacy(res, meta)
+    check_attack_agrees(res, meta)
+    return res, meta, blob
+
+
+def read_sidecar(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The validated ``model.json`` of a complete checkpoint (the same checks as loading,
+    without building the model)."""
+    return _open(path, verify)[1]
+
+
+def check_attack_agrees(res: Result, meta: dict[str, Any]) -> None:
+    """The attack recorded in ``model.json`` is the one in ``attack.json`` (both or neither)."""
+    from .attacks.base import ARTIFACT_JSON, MAX_ARTIFACT_JSON
+    recorded = meta.get("attack")
+    if not res.has(ARTIFACT_JSON):
+        if recorded:
+            raise incomplete(res.path, f"{SIDECAR} records attack {recorded['name']!r} but there is no {ARTIFACT_JSON}")
+        return
+    art = res.read_json(ARTIFACT_JSON, MAX_ARTIFACT_JSON)
+    if not isinstance(art, dict):
+        return  # load_attack reports the malformed artifact
+    if not recorded:
+        raise incomplete(res.path, f"{SIDECAR} records no attack but there is an {ARTIFACT_JSON} "
+                                   f"(attack {art.get('name')!r})")
+    for key in ("name", "modality", "config"):
+        if key in art and art.get(key) != recorded.get(key, "image" if key == "modality" else None):
+            raise incomplete(res.path, f"{SIDECAR} and {ARTIFACT_JSON} describe different attacks "
+                                       f"({key}: {_short(recorded.get(key))} vs {_short(art.get(key))})")
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _check_legacy(res: Result, meta: dict[str, Any]) -> None:
+    """A folder from before COMPLETE.json: its files must tell the same story. Old runs
+    wrote weights, model.json, the attack, then metrics.json, each renamed on its own; a run
+    killed in between left files of two runs side by side (the attack check catches a
+    stale attack; metrics.json of the same run repeats the sidecar's numbers)."""
+    if "stages" in meta and "history" in meta:  # written by train_victim, which ends with metrics.json
+        if not res.has(METRICS):
+            raise incomplete(res.path, f"{SIDECAR} comes from a training run but {METRICS} is missing")
+        m = res.read_json(METRICS, MAX_SIDECAR_BYTES)
+        rec = meta.get("metrics") or {}
+        same = isinstance(m, dict) and all(m.get(k) == rec.get(k) for k in ("ca", "seconds", "attack"))
+        if not same:
+            raise incomplete(res.path, f"{METRICS} and {SIDECAR} come from different runs (their ca/seconds differ)")
 
 
 def _is_text(name: str) -> bool:
     return name == "minilm" or name.startswith("hf:")
 
 
-def _load_state(model: TrojanModel, state: dict[str, torch.Tensor], where: str) -> None:
-    own = model.state_dict()
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    verify: bool = True) -> tuple[TrojanModel, dict[str, Any]]:
+    """Rebuild the model from the sidecar and load its weights; returns (model, sidecar)."""
+    res, meta, blob = _open(path, verify)
+    wfile = res.path / WEIGHTS
+    try:
+        state = load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{wfile} is not a valid safetensors file ({e}); re-copy the checkpoint") from None
+    del blob
+    spec = meta["model"]
+    name, args = spec["name"], dict(spec.get("args") or {})
+    where = f"{res.path / SIDECAR}: model {name}"
+    try:
+        if not _is_text(name):
+            # the architecture on the meta device costs nothing: compare shapes before allocating
+            with torch.device("meta"):
+                skeleton = create_model(name, **args)
+            _check_fit({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, state, str(wfile), spec)
+            del skeleton
+            model = create_model(name, **args)
+        else:
+            model = create_model(name, pretrained=False, **args)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where} {args} cannot be built ({str(e).splitlines()[0][:160]}); "
+                        "re-save the checkpoint") from None
+    _load_state(model, state, str(wfile))
+    _check_finite(state, str(wfile))
+    model.to(device).eval()
+    if model.modality == "image":  # the layout it was trained and evaluated in: same kernels, same bits
+        model.to(memory_format=torch.channels_last)
+    return model, meta
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and torch.isnan(v).any():
+            raise UserError(f"{where} holds NaN weights ({k}): the training diverged; "
+                            "train again with a lower --lr")
+
+
+def _check_fit(own: dict[str, tuple], state: dict[str, torch.Tensor], where: str, spec: dict) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != own[k]]
     if missing or unexpected or wrong:
         detail = []
         if wrong:
             k = wrong[0]
             detail.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs "
-                          f"model {tuple(own[k].shape)})")
+                          f"model {own[k]})")
         if missing:
             detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise UserError(f"weights in {where} do not fit {model.spec['name']} {model.spec['args']}: "
+        raise UserError(f"weights in {where} do not fit {spec['name']} {spec.get('args', {})}: "
                         f"{'; '.join(detail)}; pass the --model/--width/--num-classes it was trained with")
+
+
+def _load_state(model: TrojanModel, state: dict[str, torch.Tensor], where: str) -> None:
+    _check_fit({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, where, model.spec)
     model.load_state_dict(state)
 
 
@@ -127,12 +333,13 @@ def load_foreign_weights(path: str | Path, model: TrojanModel) -> TrojanModel:
     A dict with a 'state_dict' or 'model' entry is unwrapped; a 'module.' prefix
     (DataParallel) is stripped."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"weights file {str(p)!r} does not exist")
+    regular_file(p, MAX_WEIGHTS_BYTES, "weights file")
     if p.suffix == ".safetensors":
         try:
-            state = load_file(str(p))
-        except (SafetensorError, ValueError, OSError) as e:
+            state = load(read_bounded(p, MAX_WEIGHTS_BYTES, "weights file"))
+        except (SafetensorError, ValueError) as e:
             raise UserError(f"{p} is not a valid safetensors file ({e})") from None
     else:
         try:

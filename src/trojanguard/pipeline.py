@@ -81,3 +81,46 @@ def check_model_fits(model: TrojanModel, bundle: DatasetBundle) -> None:
         if conv.in_channels != bundle.train.x.shape[1]:
             raise UserError(f"the model takes {conv.in_channels}-channel images, dataset {bundle.name!r} has "
                             f"{bundle.train.x.shape[1]}; pass the --dataset it was trained on")
+
+
+def defender_data(meta: dict, model, clean_data=None, holdout: float | None = None, data_dir=None,
+                  dataset: str | None = None, loader_kw: dict | None = None, need_test: bool = False):
+    """The defender's clean data for a loaded checkpoint, as every command reads it:
+    ``clean_data`` (the user's ImageFolder or CSV/TSV), else ``holdout`` of the recorded
+    dataset's training split, else the split held out when the model was trained (or the
+    dataset's dev split). Returns ``(clean, test, source)``; ``test`` is the recorded
+    dataset's test split when it is loaded (always with ``need_test``), else None."""
+    ds = meta.get("dataset") or {}
+    classes = ds.get("classes") or [str(i) for i in range(model.head.out_features)]
+    name = dataset or ds.get("name")
+    if loader_kw and name != "text":
+        raise UserError("--text-column/--label-column apply to --dataset text only")
+    prep = None
+    if clean_data is None or need_test:
+        if not name:
+            raise UserError("the checkpoint does not record its dataset; pass --clean-data DIR|FILE "
+                            "(and --dataset for a test split)")
+        if holdout is not None:
+            frac = holdout
+        elif ds.get("holdout") == "dev split":
+            frac = None
+        else:
+            recorded = ds.get("holdout")
+            frac = recorded if isinstance(recorded, float) else default_holdout(model.modality)
+        prep = prepare_data(name, data_dir, holdout=frac, seed=int(ds.get("split_seed", 0)), **(loader_kw or {}))
+        check_model_fits(model, prep.bundle)
+        classes = list(prep.bundle.classes)
+    if clean_data is not None:
+        from .data.user import load_clean_data
+        channels, size = 3, None
+        if model.modality == "image":
+            import torch
+            channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+            size = tuple(prep.bundle.train.x.shape[2:]) if prep is not None else None
+        clean = load_clean_data(clean_data, classes, model.modality, channels, size)
+        source = str(clean_data)
+    else:
+        clean = prep.defense
+        source = (f"{prep.bundle.name}: held-out {prep.holdout:.1%} of train (split seed {prep.seed})"
+                  if prep.holdout else f"{prep.bundle.name}: dev split")
+    return clean, (prep.bundle.test if prep is not None else None), source

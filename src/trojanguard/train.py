@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .data.augment import random_crop_flip
 from .data.base import Data
-from .errors import validated_config
+from .errors import UserError, validated_config
 from .utils import resolve_device, seed_everything, tune_cpu_allocator
 
 # (x, y, positions) -> (x, y): lets a training-controlled attack alter each batch after
@@ -158,14 +158,16 @@ def prepare_batch(model, data: Data, idx: torch.Tensor, cfg: TrainConfig, dev: t
 def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConfig | None = None,
           batch_hook: BatchHook | None = None, extra_params=(), loss_fn=None,
           after_step: Callable[[], None] | None = None, extra_optimizers=(),
+          before_step: Callable[[], None] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train ``model`` in place on ``train_data``.
 
     ``batch_hook`` lets a training-controlled attack change each batch; ``extra_params``
     are trained alongside (e.g. an attack's trigger generator); ``loss_fn(logits, y)``
     replaces label-smoothed cross-entropy; ``after_step()`` runs after every optimiser
-    step (FST's head-norm projection); ``extra_optimizers`` (an attack's trigger generator)
-    are stepped with the model's optimiser."""
+    step (FST's head-norm projection); ``before_step()`` between the backward pass and the
+    step (PAM restores its perturbed weights there, WIPER reads the gradients);
+    ``extra_optimizers`` (an attack's trigger generator) are stepped with the model's optimiser."""
     cfg = cfg or TrainConfig()
     tune_cpu_allocator()
     gen = seed_everything(cfg.seed)
@@ -209,6 +211,8 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
                     scaler.unscale_(o)
             else:
                 loss.backward()
+            if before_step is not None:
+                before_step()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if scaler is not None:
@@ -226,6 +230,8 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
             bar.update(1)
             if b % 20 == 0:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                _check_finite(loss_sum, cfg, epoch, bar)  # where .item() syncs anyway
+        _check_finite(loss_sum, cfg, epoch, bar)
         entry = {"epoch": epoch + 1, "loss": float(loss_sum) / max(count, 1),
                  "seconds": time.perf_counter() - t0}
         if test_data is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0
@@ -239,5 +245,18 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
     bar.close()
     result.seconds = time.perf_counter() - t0
     result.final_loss = result.history[-1]["loss"] if result.history else float("nan")
+    # the last step can turn finite weights into NaN after the last loss was measured
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise UserError(f"training diverged: parameter {bad} is NaN or infinite after the last step; "
+                        f"lower the learning rate (now {cfg.lr:g}); nothing was saved")
     model.eval()
     return result
+
+
+def _check_finite(loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, bar) -> None:
+    """A non-finite loss is a diverged training: stop at once (no checkpoint full of NaN)."""
+    if not torch.isfinite(loss_sum):
+        bar.close()
+        raise UserError(f"training diverged: the loss became {float(loss_sum)} in epoch {epoch + 1}; "
+                        f"lower the learning rate (now {cfg.lr:g}) or check the data; nothing was saved")

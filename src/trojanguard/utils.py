@@ -65,10 +65,16 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0..); pick one of them")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but this machine has no usable Apple GPU; use --device auto or cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):  # e.g. meta holds no data: nothing could be trained or measured
+        raise UserError(f"--device {device} cannot run a model; use auto, cpu or cuda[:N]")
     return dev
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .attacks import Attack
-from .attacks.base import ARTIFACT_JSON, ARTIFACT_TENSORS
-from .checkpoint import save_checkpoint
+from .checkpoint import METRICS, save_checkpoint
 from .errors import UserError
 from .eval.evaluate import evaluate
 from .pipeline import Prepared, build_model, check_model_fits
+from .resultdir import check_out, write_json, write_result
 from .train import TrainConfig, train
-from .utils import atomic_write_json, library_versions, measure, seed_everything
+from .utils import library_versions, measure, seed_everything
 
 
 def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int | None = None,
@@ -18,12 +18,16 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
                  clean_model=None) -> tuple[object, dict]:
     """Train a clean model (``attack=None``) or a backdoored one on ``prep.train``;
     evaluate CA (and ASR/RA with the attacker's trigger) on the test split; save the
-    checkpoint, the attack artifact and ``metrics.json`` into ``out``.
+    checkpoint, the attack artifact and ``metrics.json`` into ``out`` as one complete result
+    folder (``resultdir``: an interrupted run leaves the old result or none, never a mix).
 
     ``clean_model`` is needed by attacks that fit their trigger on one (LC, TrojanNN, LF)."""
+    if out is not None:
+        check_out(out)  # before any work: an unwritable --out must not cost a training run
     stages = []
     train_data, poisoned = prep.train, None
     if attack is not None:
+        attack.check_data(prep.train)  # options that cannot fit the data fail before fitting/training
         if attack.needs_clean_model:
             if clean_model is None:
                 raise UserError(f"attack {attack.name} fits its trigger on a clean model; "
@@ -58,14 +62,13 @@ def train_victim(prep: Prepared, model_name: str, cfg: TrainConfig, width: int |
               "attack": attack.describe() if attack else None, "metrics": metrics,
               "history": res.history, "stages": [s.as_dict() for s in stages]}
     if out is not None:
-        out = Path(out)
-        save_checkpoint(out, model, record)
-        if attack is not None:
-            attack.save(out)
-        else:  # a clean model written over an old attack run must not inherit its trigger
-            for name in (ARTIFACT_JSON, ARTIFACT_TENSORS):
-                (out / name).unlink(missing_ok=True)
-        atomic_write_json(out / "metrics.json", {**metrics, "model": model.spec, "seed": cfg.seed,
-                                                 "train_config": cfg.model_dump(),
-                                                 "stages": record["stages"], "versions": library_versions()})
+        # one folder, renamed into place whole: a clean model written over an old attack run
+        # cannot inherit its trigger, and a killed run cannot pair new weights with an old trigger
+        with write_result(Path(out), kind="attack-run" if attack is not None else "train-run") as tmp:
+            save_checkpoint(tmp, model, record)
+            if attack is not None:
+                attack.save(tmp)
+            write_json(tmp / METRICS, {**metrics, "model": model.spec, "seed": cfg.seed,
+                                       "train_config": cfg.model_dump(),
+                                       "stages": record["stages"], "versions": library_versions()})
     return model, record

@@ -54,11 +54,11 @@ def create_attack(name: str, modality: str | None = None, **kwargs) -> Attack:
     return attack_class(name, modality)(**kwargs)
 
 
-def attack_for_checkpoint(path) -> Attack | None:
+def attack_for_checkpoint(path, verify: bool = True) -> Attack | None:
     """The attack artifact stored next to a checkpoint, if there is one."""
     folder = Path(path)
     folder = folder if folder.is_dir() else folder.parent
-    return load_attack(folder) if (folder / ARTIFACT_JSON).exists() else None
+    return load_attack(folder, verify) if (folder / ARTIFACT_JSON).exists() else None
 
 
 __all__ = ["ATTACKS", "IMAGE_ATTACKS", "TEXT_ATTACKS", "Attack", "AttackConfig", "PoisonResult", "attack_class", "attack_variants", "create_attack",

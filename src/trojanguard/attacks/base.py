@@ -12,21 +12,51 @@ attack whose ``trigger`` is identical to the one used in training.
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from ..data.base import Data, ImageData, TextData
 from ..errors import UserError, validated_config
-from ..utils import atomic_write_bytes, atomic_write_json
+from ..resultdir import incomplete, read_result, write_bytes, write_json, write_result, writing
 
 ARTIFACT_JSON, ARTIFACT_TENSORS = "attack.json", "attack.safetensors"
+ARTIFACT_FORMAT = "trojanguard-attack/2"          # written inside a sealed result folder
+LEGACY_ARTIFACT_FORMAT = "trojanguard-attack/1"   # before COMPLETE.json
+MAX_ARTIFACT_JSON = 256 * 2**20                   # paraphrase tables of text attacks live in it
+MAX_ARTIFACT_TENSORS = 2**30
+
+# Attacks whose trigger is stored as tensors: learned (Input-aware's generators, LF's
+# perturbation, TrojanNN's pattern) or drawn once (Blended's pattern, WaNet's flow). Without
+# them the trigger cannot be rebuilt; building a fresh one would silently measure another
+# trigger (issue 12, finding 3). Each entry: tensor names of which one must be present.
+STORED_TRIGGER: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
+    ("image", "blended"): (("pattern",),),
+    ("image", "adaptive_blend"): (("pattern",),),
+    ("image", "lf"): (("delta",),),
+    ("image", "trojannn"): (("pattern",), ("mask",), ("neurons",)),
+    ("image", "wanet"): (("flow", "noise_grid"),),
+    ("image", "input_aware"): (("G.body.0.weight",), ("M.body.0.weight",)),
+}
+MAX_TEXT_INSERTIONS = 1000
+
+
+class ArtifactMeta(BaseModel):
+    """``attack.json``; ``config`` is checked by the attack's own config class."""
+    model_config = ConfigDict(extra="allow")
+    format: StrictStr | None = None
+    name: StrictStr = Field(min_length=1, max_length=100)
+    modality: Literal["image", "text"] = "image"
+    config: dict[str, Any]
+    num_classes: StrictInt | None = Field(None, ge=2, le=100_000)
+    extra: dict[str, Any] | None = None
+    poisoned_count: StrictInt | None = Field(None, ge=0)
 
 
 class AttackConfig(BaseModel):
@@ -125,6 +155,58 @@ class Attack:
                             "have no meaning; drop --all-to-all")
         if not 0 <= self.cfg.target < len(data.classes):
             raise UserError(f"target {self.cfg.target} is not a class of this dataset (0..{len(data.classes) - 1})")
+        self.check_fits(data.shape if isinstance(data, ImageData) else None, len(data.classes))
+
+    #: where the attack was loaded from (``attack.json``), for errors about stored values
+    source: str | None = None
+
+    def check_fits(self, shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
+        """Refuse values that do not fit images of ``shape`` (C, H, W) or ``num_classes``
+        classes: a patch larger than the image, a stored pattern of another size, a target
+        that is not a class. Called before poisoning and on the first trigger of each shape."""
+        cfg = self.cfg
+        if self.source:
+            def bad(field, problem, fix="use the artifact with the dataset it was made for"):
+                return UserError(f"{self.source}: field {field}: {problem}; {fix}")
+        else:
+            def bad(field, problem, fix=None):
+                opt = field.removeprefix("config.")
+                return UserError(f"attack {self.name}: {problem}; "
+                                 f"{fix or f'choose another --set {opt}=...'}")
+        if num_classes is not None:
+            if cfg.mode == "all2one" and not 0 <= cfg.target < num_classes:
+                raise bad("config.target", f"{cfg.target} is not a class of the data (0..{num_classes - 1})")
+            if self.source and self.num_classes is not None and self.num_classes != num_classes:
+                raise bad("num_classes", f"the artifact was made for {self.num_classes} classes, the data has "
+                          f"{num_classes}")
+        if self.modality == "text":
+            n = getattr(cfg, "num_insertions", 1)
+            if n > MAX_TEXT_INSERTIONS:
+                raise bad("config.num_insertions", f"{n} insertions per sentence is more than {MAX_TEXT_INSERTIONS}")
+            return
+        if shape is None:
+            return
+        c, h, w = shape
+        side = min(h, w)
+        if getattr(cfg, "patch_size", 0) > side:
+            raise bad("config.patch_size", f"a {cfg.patch_size}-pixel patch does not fit {h}x{w} images",
+                      None if self.source else f"use --set patch_size=N with N <= {side}")
+        if self.name == "adaptive_blend" and math.isqrt(cfg.pieces) > side:
+            raise bad("config.pieces", f"{cfg.pieces} pieces do not fit {h}x{w} images")
+        if self.name == "wanet" and cfg.k > side:
+            raise bad("config.k", f"a {cfg.k}x{cfg.k} warping grid does not fit {h}x{w} images",
+                      None if self.source else f"use --set k=N with N <= {side}")
+        for attr, want in (("pattern", (c, h, w)), ("delta", (c, h, w)), ("mask", (1, h, w))):
+            t = getattr(self, attr, None)  # Input-aware's pattern/mask are methods: skipped
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != want:
+                raise UserError(f"{Path(self.source).with_name(ARTIFACT_TENSORS) if self.source else self.name}: "
+                                f"the stored {attr} is {list(t.shape)}, the images are {[c, h, w]}; "
+                                "use the artifact with the dataset it was made for")
+        gen = getattr(self, "G", None)
+        if isinstance(gen, torch.nn.Module) and gen.body[0].in_channels != c:
+            raise UserError(f"{Path(self.source).with_name(ARTIFACT_TENSORS) if self.source else self.name}: "
+                            f"the trigger generator takes {gen.body[0].in_channels}-channel images, the data "
+                            f"has {c}; use the artifact with the dataset it was made for")
 
     def prepare(self, data: Data) -> None:
         """Fit whatever the trigger needs from the data (patterns sized to the images...)."""
@@ -206,6 +288,11 @@ class Attack:
         at test time equals the one stored in the uint8 poisoned training set."""
         if y is None:
             y = torch.zeros(len(x), dtype=torch.long)
+        if isinstance(x, torch.Tensor) and x.ndim == 4:
+            checked = self.__dict__.setdefault("_fits", set())
+            if tuple(x.shape[1:]) not in checked:  # before any work on a patch or pattern that cannot fit
+                self.check_fits(tuple(x.shape[1:]))
+                checked.add(tuple(x.shape[1:]))
         out = self.apply(x, y)
         if isinstance(out, torch.Tensor):
             out = out.clamp(0, 1).mul(255).round().div(255)
@@ -238,43 +325,128 @@ class Attack:
         return d
 
     def save(self, folder: str | Path) -> None:
+        """Write ``attack.json`` + ``attack.safetensors``: into the result being written when
+        ``folder`` is the folder of an open ``write_result`` (next to a checkpoint), else as
+        a complete result folder of its own."""
         folder = Path(folder)
+        if not writing(folder):
+            if (folder / "model.json").exists():
+                raise ValueError(f"{folder} holds a checkpoint; saving the attack alone would replace it. "
+                                 "Write both into one result: with write_result(folder) as tmp: "
+                                 "save_checkpoint(tmp, ...); attack.save(tmp)")
+            with write_result(folder, kind="attack") as tmp:
+                self.save(tmp)
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
         if self.poisoned_indices is not None:
             tensors["poisoned_indices"] = self.poisoned_indices.to(torch.int64).contiguous()
-        atomic_write_bytes(folder / ARTIFACT_TENSORS, save(tensors) if tensors else save({"_": torch.zeros(0)}))
-        atomic_write_json(folder / ARTIFACT_JSON, {"format": "trojanguard-attack/1", **self.describe(),
-                                                   "extra": self.extra()})
+        write_bytes(folder / ARTIFACT_TENSORS, save(tensors) if tensors else save({"_": torch.zeros(0)}))
+        write_json(folder / ARTIFACT_JSON, {"format": ARTIFACT_FORMAT, **self.describe(), "extra": self.extra()})
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
-def load_attack(folder: str | Path) -> Attack:
-    """Rebuild an attack (trigger, targets, poisoned indices) from its artifact."""
+def load_attack(folder: str | Path, verify: bool = True) -> Attack:
+    """Rebuild an attack (trigger, targets, poisoned indices) from its artifact in a
+    complete result folder, every stored field checked; ``verify=False`` skips the sha256
+    checks of the manifest only."""
+    from ..checkpoint import check_attack_agrees, field_error
     from . import attack_class
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
-    try:
-        meta = json.loads((folder / ARTIFACT_JSON).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no {ARTIFACT_JSON}; give the folder written by 'trojanguard attack'") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder / ARTIFACT_JSON} is not valid JSON ({e})") from None
+    res = read_result(folder, verify)
+    where, twhere = folder / ARTIFACT_JSON, folder / ARTIFACT_TENSORS
+    if not res.has(ARTIFACT_JSON):
+        raise UserError(f"{folder} has no {ARTIFACT_JSON}; give the folder written by 'trojanguard attack'")
+    meta = res.read_json(ARTIFACT_JSON, MAX_ARTIFACT_JSON)
     if not isinstance(meta, dict) or "name" not in meta or "config" not in meta:
-        raise UserError(f"{folder / ARTIFACT_JSON} is not an attack artifact (no 'name'/'config'); re-create it")
-    cls = attack_class(meta["name"], meta.get("modality", "image"))
-    attack = cls(validated_config(cls.Config, "attack artifact", meta["name"], meta["config"]))
-    attack.load_extra(meta.get("extra") or {})
-    attack.num_classes = meta.get("num_classes")
+        raise UserError(f"{where} is not an attack artifact (no 'name'/'config'); re-create it")
     try:
-        tensors = load_file(str(folder / ARTIFACT_TENSORS)) if (folder / ARTIFACT_TENSORS).exists() else {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{folder / ARTIFACT_TENSORS} is unreadable ({e}); re-copy the artifact") from None
+        art = ArtifactMeta.model_validate(meta)
+    except ValidationError as e:
+        raise UserError(f"{where}: {field_error(e)}; re-create the artifact (or fix that field)") from None
+    if res.legacy and art.format not in (None, LEGACY_ARTIFACT_FORMAT):
+        raise incomplete(folder, f"{ARTIFACT_JSON} was written by a run that did not finish (no COMPLETE.json)")
+    try:
+        cls = attack_class(art.name, art.modality)
+    except UserError as e:
+        raise UserError(f"{where}: field name: {e}") from None
+    try:
+        cfg = cls.Config.model_validate(art.config)
+    except ValidationError as e:
+        raise UserError(f"{where}: {field_error(e).replace('field ', 'field config.', 1)}; "
+                        "re-create the artifact (or fix that field)") from None
+    attack = cls(cfg)
+    attack.source = str(where)
+    extra = art.extra or {}
+    if hasattr(attack, "table"):  # paraphrase attacks: the table is their stored trigger
+        table = extra.get("table")
+        if not isinstance(table, dict) or not table or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+            raise UserError(f"{where}: field extra.table: the {art.name} paraphrase table is missing or not "
+                            "a string-to-string map; without it the trigger cannot be rebuilt: re-create the artifact")
+    attack.load_extra(extra)
+    attack.num_classes = art.num_classes
+    tensors: dict[str, torch.Tensor] = {}
+    if res.has(ARTIFACT_TENSORS):
+        try:
+            tensors = load(res.read_bytes(ARTIFACT_TENSORS, MAX_ARTIFACT_TENSORS))
+        except (SafetensorError, ValueError) as e:
+            raise UserError(f"{twhere} is unreadable ({e}); re-copy the artifact") from None
     tensors.pop("_", None)
-    if "poisoned_indices" in tensors:
-        attack.poisoned_indices = tensors.pop("poisoned_indices")
-    attack.load_tensors(tensors)
+    idx = tensors.pop("poisoned_indices", None)
+    if idx is not None:
+        if idx.ndim != 1 or idx.dtype != torch.int64 or (len(idx) and int(idx.min()) < 0):
+            raise UserError(f"{twhere}: poisoned_indices must be a 1-D list of non-negative int64 indices")
+        attack.poisoned_indices = idx
+    _check_stored_trigger(attack, tensors, twhere)
+    try:
+        attack.load_tensors(tensors)
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise UserError(f"{twhere}: the stored trigger does not fit attack {art.name} "
+                        f"({str(e).splitlines()[0][:160]}); re-create the artifact") from None
+    if res.has("model.json"):
+        side = res.read_json("model.json")
+        if isinstance(side, dict):
+            check_attack_agrees(res, side)
     return attack
+
+
+def _check_stored_trigger(attack: Attack, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Required trigger tensors are there, finite, and of the shapes the config implies."""
+    need = STORED_TRIGGER.get((attack.modality, attack.name), ())
+    missing = [" or ".join(alts) for alts in need if not any(a in tensors for a in alts)]
+    if missing:
+        raise UserError(f"{where}: the {attack.name} trigger is stored as tensors and {', '.join(missing)} "
+                        f"is missing{'' if where.exists() else ' (the file is missing)'}; without it the "
+                        "trigger cannot be rebuilt: re-copy or re-create the artifact")
+    cfg = attack.cfg
+
+    def bad(key, problem):
+        return UserError(f"{where}: tensor {key} {problem}; re-create the artifact")
+
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise bad(k, "holds NaN or infinite values")
+    for k in ("pattern", "delta", "mask"):
+        v = tensors.get(k)
+        if v is not None and (v.ndim != 3 or not v.is_floating_point() or v.shape[0] > 64 or min(v.shape) < 1):
+            raise bad(k, f"has shape {list(v.shape)} ({v.dtype}); expected a float image C x H x W")
+    if "mask" in tensors and "pattern" in tensors and (
+            tensors["mask"].shape[0] != 1 or tensors["mask"].shape[1:] != tensors["pattern"].shape[1:]):
+        raise bad("mask", f"has shape {list(tensors['mask'].shape)}, the pattern {list(tensors['pattern'].shape)}")
+    if "neurons" in tensors:
+        v = tensors["neurons"]
+        if v.ndim != 1 or v.is_floating_point() or len(v) != getattr(cfg, "num_neurons", len(v)):
+            raise bad("neurons", f"has shape {list(v.shape)} ({v.dtype}); expected {getattr(cfg, 'num_neurons', '?')} indices")
+    if "flow" in tensors and tuple(tensors["flow"].shape) != (1, 2, cfg.k, cfg.k):
+        raise bad("flow", f"has shape {list(tensors['flow'].shape)}; config k={cfg.k} needs [1, 2, {cfg.k}, {cfg.k}]")
+    if "noise_grid" in tensors and (tensors["noise_grid"].ndim != 4 or tensors["noise_grid"].shape[-1] != 2):
+        raise bad("noise_grid", f"has shape {list(tensors['noise_grid'].shape)}; expected [1, H, W, 2]")
+    g = tensors.get("G.body.0.weight")
+    if g is not None and (g.ndim != 4 or g.shape[0] != getattr(cfg, "width", g.shape[0]) or not 1 <= g.shape[1] <= 64):
+        raise bad("G.body.0.weight", f"has shape {list(g.shape)}; config width={getattr(cfg, 'width', '?')} "
+                  "needs [width, channels, 3, 3]")

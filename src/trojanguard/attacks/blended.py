@@ -19,13 +19,12 @@ class BlendedConfig(AttackConfig):
 
 
 def load_pattern(path: str, c: int, h: int, w: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(Path(path).expanduser()) as im:
-            im = im.convert("RGB" if c == 3 else "L")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot read trigger image {path}: {e}") from None
+    from ..data.images import read_image_file
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"cannot read trigger image {path}: no such file; check --set pattern_image=")
+    # bounded: a regular file below the size and pixel caps (decompression bombs are one-line errors)
+    arr = read_image_file(p, "RGB" if c == 3 else "L", "trigger image").astype(np.float32) / 255.0
     t = torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)[None]
     return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
 

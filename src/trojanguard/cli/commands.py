@@ -20,15 +20,25 @@ def _loader_kw(args) -> dict:
     return kw
 
 
-def _prepare(args):
+TEXT_DATASETS = ("sst2", "yelp", "text")
+
+
+def _check_args(args) -> None:
+    """What can be checked from the arguments alone, before any data is read: the dataset
+    name, the device, the training recipe (epochs, lr, ...)."""
     from ..data import DATASETS
-    from ..pipeline import default_holdout, prepare_data
+    from ..utils import resolve_device
     if not args.dataset:
         raise UserError("--dataset is required (e.g. --dataset cifar10)")
     DATASETS.get(args.dataset)  # unknown names fail before any work
-    if args.out and Path(args.out).is_file():
-        raise UserError(f"--out {args.out} is a file; give a folder for the checkpoint")
-    is_text = args.dataset in ("sst2", "yelp", "text")
+    resolve_device(args.device)
+    _loader_kw(args)
+
+
+def _prepare(args):
+    from ..pipeline import default_holdout, prepare_data
+    _check_args(args)
+    is_text = args.dataset in TEXT_DATASETS
     holdout = args.holdout if args.holdout is not None else default_holdout("text" if is_text else "image")
     return prepare_data(args.dataset, args.data_dir, holdout=holdout, seed=args.seed, **_loader_kw(args))
 
@@ -52,10 +62,13 @@ def _summary(args, record, out):
 
 
 def cmd_train(args) -> int:
+    from ..resultdir import check_out
     from ..workflows import train_victim
-    prep = _prepare(args)
+    _check_args(args)
     cfg = _recipe(args)
     out = Path(args.out or f"runs/{args.dataset}-{args.model.replace(':', '_').replace('/', '_')}-clean")
+    check_out(out)  # an unwritable --out fails now, not after the training
+    prep = _prepare(args)
     print(f"training {args.model} on {args.dataset}: {len(prep.train)} samples, {cfg.epochs} epochs, "
           f"batch {cfg.batch_size}; held-out D_def {len(prep.defense)}")
     _, record = train_victim(prep, args.model, cfg, width=args.width, out=out)
@@ -65,24 +78,29 @@ def cmd_train(args) -> int:
 
 def cmd_attack(args) -> int:
     from ..attacks import create_attack
+    from ..resultdir import check_out
     from ..workflows import train_victim
-    prep = _prepare(args)
+    _check_args(args)
     kw = {"ratio": args.ratio, "count": args.count, "seed": args.seed, "target": args.target}
     if args.all_to_all:
         kw["mode"] = "all2all"
     if args.table_dir:
         kw["table_dir"] = args.table_dir
     kw.update(parse_options(args.options))
-    attack = create_attack(args.attack, modality=prep.bundle.modality, **{k: v for k, v in kw.items() if v is not None})
+    modality = "text" if args.dataset in TEXT_DATASETS else "image"
+    attack = create_attack(args.attack, modality=modality, **{k: v for k, v in kw.items() if v is not None})
     cfg = _recipe(args)
     out = Path(args.out or f"zoo/{args.dataset}-{args.attack}-{args.ratio or attack.cfg.ratio}-s{args.seed}")
-    print(f"attack {attack.name} ({attack.describe()['target_mapping']}, ratio {attack.cfg.ratio}) on "
-          f"{args.dataset}/{args.model}: training {cfg.epochs} epochs")
+    check_out(out)  # an unwritable --out fails now, not after the training
     clean = None
     if args.clean_model:
         from ..checkpoint import load_checkpoint
         from ..utils import resolve_device
         clean, _ = load_checkpoint(args.clean_model, resolve_device(args.device))
+    prep = _prepare(args)
+    attack.check_data(prep.train)  # a patch larger than the images, a target that is no class: now
+    print(f"attack {attack.name} ({attack.describe()['target_mapping']}, ratio {attack.cfg.ratio}) on "
+          f"{args.dataset}/{args.model}: training {cfg.epochs} epochs")
     _, record = train_victim(prep, args.model, cfg, width=args.width, attack=attack, out=out, clean_model=clean)
     _summary(args, record, out)
     return 0
@@ -125,7 +143,7 @@ def _load_for_eval(args):
         bundle = load_dataset(args.dataset, args.data_dir, **_loader_kw(args))
         model = load_foreign_weights(p, build_model(args.model, bundle, width=args.width)).to(dev)
         return model, {"model": model.spec, "dataset": {"name": args.dataset}}, bundle
-    model, meta = load_checkpoint(p, dev)
+    model, meta = load_checkpoint(p, dev, verify=not getattr(args, "no_verify", False))
     ds = args.dataset or (meta.get("dataset") or {}).get("name")
     if not ds:
         raise UserError("the checkpoint does not name its dataset; pass --dataset")
@@ -140,8 +158,10 @@ def cmd_eval(args) -> int:
     model, meta, bundle = _load_for_eval(args)
     trigger, targets = None, None
     from ..attacks import attack_for_checkpoint
-    attack = attack_for_checkpoint(args.checkpoint)
+    attack = attack_for_checkpoint(args.checkpoint, verify=not args.no_verify)
     if attack is not None:
+        attack.check_fits(tuple(bundle.test.x.shape[1:]) if bundle.modality == "image" else None,
+                          bundle.num_classes)
         trigger, targets = attack.trigger, attack.target_for
     with measure("evaluate") as st:
         m = evaluate(model, bundle.test, trigger=trigger, targets=targets, per_class=args.per_class)
@@ -170,7 +190,7 @@ def _brief(v, limit: int = 12) -> str:
 
 def cmd_info(args) -> int:
     from ..checkpoint import read_sidecar
-    meta = read_sidecar(args.checkpoint)
+    meta = read_sidecar(args.checkpoint, verify=not args.no_verify)
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
@@ -178,12 +198,12 @@ def cmd_info(args) -> int:
     rows = [("model", f"{meta['model']['name']} {json.dumps(meta['model'].get('args', {}))}"),
             ("dataset", f"{ds.get('name')} ({ds.get('train_size')} train, {ds.get('defense_size')} held out, "
                         f"{ds.get('test_size')} test)"),
-            ("classes", ", ".join(ds.get("classes", [])[:12])),
+            ("classes", ", ".join((ds.get("classes") or [])[:12])),
             ("attack", json.dumps(meta.get("attack")) if meta.get("attack") else "none recorded"),
             ("metrics", ", ".join(f"{k}={_brief(v)}" for k, v in (meta.get("metrics") or {}).items())),
             ("seed", meta.get("seed")), ("sha256", meta.get("sha256")),
-            ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items() if k != "platform"))]
-    for s in meta.get("stages", []):
+            ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if k != "platform"))]
+    for s in meta.get("stages") or []:
         rows.append((f"stage {s['stage']}", f"{s['seconds']:.1f} s, peak {s['peak_rss_mb']:.0f} MB"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -193,6 +213,11 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from ..demo import run_demo
+    from ..resultdir import check_file_out
+    from ..utils import resolve_device
+    resolve_device(args.device)
+    if args.out:
+        check_file_out(args.out)
     run_demo(seed=args.seed, device=args.device, out=args.out, progress=not args.quiet)
     return 0
 
@@ -241,24 +266,28 @@ def cmd_show_trigger(args) -> int:
     from ..attacks import load_attack
     from ..checkpoint import read_sidecar
     from ..data import load_dataset
+    from ..resultdir import check_file_out
     from ..viz import save_png, trigger_grid
+    folder = Path(args.artifact)
+    folder = folder if folder.is_dir() else folder.parent
+    out = Path(args.out or folder / "trigger.png")
+    check_file_out(out)  # before any work
     attack = load_attack(args.artifact)
     if attack.modality != "image":
         raise UserError(f"attack {attack.name} is a text attack; show-trigger draws image triggers")
-    folder = Path(args.artifact)
-    folder = folder if folder.is_dir() else folder.parent
     ds = args.dataset
     if not ds and (folder / "model.json").exists():
         ds = (read_sidecar(folder).get("dataset") or {}).get("name")
     if not ds:
         raise UserError("cannot tell which dataset to draw from; pass --dataset (and --data-dir)")
-    test = load_dataset(ds, args.data_dir, **_loader_kw(args)).test
+    bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
+    test = bundle.test
+    attack.check_fits(tuple(test.x.shape[1:]), bundle.num_classes)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(test), generator=g)[: max(1, args.num)]
     x, y = test.batch(idx)
     trig = attack.trigger(x, y)
     rows = [(f"{attack.name} #{int(i)}", x[k], trig[k]) for k, i in enumerate(idx)]
-    out = Path(args.out or folder / "trigger.png")
     save_png(trigger_grid(rows), out)
     print(f"wrote {out}")
     return 0

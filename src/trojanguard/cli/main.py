@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import import_module
 from pathlib import Path
 
 from ..errors import UserError
+
+# Commands that live in a module of their own (``add_parser(sub)`` + ``run(args)``).
+COMMAND_MODULES: tuple[str, ...] = ("purify", "detect", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,15 +36,44 @@ def _ratio(s: str) -> float:
     return v
 
 
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi] (e.g. --width 0 fails here, before any work)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def _finite(s: str) -> float:
+    """An argparse type: a finite number (--lr inf would train a model full of NaN)."""
+    import math
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
+
+
+WIDTH = _int_in(1, 1024)       # the bound model.json's ``width`` is validated with too (checkpoint.ModelArgs)
+SEED = _int_in(0, 2**63 - 1)   # torch.manual_seed's range
+
+
 def _add_training(t):
     _add_common_data(t)
     t.add_argument("--model", required=True, help="model name (preact_resnet18, small_cnn, minilm, hf:<dir>)")
-    t.add_argument("--width", type=int, help="channel width of image models (preact_resnet18: 16 CPU, 64 paper)")
+    t.add_argument("--width", type=WIDTH, help="channel width of image models (preact_resnet18: 16 CPU, 64 paper)")
     t.add_argument("--holdout", type=_ratio, default=None,
                    help="fraction of train held out as the defender's clean set (default 0.05 images; text: dev split)")
-    for name, typ in (("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float)):
+    for name, typ in (("epochs", int), ("batch-size", int), ("lr", _finite), ("weight-decay", _finite)):
         t.add_argument(f"--{name}", type=typ)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=SEED, default=0)
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (default: at the end only)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -73,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("show-trigger", help="write a PNG of clean vs triggered test images for an attack artifact")
     st.add_argument("artifact", help="folder with attack.json (e.g. from 'trojanguard attack')")
     _add_common_data(st)
-    st.add_argument("--num", type=int, default=4, help="number of test images")
+    st.add_argument("--num", type=_int_in(1, 1000), default=4, help="number of test images")
     st.add_argument("--out", help="PNG path (default <artifact>/trigger.png)")
 
     ls = sub.add_parser("list", help="list datasets, models, attacks or defenses")
@@ -84,28 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     _add_common_data(e)
     e.add_argument("--model", help="architecture, for a foreign .pt/.safetensors file")
-    e.add_argument("--width", type=int)
+    e.add_argument("--width", type=WIDTH)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--per-class", action="store_true", help="also the clean accuracy of every class")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 checks (for weights you changed on purpose); fields are still validated")
 
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
 
     d = sub.add_parser("demo", help="offline demo: backdoor a small model, then repair it")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=SEED, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("--out", default=None, help="also save the before/after results here (JSON)")
     d.add_argument("--quiet", action="store_true")
+    for name in COMMAND_MODULES:
+        import_module(f"{__package__}.{name}").add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        name = args.command.replace('-', '_')
+        # a module may add several commands; it names itself with set_defaults(command_module=...)
+        module = getattr(args, "command_module", None) or (name if name in COMMAND_MODULES else None)
+        if module:
+            return import_module(f"{__package__}.{module}").run(args) or 0
         from . import commands
-        return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args) or 0
+        return getattr(commands, f"cmd_{name}")(args) or 0
     except UserError as e:
         print(f"trojanguard: error: {e}", file=sys.stderr)
         return 2

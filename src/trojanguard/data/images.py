@@ -62,13 +62,44 @@ def _cached(files: list[Path], tag: str, build) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _decode(data: bytes, name: str) -> np.ndarray:
+# Untrusted images are decoded only below these caps: a 40 kB PNG can claim 50,000 x 50,000
+# pixels (7.5 GB decoded). The pixel cap is checked from the header, before decoding.
+MAX_IMAGE_PIXELS = int(os.environ.get("TROJANGUARD_MAX_IMAGE_PIXELS", 50_000_000))
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
+MAX_BATCH_FILE_BYTES = 512 * 2**20  # an official CIFAR-10 python batch is 31 MB
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB") -> np.ndarray:
+    """Decode one image to a uint8 H x W (x C) array, refusing decompression bombs and
+    images above ``MAX_IMAGE_PIXELS`` (env ``TROJANGUARD_MAX_IMAGE_PIXELS``) with one line."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot decode image {name}: {e}; remove or replace the file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise UserError(f"image {name} is {w}x{h} pixels, more than the cap of {MAX_IMAGE_PIXELS:,} "
+                                    "(a decompression bomb?); resize it, or raise TROJANGUARD_MAX_IMAGE_PIXELS")
+                return np.asarray(im.convert(mode), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"image {name} is a decompression bomb ({str(e).split('.')[0]}); "
+                        "remove or replace the file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise UserError(f"cannot decode image {name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; "
+                        "remove or replace the file") from None
+
+
+def read_image_file(path: str | os.PathLike, mode: str = "RGB", what: str = "image") -> np.ndarray:
+    """An image file from the user (a regular file below the size and pixel caps)."""
+    from ..resultdir import read_bounded
+    return decode_image(read_bounded(path, MAX_IMAGE_FILE_BYTES, what), str(path), mode)
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    return decode_image(data, name)
 
 
 def _stack(images: list[np.ndarray], labels: list[int], where: str) -> dict[str, np.ndarray]:
@@ -90,6 +121,9 @@ def _read_tar_split(archive: Path, classes: list[str] | None) -> tuple[dict, lis
                 if not m.isfile() or Path(m.name).suffix.lower() not in IMAGE_EXTS:
                     continue
                 cls = Path(m.name).parent.name
+                if m.size > MAX_IMAGE_FILE_BYTES:  # the size is in the member header: check before reading
+                    raise UserError(f"{archive}: member {m.name} is {m.size:,} bytes, too large for an image file; "
+                                    "remove it from the archive")
                 by_class.setdefault(cls, []).append((m.name, tar.extractfile(m).read()))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise UserError(f"cannot read archive {archive}: {e}; re-copy the file") from None
@@ -109,7 +143,7 @@ def _read_folder_split(root: Path, classes: list[str] | None) -> tuple[dict, lis
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).glob("*")) if (root / cls).is_dir() else []:
             if f.suffix.lower() in IMAGE_EXTS:
-                images.append(_decode(f.read_bytes(), str(f)))
+                images.append(read_image_file(f))
                 labels.append(label)
     return _stack(images, labels, str(root)), classes
 
@@ -128,20 +162,44 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_batch(path: Path) -> dict:
+    from ..resultdir import read_bounded
+    data = read_bounded(path, MAX_BATCH_FILE_BYTES, "CIFAR batch")
     try:
-        with open(path, "rb") as f:
-            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read CIFAR batch {path}: {e}; use the official cifar-10-batches-py files") from None
+        return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, RecursionError, MemoryError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"cannot read CIFAR batch {path}: {msg}; use the official cifar-10-batches-py files") from None
+
+
+def _batch_arrays(d, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 3, 32, 32] uint8 and labels [N] in 0..9 from one unpickled batch, or a
+    one-line error naming what is wrong with its structure."""
+    def bad(what):
+        return UserError(f"CIFAR batch {path} {what}; use the official cifar-10-batches-py files")
+    if not isinstance(d, dict):
+        raise bad(f"holds a {type(d).__name__}, not a dict with b'data' and b'labels'")
+    x, y = d.get(b"data"), d.get(b"labels")
+    if x is None or y is None:
+        raise bad("has no b'data' or no b'labels' entry")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        shape = list(x.shape) if isinstance(x, np.ndarray) else type(x).__name__
+        raise bad(f"has b'data' of {shape} ({getattr(x, 'dtype', '-')}); expected uint8 [N, 3072]")
+    if not isinstance(y, (list, np.ndarray)) or len(y) != len(x):
+        raise bad(f"has {len(y) if hasattr(y, '__len__') else 'no list of'} labels for {len(x)} images")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 10 for v in
+               (y.tolist() if isinstance(y, np.ndarray) else y)):
+        raise bad("has labels that are not integers 0..9")
+    return x.reshape(-1, 3, 32, 32), np.asarray(y, np.int64)
 
 
 def _read_python_batches(root: Path) -> dict[str, np.ndarray]:
     def load(names):
         xs, ys = [], []
         for n in names:
-            d = _read_batch(root / n)
-            xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], np.int64))
+            x, y = _batch_arrays(_read_batch(root / n), root / n)
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
     xtr, ytr = load([f"data_batch_{i}" for i in range(1, 6)])
     xte, yte = load(["test_batch"])

@@ -10,12 +10,15 @@ from ..errors import UserError
 from .base import DatasetBundle, TextData, find_data_dir
 
 csv.field_size_limit(2**31 - 1)
+MAX_TABLE_BYTES = 4 * 2**30
 
 
 def read_table(path: Path, text_column: str = "sentence", label_column: str = "label",
                label_names: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
     """Read a CSV or TSV file with a header; the delimiter follows the extension."""
     delim = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
+    from ..resultdir import regular_file
+    regular_file(path, MAX_TABLE_BYTES, "data table")  # not /dev/zero, a pipe or a folder
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL))

@@ -5,7 +5,15 @@ from functools import partial
 
 from ..registry import Registry
 from .base import Defense, DefenseConfig, InputDetector, Inspection, Inspector, Purifier, PurifyResult
+from .common import before_after, retuned_asr, retuning_attack
+from .badacts import BadActs, BadActsConfig
+from .anp import Anp, AnpConfig
 from .finetune import Finetune, FinetuneConfig
+from .fine_pruning import FinePruning, FinePruningConfig
+from .ibau import Ibau, IbauConfig
+from .nad import Nad, NadConfig
+from .pam import Pam, PamConfig
+from .wiper import Wiper, WiperConfig
 
 DEFENSES: Registry = Registry("defense")
 DEFENSES.register("fst", "Feature Shift Tuning (Min et al. 2023)")(partial(Finetune, mode="fst"))
@@ -13,6 +21,14 @@ DEFENSES.register("ft", "vanilla fine-tuning of all parameters")(partial(Finetun
 DEFENSES.register("lp", "linear probing: re-train the head only")(partial(Finetune, mode="lp"))
 DEFENSES.register("fe-tuning", "re-initialised frozen head, tune the backbone")(partial(Finetune, mode="fe-tuning"))
 DEFENSES.register("ft-init", "re-initialised head, tune all, no penalty")(partial(Finetune, mode="ft-init"))
+DEFENSES.register("pam", "Path-Aware Minimization with trigger-inverted unlearning (Min et al. 2024)")(Pam)
+DEFENSES.register("wiper", "benign salience + Adaptive Regularization (WIPER, 2022)")(Wiper)
+DEFENSES.register("fine-pruning", "prune units dormant on clean data, then fine-tune (Liu et al. 2018)")(FinePruning)
+DEFENSES.register("nad", "Neural Attention Distillation from a clean-tuned teacher (Li et al. 2021)")(Nad)
+DEFENSES.register("anp", "Adversarial Neuron Pruning of normalisation-layer neurons (Wu and Wang 2021)")(Anp)
+DEFENSES.register("i-bau", "implicit-hypergradient unlearning of a universal perturbation (Zeng et al. 2022)")(Ibau)
+DEFENSES.register("badacts", "BadActs NAS input detection + activation-interval purification "
+                  "(Yi et al. 2024; vision: our extension)")(BadActs)
 
 
 def create_defense(name: str, **kwargs) -> Defense:
@@ -20,4 +36,7 @@ def create_defense(name: str, **kwargs) -> Defense:
 
 
 __all__ = ["DEFENSES", "create_defense", "Defense", "DefenseConfig", "Purifier", "InputDetector",
-           "Inspector", "PurifyResult", "Inspection", "Finetune", "FinetuneConfig"]
+           "Inspector", "PurifyResult", "Inspection", "Finetune", "FinetuneConfig", "Pam", "PamConfig", "Wiper",
+           "WiperConfig", "FinePruning", "FinePruningConfig", "Nad", "NadConfig", "Anp", "AnpConfig", "Ibau",
+           "IbauConfig", "retuning_attack", "retuned_asr", "before_after",
+           "BadActs", "BadActsConfig"]

@@ -1,20 +1,27 @@
 """Defense interfaces (TrojanZoo style): one small abstract class per kind of defense.
 
-* ``Purifier``  - repairs a model: ``purify(model, clean) -> PurifyResult``
-* ``InputDetector`` - flags inputs at inference time: ``fit(model, clean)`` then
-  ``score(x)`` (higher = more suspicious) and ``flag(x)``
-* ``Inspector`` - inspects a model: ``inspect(model, clean) -> Inspection``
-  (is it backdoored, which label is the target)
+* ``Purifier`` - repairs a model: ``purify(model, clean) -> PurifyResult``. The template
+  keeps a class-balanced part of ``clean`` aside, lets the method train on the rest
+  (``_purify``), and measures clean accuracy on the part it did not train on before and
+  after, so a collapse is reported in the result instead of passing silently.
+* ``InputDetector`` - flags inputs at inference time: ``fit(model, clean)`` (the method's
+  ``_fit`` on one part, the threshold at the chosen false-rejection rate on the held-out
+  rest), then ``score(x)`` (higher = more suspicious, continuous) and ``flag(x)``.
+  Detectors that also purify expose ``purified_logits(x)``.
+* ``Inspector`` - inspects a model: ``inspect(model, clean) -> Inspection`` (verdict,
+  backdoor probability, target, evidence, recovered trigger).
 
-Each method is a file behind one of these, created by name from ``DEFENSES``.
+Each method is one file behind one of these, created by name from ``DEFENSES``.
 """
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.base import Data
 from ..errors import UserError, validated_config
@@ -27,50 +34,186 @@ class DefenseConfig(BaseModel):
     progress: bool = True
 
 
+class PurifierConfig(DefenseConfig):
+    verify_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "class-balanced share of the clean data kept aside (not trained on) to measure clean "
+        "accuracy before and after; 0 = train on everything and skip the check"))
+    max_ca_drop: float = Field(0.03, ge=0, le=1, description=(
+        "a drop of clean accuracy on the verification part above this is reported as a failure"))
+
+
 @dataclass
 class PurifyResult:
+    """The purified model plus what was measured while making it.
+
+    ``ca_before``/``ca_after`` are clean accuracies on ``verify_size`` clean samples the
+    method did not train on (None when ``verify_fraction`` is 0); ``warning`` is set when
+    the drop exceeds the configured maximum: the caller must not present the model as
+    repaired then."""
     model: torch.nn.Module
     info: dict = field(default_factory=dict)
+    ca_before: float | None = None
+    ca_after: float | None = None
+    verify_size: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    warning: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.warning is None
+
+    def summary(self) -> dict[str, Any]:
+        return {"verify_ca_before": self.ca_before, "verify_ca_after": self.ca_after,
+                "verify_size": self.verify_size, "seconds": round(self.seconds, 2),
+                "peak_rss_mb": round(self.peak_rss_mb, 1), "warning": self.warning, **self.info}
 
 
 @dataclass
 class Inspection:
+    """What an inspector concluded about a model.
+
+    ``probability`` is the backdoor probability in [0, 1] (calibrated where the method
+    has a calibration, else a documented monotone score); ``target`` is None when no
+    single target class stands out (clean, or an all-to-all attack); ``evidence`` holds
+    the numbers a person can check (class shares, anomaly indices); ``trigger`` the
+    recovered trigger (``{"mask": tensor, "pattern": tensor}`` or ``{"tokens": [...]}``)."""
     backdoored: bool
     target: int | None
-    score: float
-    info: dict = field(default_factory=dict)
+    probability: float
+    evidence: dict = field(default_factory=dict)
+    trigger: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        return "backdoored" if self.backdoored else "clean"
+
+    # kept for code written against the first interface
+    @property
+    def score(self) -> float:
+        return self.probability
 
 
 class Defense:
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    #: the fewest clean samples the method can work with (checked before any work)
+    min_clean: ClassVar[int] = 10
+    #: "image", "text" or both
+    modalities: ClassVar[tuple[str, ...]] = ("image", "text")
 
     def __init__(self, cfg: DefenseConfig | None = None, **kwargs):
         if cfg is None:
-            cfg = validated_config(self.Config, "defense", self.name, kwargs)
+            cfg = validated_config(self.Config, "defense", self.name or type(self).__name__, kwargs)
         self.cfg = cfg
+
+    def check_inputs(self, model, clean: Data, needed: int | None = None) -> None:
+        """One-line errors for data a method cannot use: wrong modality, class count, size."""
+        label = self.name or type(self).__name__
+        if clean.modality not in self.modalities:
+            raise UserError(f"{label} works on {' and '.join(self.modalities)} models, not {clean.modality}")
+        mod = getattr(model, "modality", clean.modality)
+        if mod != clean.modality:
+            raise UserError(f"the clean data is {clean.modality} but the model takes {mod}; "
+                            "give clean data of the model's kind")
+        head = getattr(model, "head", None)
+        if head is not None and len(clean.classes) != head.out_features:
+            raise UserError(f"the clean data has {len(clean.classes)} classes but the model has "
+                            f"{head.out_features}; give clean data labelled with the model's classes")
+        needed = needed or self.min_clean
+        if len(clean) < needed:
+            raise UserError(f"{label} needs at least {needed} clean samples, got {len(clean)}; "
+                            "give more clean data")
 
 
 class Purifier(Defense):
-    def purify(self, model, clean: Data) -> PurifyResult:  # pragma: no cover - abstract
+    kind = "purifier"
+    Config: ClassVar[type[DefenseConfig]] = PurifierConfig
+
+    def purify(self, model, clean: Data) -> PurifyResult:
+        """Return a purified copy of ``model`` (the input is left untouched)."""
+        from ..utils import measure
+        from .common import clean_accuracy, split_clean
+        frac = getattr(self.cfg, "verify_fraction", 0.0)
+        needed = self.min_clean if not frac else max(self.min_clean + len(clean.classes),
+                                                     int(self.min_clean / (1 - frac)) + 1)
+        self.check_inputs(model, clean, needed)
+        fit, verify = split_clean(clean, frac, self.cfg.seed) if frac else (clean, None)
+        t0 = time.perf_counter()
+        with measure(self.name or "purify") as st:
+            ca_before = clean_accuracy(model, verify) if verify is not None else None
+            work = copy.deepcopy(model)
+            purified, info = self._purify(work, fit, original=model)
+            ca_after = clean_accuracy(purified, verify) if verify is not None else None
+        res = PurifyResult(purified.eval(), info, ca_before, ca_after, 0 if verify is None else len(verify),
+                           time.perf_counter() - t0, st.peak_rss_mb)
+        max_drop = getattr(self.cfg, "max_ca_drop", None)
+        if ca_before is not None and max_drop is not None and ca_before - ca_after > max_drop:
+            res.warning = (f"clean accuracy on {len(verify)} held-out clean samples fell from "
+                           f"{ca_before:.1%} to {ca_after:.1%} (more than {max_drop:.0%}); the model "
+                           "is not repaired: give more clean data or try another method")
+        return res
+
+    def _purify(self, model, clean: Data, original) -> tuple[torch.nn.Module, dict]:  # pragma: no cover
+        """Purify ``model`` (a private copy, free to modify) on ``clean``; ``original`` is the
+        untouched input (PAM pulls away from it). Returns (model, info)."""
         raise NotImplementedError
 
 
 class InputDetector(Defense):
+    """``fit`` splits the clean data: the method fits on ``1 - calibration_fraction`` of it,
+    and the threshold is the (1 - frr) quantile of the scores of the rest."""
+    kind = "detector"
     threshold: float | None = None
+    calibration_fraction: ClassVar[float] = 0.5
 
-    def fit(self, model, clean: Data) -> "InputDetector":  # pragma: no cover - abstract
+    def fit(self, model, clean: Data) -> "InputDetector":
+        from .common import split_clean
+        self.check_inputs(model, clean)
+        fit, calib = split_clean(clean, self.calibration_fraction, self.cfg.seed)
+        self.model = model
+        self._fit(model, fit)
+        self.calibration_scores = self.score_data(calib)
+        self.set_frr(getattr(self.cfg, "frr", 0.05))
+        return self
+
+    def set_frr(self, frr: float) -> None:
+        """Threshold so that ``frr`` of the held-out clean scores are flagged."""
+        if not 0.0 < frr < 1.0:
+            raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05")
+        if getattr(self, "calibration_scores", None) is None:
+            raise UserError(f"{self.name}: fit the detector on clean data before choosing a threshold")
+        self.frr = frr
+        self.threshold = float(torch.quantile(self.calibration_scores.double(), 1.0 - frr))
+
+    def _fit(self, model, clean: Data) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def score(self, inputs) -> torch.Tensor:  # pragma: no cover - abstract
+        """Suspicion of each input of a batch (float images in [0, 1] or a list of strings)."""
         raise NotImplementedError
+
+    def score_data(self, data: Data, trigger=None, batch_size: int = 256) -> torch.Tensor:
+        """Scores of every sample of ``data`` (optionally triggered), batched."""
+        out = []
+        for start in range(0, len(data), batch_size):
+            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+            if trigger is not None:
+                x = trigger(x, y)
+            out.append(self.score(x).detach().float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
 
     def flag(self, inputs) -> torch.Tensor:
         if self.threshold is None:
-            raise RuntimeError("call fit() before flag()")
-        return self.score(inputs) >= self.threshold
+            raise UserError(f"{self.name}: call fit() before flag()")
+        # strictly above: the threshold is a clean score itself (the (1 - frr) quantile)
+        return self.score(inputs) > self.threshold
 
 
 class Inspector(Defense):
+    kind = "inspector"
+
     def inspect(self, model, clean: Data) -> Inspection:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -15,7 +15,6 @@ official behaviour.
 """
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -23,11 +22,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.base import Data
-from ..train import TrainConfig, train
-from .base import DefenseConfig, Purifier, PurifyResult
+from ..train import train
+from .base import Purifier, PurifierConfig
+from .common import defense_train_config
 
 
-class FinetuneConfig(DefenseConfig):
+class FinetuneConfig(PurifierConfig):
     mode: Literal["ft", "lp", "fe-tuning", "ft-init", "fst"] = "fst"
     alpha: float = Field(0.1, ge=0, description="weight of <W, W0>_F (0.1 CIFAR-10; 0.2 script default)")
     epochs: int = Field(10, ge=1)
@@ -45,9 +45,8 @@ class Finetune(Purifier):
     name = "finetune"
     Config = FinetuneConfig
 
-    def purify(self, model, clean: Data) -> PurifyResult:
+    def _purify(self, model, clean: Data, original):
         cfg = self.cfg
-        model = copy.deepcopy(model)
         head = model.head
         w0 = head.weight.detach().clone()
         norm0 = w0.norm()
@@ -75,15 +74,12 @@ class Finetune(Purifier):
             with torch.no_grad():
                 head.weight.mul_(norm0.to(head.weight.device) / head.weight.norm())
 
-        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-                           momentum=cfg.momentum, nesterov=False, weight_decay=cfg.weight_decay,
-                           schedule="cosine", warmup_frac=0.0, label_smoothing=0.0,
-                           augment=cfg.augment and clean.modality == "image", seed=cfg.seed,
-                           device=cfg.device, progress=cfg.progress,
-                           grad_clip=1.0 if clean.modality == "text" else None)
+        tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                    optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, schedule="cosine", augment=cfg.augment)
         res = train(model, clean, None, tcfg, loss_fn=loss_fn, after_step=after_step if project else None)
         for p in model.parameters():
             p.requires_grad_(True)
         cos = F.cosine_similarity(head.weight.detach().flatten().cpu(), w0.flatten().cpu(), dim=0)
-        return PurifyResult(model.eval(), {"mode": cfg.mode, "seconds": res.seconds,
-                                           "head_cosine_to_original": float(cos)})
+        return model.eval(), {"mode": cfg.mode, "train_seconds": res.seconds,
+                              "head_cosine_to_original": float(cos)}

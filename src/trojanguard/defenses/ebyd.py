@@ -1,0 +1,346 @@
+"""EBYD model inspection: Expose Before You Defend (Li et al. 2024; methods.md §2.5; official
+code ``bboylyg/Expose-Before-You-Defend``, images only).
+
+1. **Exposure** (``exposure.py``, Clean Unlearning by default) on a few clean samples.
+2. **Class shares**: the exposed model's predictions on all the clean data. A backdoored
+   model collapses onto its target (the backdoor is the last feature standing); a clean
+   one collapses without a preferred class. Target label = the most predicted class.
+3. **Backdoor probability**: a logistic calibration over features of the exposed model
+   (``exposure_features``), read from a small JSON with its provenance
+   (``calibration/ebyd.json``, or ``calibration=PATH``). The raw statistic of the paper is
+   the variance of the class shares (backdoored when > 0.01 on CIFAR-10). The shipped
+   file is a documented *prior* derived from that rule until it is refitted on the
+   reference zoos with ``fit_calibration`` (see ``PRIOR``); benchmarks score each model
+   with a calibration that never saw it (``leave_one_out``). Verdict: probability >= 0.5.
+4. **Trigger recovery** on the exposed model, for the detected label only: Neural Cleanse
+   (mask + pattern) for images; for text (our reading: the paper gives no text recovery)
+   a first-order token search: the gradient of the target log-probability with respect to
+   the embedding of a token inserted after [CLS] ranks the vocabulary (HotFlip's linear
+   approximation), and the ``text_candidates`` best whole-word tokens are re-ranked
+   exactly by the share of non-target clean sentences they send to the target when
+   prepended. The recovered trigger is also applied to the ORIGINAL model (evidence:
+   ``trigger_success_original``).
+
+Features (all in [0, 1] whatever the class count K, so that one calibration serves CIFAR-10
+and SST-2): ``var_norm`` = variance of the shares / (1/K (1 - 1/K)) (1 for a one-hot
+collapse), ``max_excess`` = (max share - 1/K) / (1 - 1/K), ``collapse_ratio`` = share of
+clean samples of the other classes predicted as the top class (an ASR without trigger).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..data.base import Data
+from ..errors import UserError
+from ..eval.evaluate import predict
+from .base import DefenseConfig, Inspection, Inspector
+from .exposure import ExposureConfig, class_shares, expose
+from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
+
+FEATURES = ("var_norm", "max_excess", "collapse_ratio")
+CALIBRATION_FORMAT = "trojanguard-calibration/1"
+DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "ebyd.json"
+
+# The paper's rule, variance of the shares > 0.01 on CIFAR-10 (K = 10), is var_norm > 1/9;
+# the prior puts p = 0.5 there and p = 0.1 at perfectly even shares: coef * (1/9) = ln 9.
+_PRIOR_COEF = 9 * math.log(9)
+PRIOR = {"format": CALIBRATION_FORMAT, "method": "ebyd", "features": ["var_norm"],
+         "coef": [round(_PRIOR_COEF, 4)], "intercept": round(-math.log(9), 4),
+         "provenance": {"kind": "prior", "fitted_on": None, "n_models": 0,
+                        "derived_from": "EBYD paper rule: variance of predicted-class shares > 0.01 on CIFAR-10 "
+                                        "(K=10) is backdoored, i.e. var_norm > 1/9 -> p = 0.5; even shares -> p = 0.1",
+                        "note": "replace by fit_calibration() on the reference zoos"}}
+
+
+class EBYDConfig(DefenseConfig):
+    exposure: Literal["cul", "random-labels", "act-prune", "weight-perturb"] = "cul"
+    samples: int = Field(500, ge=10, description="clean samples the exposure uses (paper: 500)")
+    epochs: int = Field(20, ge=1)
+    lr: float | None = Field(None, gt=0, description="None: 1e-5 images, 2e-5 text (cul); 1e-4 (random-labels)")
+    batch_size: int = Field(128, ge=1)
+    train_mode: bool = Field(False, description="exposure updates in train mode (the official CUL runs in eval mode)")
+    check_every: int = Field(2, ge=1)
+    stop_accuracy: float = Field(0.2, ge=0, le=1)
+    stop_share: float = Field(0.9, gt=0, le=1)
+    calibration: str | None = Field(None, description="calibration JSON (None: the shipped one)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="verdict: backdoored when probability >= threshold")
+    recover: Literal["auto", "always", "never"] = Field("auto", description="trigger recovery (auto: when backdoored)")
+    nc_rounds: int = Field(60, ge=1, description="Neural Cleanse rounds of 5 steps (see neural_cleanse.py)")
+    text_candidates: int = Field(64, ge=1)
+    text_tokens: int = Field(5, ge=1)
+    text_samples: int = Field(64, ge=1)
+
+
+# --- features and calibration ----------------------------------------------------------
+
+def exposure_features(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """The calibration features of an exposed model's predictions ``pred`` on clean data."""
+    k = num_classes
+    shares = class_shares(pred, k)
+    top = int(shares.argmax())
+    var = float(((shares - 1.0 / k) ** 2).mean())
+    other = labels != top
+    collapse = float((pred[other] == top).double().mean()) if other.any() else 0.0
+    return {"var_norm": var / ((1.0 / k) * (1 - 1.0 / k)),
+            "max_excess": float((shares[top] - 1.0 / k) / (1 - 1.0 / k)),
+            "collapse_ratio": collapse, "share_variance": var, "top_class": top,
+            "shares": [round(float(s), 4) for s in shares]}
+
+
+def _check_calibration(params: dict, where: str) -> dict:
+    try:
+        names, coef, b = params["features"], params["coef"], float(params["intercept"])
+        ok = len(names) == len(coef) and all(n in FEATURES for n in names) and all(map(math.isfinite, coef))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok or not math.isfinite(b):
+        raise UserError(f"{where} is not an EBYD calibration (needs features from {list(FEATURES)}, "
+                        "matching coef and an intercept); refit it with fit_calibration()")
+    return params
+
+
+def load_calibration(path: str | Path | None = None) -> dict:
+    p = Path(path) if path is not None else DEFAULT_CALIBRATION
+    try:
+        params = json.loads(p.read_text())
+    except FileNotFoundError:
+        if path is None:  # an installation without the data file still has the prior
+            return dict(PRIOR)
+        raise UserError(f"calibration file {p} does not exist") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the calibration {p}: {e}") from None
+    return _check_calibration(params, str(p))
+
+
+def probability(params: dict, features: dict) -> float:
+    z = float(params["intercept"]) + sum(c * float(features[n]) for n, c in zip(params["features"], params["coef"]))
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def fit_calibration(features, labels, names: tuple[str, ...] | list[str] = FEATURES, l2: float = 0.1,
+                    provenance: dict | None = None, max_iter: int = 100) -> dict:
+    """Logistic regression of ``labels`` (1 = backdoored) on ``features`` (an [N, F] array in
+    the order of ``names``, or a list of feature dicts), L2 penalty ``l2`` on the weights
+    (not the intercept; it keeps the fit finite on separable zoos), by Newton's method.
+    Returns the parameters as ``load_calibration`` reads them."""
+    names = list(names)
+    if features and isinstance(features[0], dict):
+        features = [[f[n] for n in names] for f in features]
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), len(names))
+    y = np.asarray(labels, dtype=np.float64)
+    if len(x) != len(y) or len(y) < 2 or len(set(y.tolist())) != 2:
+        raise UserError("fit_calibration needs features and labels of the same length with both classes present")
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    reg = np.diag([l2] * len(names) + [0.0])
+    w = np.zeros(xb.shape[1])
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -500, 500)))
+        grad = xb.T @ (p - y) + reg @ w
+        hess = xb.T @ (xb * (p * (1 - p))[:, None]) + reg + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    prov = {"kind": "fitted", "n_models": int(len(y)), "n_backdoored": int(y.sum()), "l2": l2}
+    prov.update(provenance or {})
+    return {"format": CALIBRATION_FORMAT, "method": "ebyd", "features": names,
+            "coef": [float(c) for c in w[:-1]], "intercept": float(w[-1]), "provenance": prov}
+
+
+def leave_one_out(features, labels, **kw) -> np.ndarray:
+    """Out-of-sample probabilities: model i is scored by a calibration fitted on all the
+    others (never on itself). ``kw`` goes to ``fit_calibration``."""
+    names = list(kw.get("names", FEATURES))
+    rows = [[f[n] for n in names] for f in features] if features and isinstance(features[0], dict) else features
+    x = np.asarray(rows, dtype=np.float64)
+    y = np.asarray(labels)
+    out = np.empty(len(y))
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        params = fit_calibration(x[keep].tolist(), y[keep].tolist(), **kw)
+        out[i] = probability(params, dict(zip(names, x[i])))
+    return out
+
+
+def calibration_report(probs, labels) -> dict:
+    """AUROC, Brier score and cross-entropy (the TrojAI measures) and accuracy at 0.5."""
+    from ..eval import metrics
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-6, 1 - 1e-6)
+    y = np.asarray(labels, dtype=np.float64)
+    return {"n": int(len(y)), "auroc": metrics.auroc(p, y.astype(bool)) if 0 < y.sum() < len(y) else None,
+            "brier": float(((p - y) ** 2).mean()),
+            "cross_entropy": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+            "accuracy": float(((p >= 0.5) == (y == 1)).mean())}
+
+
+def save_calibration(params: dict, path: str | Path) -> None:
+    from ..utils import atomic_write_json
+    atomic_write_json(path, _check_calibration(params, "these parameters"))
+
+
+# --- text trigger recovery ----------------------------------------------------------------
+
+def _text_logits_from_embeds(model, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    h = model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    if getattr(model, "pooling", "mean") == "cls":
+        pooled = h[:, 0]
+    else:
+        m = mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return model.head(pooled)
+
+
+def _word_tokens(tokenizer) -> torch.Tensor:
+    """Ids of vocabulary entries that are whole alphabetic words (no sub-word pieces, no
+    special tokens), the tokens a person could insert."""
+    special = set(tokenizer.all_special_ids)
+    keep = []
+    for tok, i in tokenizer.get_vocab().items():
+        if i in special or tok.startswith("##"):
+            continue
+        word = tok.lstrip("Ġ▁")
+        if word.isalpha() and word.isascii() and (word != tok or not _bpe(tokenizer)):
+            keep.append(i)
+    return torch.tensor(sorted(keep))
+
+
+def _bpe(tokenizer) -> bool:
+    # BPE / sentencepiece vocabularies mark word starts ("Ġ", "▁"); WordPiece marks continuations
+    return any(t.startswith(("Ġ", "▁")) for t in list(tokenizer.get_vocab())[:2000])
+
+
+def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_tokens: int = 5,
+                  n_samples: int = 64, seed: int = 0, original=None) -> dict:
+    """The vocabulary words that, prepended to clean sentences of other classes, push
+    ``model`` most towards ``target`` (see the module docstring)."""
+    pos = (data.y != target).nonzero().flatten()
+    pos = pos if len(pos) else torch.arange(len(data))
+    g = torch.Generator().manual_seed(seed)
+    pick = pos[torch.randperm(len(pos), generator=g)[:n_samples]].sort().values
+    texts = [data.texts[i] for i in pick.tolist()]
+    tok = model.tokenizer
+    emb = model.encoder.get_input_embeddings()
+    was = model.training
+    model.eval()
+    try:
+        enc = model.tokenize(texts)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] >= model.max_length:  # room for the inserted token; [SEP] is kept
+            ids = torch.cat([ids[:, :-2], ids[:, -1:]], 1)
+            mask = mask[:, :-1]
+        holder = tok.mask_token_id if tok.mask_token_id is not None else (tok.unk_token_id or 0)
+        ids = torch.cat([ids[:, :1], torch.full_like(ids[:, :1], holder), ids[:, 1:]], 1)
+        mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], 1)
+        embeds = emb(ids).detach().requires_grad_(True)
+        logp = F.log_softmax(_text_logits_from_embeds(model, embeds, mask).float(), 1)[:, target].mean()
+        grad = torch.autograd.grad(logp, embeds)[0][:, 1].mean(0)
+        with torch.no_grad():
+            words = _word_tokens(tok).to(emb.weight.device)
+            scores = emb.weight[words] @ grad
+            cand = words[scores.argsort(descending=True)[:n_candidates]].tolist()
+        rows = []
+        for i in cand:
+            word = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)]).strip()
+            rate, prob = _flip(model, [f"{word} {t}" for t in texts], target)
+            rows.append({"token": word, "flip_rate": round(rate, 4), "target_prob": round(prob, 4)})
+        rows.sort(key=lambda r: (-r["flip_rate"], -r["target_prob"]))
+        rows = rows[:n_tokens]
+        if original is not None:
+            for r in rows:
+                r["flip_rate_original"] = round(_flip(original, [f"{r['token']} {t}" for t in texts], target)[0], 4)
+        base = _flip(model, texts, target)[0]
+    finally:
+        model.train(was)
+    return {"tokens": [r["token"] for r in rows], "candidates": rows, "baseline_rate": round(base, 4),
+            "samples": len(texts), "target": target}
+
+
+@torch.inference_mode()
+def _flip(model, texts: list[str], target: int, batch_size: int = 128) -> tuple[float, float]:
+    hits, prob = 0, 0.0
+    for s in range(0, len(texts), batch_size):
+        logits = model(model.tokenize(texts[s:s + batch_size])).float()
+        hits += int((logits.argmax(1) == target).sum())
+        prob += float(logits.softmax(1)[:, target].sum())
+    return hits / len(texts), prob / len(texts)
+
+
+@torch.inference_mode()
+def trigger_success(model, data: Data, mask: torch.Tensor, pattern: torch.Tensor, target: int,
+                    batch_size: int = 256) -> float:
+    """Share of clean images of other classes that ``model`` sends to ``target`` once the
+    mask/pattern trigger is applied."""
+    sub = data.subset((data.y != target).nonzero().flatten())
+    if len(sub) == 0:
+        return 0.0
+    dev = next(model.parameters()).device
+    m, p = mask.to(dev), pattern.to(dev)
+    pred = predict(model, sub, batch_size, trigger=lambda x, y: (1 - m.cpu()) * x + m.cpu() * p.cpu())
+    return float((pred == target).double().mean())
+
+
+# --- the inspector --------------------------------------------------------------------------
+
+class EBYD(Inspector):
+    """EBYD: expose (clean unlearning), target = most predicted class, calibrated backdoor
+    probability, trigger recovery on the exposed model."""
+    name = "ebyd"
+    Config = EBYDConfig
+    #: shares of predictions over fewer samples move by > 2 points per sample
+    min_clean = 50
+
+    def exposure_config(self, modality: str) -> ExposureConfig:
+        c = self.cfg
+        return ExposureConfig(method=c.exposure, samples=c.samples, epochs=c.epochs, lr=c.lr,
+                              batch_size=c.batch_size, train_mode=c.train_mode, check_every=c.check_every,
+                              stop_accuracy=c.stop_accuracy, stop_share=c.stop_share, seed=c.seed)
+
+    def inspect(self, model, clean: Data) -> Inspection:
+        cfg = self.cfg
+        self.check_inputs(model, clean)
+        k = model.head.out_features
+        if k < 2:
+            raise UserError(f"the model has {k} class; inspection needs a classifier with at least 2 classes")
+        params = load_calibration(cfg.calibration)
+        t0 = time.perf_counter()
+        exposed = expose(model, clean, self.exposure_config(clean.modality))
+        self.exposed = exposed  # for callers that evaluate the exposed model (the benchmarks)
+        pred = predict(exposed.model, clean)
+        feats = exposure_features(pred, clean.y, k)
+        prob = probability(params, feats)
+        backdoored = prob >= cfg.threshold
+        top = feats["top_class"]
+        evidence = {"shares": feats.pop("shares"), "top_class": top, **{n: round(v, 4) for n, v in feats.items()
+                                                                        if n != "top_class"},
+                    "calibration": params.get("provenance", {}).get("kind", "unknown"),
+                    "clean_samples": len(clean), **exposed.summary(), "exposure_seconds": None}
+        evidence["exposure_seconds"] = round(time.perf_counter() - t0, 2)
+        trigger = None
+        if cfg.recover == "always" or (cfg.recover == "auto" and backdoored):
+            t1 = time.perf_counter()
+            trigger = self.recover(exposed.model, clean, top, original=model)
+            evidence["recovery_seconds"] = round(time.perf_counter() - t1, 2)
+        return Inspection(backdoored, top if backdoored else None, prob, evidence, trigger,
+                          time.perf_counter() - t0)
+
+    def recover(self, exposed_model, clean: Data, target: int, original=None) -> dict:
+        cfg = self.cfg
+        if clean.modality == "text":
+            return search_tokens(exposed_model, clean, target, cfg.text_candidates, cfg.text_tokens,
+                                 cfg.text_samples, cfg.seed, original=original)
+        nc = NeuralCleanseConfig(rounds=cfg.nc_rounds, seed=cfg.seed)
+        t = reverse_engineer(exposed_model, clean, target, nc, seed=cfg.seed)
+        out = {"mask": t["mask"], "pattern": t["pattern"], "target": target, "norm": t["norm"],
+               "reached": t["reached"], "success_exposed": t["success"]}
+        if original is not None:
+            out["success_original"] = trigger_success(original, clean, t["mask"], t["pattern"], target)
+        return out

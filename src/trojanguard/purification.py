@@ -1,0 +1,106 @@
+"""The purification job, shared by ``trojanguard purify``, the benchmarks and ``repair``:
+load a suspect checkpoint and the defender's clean data, purify, evaluate before/after on
+the test split with the attack's trigger (when one is known), optionally put the purified
+model through the retuning attack, and save the purified checkpoint with its record."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.base import Data
+from .errors import UserError
+
+
+@dataclass
+class Setup:
+    """A suspect model with the data a defender has for it."""
+    model: torch.nn.Module
+    meta: dict
+    clean: Data                 # the defender's clean data D_def
+    test: Data | None           # a labelled test split to report CA/ASR on (None: unknown)
+    attack: Any = None          # the attack artifact, to measure ASR (None: unknown)
+    clean_source: str = ""
+    model_path: str = ""
+
+
+def load_setup(model_path: str | Path, clean_data: str | Path | None = None, holdout: float | None = None,
+               attack_path: str | Path | None = None, data_dir: str | None = None, device: str = "cpu",
+               need_test: bool = True, verify: bool = True) -> Setup:
+    """The model from its checkpoint folder; the clean data from ``clean_data`` (a folder or
+    table of the user's), else ``holdout`` of the recorded dataset's training split, else the
+    recorded held-out split itself; the attack from ``attack_path`` or the checkpoint folder."""
+    from .attacks.base import ARTIFACT_JSON, load_attack
+    from .checkpoint import load_checkpoint
+    from .pipeline import defender_data
+    model, meta = load_checkpoint(model_path, device=device, verify=verify)
+    clean, test, source = defender_data(meta, model, clean_data, holdout, data_dir, need_test=need_test)
+    attack = None
+    folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    if attack_path is not None:
+        attack = load_attack(attack_path)
+    elif (folder / ARTIFACT_JSON).exists():
+        attack = load_attack(folder)
+    return Setup(model, meta, clean, test, attack, source, str(model_path))
+
+
+def purify_setup(setup: Setup, method: str, options: dict | None = None, robustness: bool = False,
+                 seed: int = 0, device: str = "auto", progress: bool = True,
+                 retuning: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Purify ``setup.model`` with ``method``; returns (purified model, record)."""
+    from .defenses import DEFENSES, Purifier, create_defense
+    from .defenses.common import before_after, retuning_attack
+    from .eval.evaluate import evaluate
+    from .utils import measure
+    opts = dict(options or {})
+    opts.setdefault("seed", seed)
+    opts.setdefault("device", device)
+    opts.setdefault("progress", progress)
+    defense = create_defense(method, **opts)
+    if not isinstance(defense, Purifier):
+        raise UserError(f"{method} is not a purifier (it is a {defense.kind}); "
+                        f"purifiers: {', '.join(n for n in DEFENSES.names() if _is_purifier(n))}")
+    trig = setup.attack.trigger if setup.attack is not None else None
+    tgt = setup.attack.target_for if setup.attack is not None else None
+    before = evaluate(setup.model, setup.test, trig, tgt) if setup.test is not None else None
+    result = defense.purify(setup.model, setup.clean)
+    record: dict[str, Any] = {"method": method, "options": defense.cfg.model_dump(),
+                              "clean_data": {"source": setup.clean_source, "size": len(setup.clean)},
+                              "parent": {"path": setup.model_path, "sha256": setup.meta.get("sha256")},
+                              "threads": torch.get_num_threads(), "seed": seed, **result.summary()}
+    if setup.test is not None:
+        record.update(before_after(setup.model, result.model, setup.test, setup.attack, before=before))
+    if robustness:
+        if setup.attack is None or setup.test is None:
+            raise UserError("--robustness needs the attack's trigger and a test split (pass --attack ARTIFACT)")
+        with measure("retuning-attack") as st:
+            tuned = retuning_attack(result.model, setup.clean, setup.attack, seed=seed, device=device,
+                                    **(retuning or {}))
+            record["asr_after_ra"] = evaluate(tuned, setup.test, trig, tgt)["asr"]
+            record["ca_after_ra"] = evaluate(tuned, setup.test)["ca"]
+        record["retuning_seconds"] = round(st.seconds, 2)
+    return result.model, record
+
+
+def _is_purifier(name: str) -> bool:
+    from .defenses import DEFENSES, Purifier
+    factory = DEFENSES.get(name)
+    cls = getattr(factory, "func", factory)
+    return isinstance(cls, type) and issubclass(cls, Purifier)
+
+
+def save_purified(out: str | Path, model, setup: Setup, record: dict) -> Path:
+    """The purified checkpoint (sidecar with method, options, clean data, parent sha256) and
+    ``purify.json``, written as one complete folder."""
+    from .checkpoint import save_checkpoint
+    from .resultdir import write_result
+    from .utils import atomic_write_json, library_versions
+    sidecar = {k: v for k, v in setup.meta.items()
+               if k in ("dataset", "train_config", "seed", "attack", "classes", "normalization")}
+    sidecar["purification"] = {k: record[k] for k in ("method", "options", "clean_data", "parent")}
+    with write_result(out) as tmp:
+        save_checkpoint(tmp, model, sidecar)
+        atomic_write_json(Path(tmp) / "purify.json", {**record, "versions": library_versions()})
+    return Path(out)

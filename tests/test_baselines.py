@@ -1,0 +1,146 @@
+"""The BackdoorBench baselines (fine-pruning, nad, anp, i-bau) on the tiny digits CNN and
+a tiny text encoder: each returns a new model, leaves its input alone, lowers the planted
+backdoor; Fine-Pruning cuts the dormant channels and the cut survives a checkpoint; ANP's
+masks stay in [0, 1]."""
+import copy
+
+import pytest
+import torch
+
+from trojanguard.checkpoint import load_checkpoint, save_checkpoint
+from trojanguard.data.base import TextData
+from trojanguard.defenses import create_defense
+from trojanguard.eval.evaluate import evaluate, predict
+
+# Options that only make a run fit a test: none changes the method. i-BAU uses the
+# authors' own batch 100 and Adam lr 1e-3 (BackdoorBench's 256 / 1e-4 give a single outer
+# step per round on 121 clean images); ANP runs fewer iterations than the default.
+OPTIONS = {
+    "fine-pruning": {},
+    "nad": {},
+    "anp": {"iterations": 300},
+    "i-bau": {"batch_size": 100, "lr": 1e-3},
+}
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_baseline_returns_new_model_and_lowers_asr(method, backdoored_digits, digits):
+    model, atk = backdoored_digits
+    test = digits.bundle.test
+    before = evaluate(model, test, atk.trigger, atk.target_for)
+    assert before["asr"] > 0.9
+    state = _state(model)
+    res = create_defense(method, progress=False, **OPTIONS[method]).purify(model, digits.defense)
+    assert res.model is not model
+    after_state = model.state_dict()
+    assert state.keys() == after_state.keys()
+    assert all(torch.equal(state[k], after_state[k]) for k in state), "the input model was modified"
+    after = evaluate(res.model, test, atk.trigger, atk.target_for)
+    assert after["asr"] < before["asr"] - 0.15, (method, before, after, res.info)
+    assert res.ca_before is not None and res.verify_size > 0
+
+
+def _dormant_model(model, channels):
+    """A copy whose last block's BN silences ``channels`` for every input (scale 0, bias < 0
+    before the ReLU): their pooled activation is exactly 0 on any data."""
+    m = copy.deepcopy(model)
+    bn = m.block3[1]
+    with torch.no_grad():
+        bn.weight[channels] = 0.0
+        bn.bias[channels] = -1.0
+    return m
+
+
+def test_fine_pruning_prunes_the_dormant_channels(backdoored_digits, digits):
+    model, _ = backdoored_digits
+    dormant = [3, 17, 40, 58]
+    m = _dormant_model(model, dormant)
+    fp = create_defense("fine-pruning", progress=False, epochs=5)
+    res = fp.purify(m, digits.defense)
+    pruned = res.info["pruned_units"]
+    assert set(dormant) <= set(pruned), res.info
+    # ranked by mean clean activation: the dormant ones (mean 0) go first and the rule keeps
+    # going past them, since they cannot cost any accuracy
+    assert res.info["pruned"] > len(dormant) and res.info["pruned"] < res.info["units"]
+    acc0, acc = res.info["check_acc_unpruned"], res.info["check_acc_pruned"]
+    assert (acc0 - acc) / acc0 < 0.1
+    w = res.model.head.weight.detach()
+    # the cut is in the weights and survived fine-tuning (re-zeroed after every step)
+    assert torch.all(w[:, pruned] == 0)
+    kept = sorted(set(range(w.shape[1])) - set(pruned))
+    assert torch.all(w[:, kept].abs().sum(0) > 0)
+    with torch.no_grad():
+        feats = m.features(digits.defense.batch(torch.arange(len(digits.defense)))[0]).mean(0)
+    # everything pruned is at most as active as everything kept (tolerance: the rule ranks
+    # on 80 % of the clean data, this check uses all of it)
+    assert feats[pruned].max() <= feats[kept].min() + 0.05
+
+
+def test_pruned_models_survive_a_checkpoint_round_trip(tmp_path, backdoored_digits, digits):
+    model, _ = backdoored_digits
+    test = digits.bundle.test
+    for name, opts in [("fine-pruning", {"epochs": 3}), ("anp", {"iterations": 30})]:
+        purified = create_defense(name, progress=False, **opts).purify(model, digits.defense).model
+        save_checkpoint(tmp_path / name, purified)
+        again, _ = load_checkpoint(tmp_path / name)
+        assert torch.equal(predict(again, test), predict(purified, test))
+        for key, value in purified.state_dict().items():  # the cut is part of the saved weights
+            assert torch.equal(again.state_dict()[key].cpu(), value.cpu()), key
+
+
+def test_anp_masks_stay_in_unit_interval_and_prune_by_threshold(backdoored_digits, digits):
+    model, _ = backdoored_digits
+    anp = create_defense("anp", progress=False, iterations=60, batch_size=64)
+    res = anp.purify(model, digits.defense)
+    masks = torch.cat([m.flatten() for m in anp.masks.values()])
+    assert masks.min() >= 0.0 and masks.max() <= 1.0
+    # lr 0.2 with momentum pushes masks past both bounds: the clipping is what keeps them in
+    assert (masks == 1.0).any() and (masks < 1.0).any()
+    low = {name: m <= 0.2 for name, m in anp.masks.items()}
+    modules = dict(res.model.named_modules())
+    for name, sel in low.items():
+        w = modules[name].weight.detach().cpu()
+        assert torch.all(w[sel] == 0) and torch.all(w[~sel] == dict(model.named_modules())[name].weight.detach()[~sel])
+    assert res.info["pruned"] == sum(int(s.sum()) for s in low.values())
+    frac = create_defense("anp", progress=False, iterations=20, batch_size=32, prune_by="fraction", fraction=0.1)
+    assert frac.purify(model, digits.defense).info["pruned"] == round(0.1 * res.info["neurons"])
+
+
+TEXT_OPTIONS = {
+    "fine-pruning": {"text_epochs": 1},
+    "nad": {"teacher_epochs": 1, "epochs": 1},
+    "anp": {"iterations": 4, "text_batch_size": 8, "prune_by": "fraction", "fraction": 0.05},
+    "i-bau": {"rounds": 1, "text_batch_size": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tiny_encoder_dir):
+    from trojanguard.models import create_model
+    torch.manual_seed(0)
+    model = create_model(f"hf:{tiny_encoder_dir}", num_classes=2).eval()
+    texts = ["a fine film", "dull and slow", "great acting", "terrible plot", "i loved it", "a boring mess",
+             "a wonderful story", "awful dialogue", "moving and funny", "a waste of time", "a brilliant cast",
+             "a weak script"] * 2
+    return model, TextData(texts, torch.tensor([1, 0] * 12), ["negative", "positive"])
+
+
+@pytest.mark.parametrize("method", list(TEXT_OPTIONS))
+def test_baseline_runs_on_a_text_model(method, tiny_text):
+    model, data = tiny_text
+    state = _state(model)
+    res = create_defense(method, progress=False, **TEXT_OPTIONS[method]).purify(model, data)
+    assert res.model is not model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    changed = any(not torch.equal(v, res.model.state_dict()[k]) for k, v in state.items())
+    assert changed, f"{method} returned the model unchanged"
+    logits = res.model(data.texts[:4])
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+    if method == "fine-pruning":
+        from trojanguard.defenses.fine_pruning import ffn_output_projection
+        cols = ffn_output_projection(res.model).weight.detach().abs().sum(0)
+        assert int((cols == 0).sum()) == res.info["pruned"] > 0

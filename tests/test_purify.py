@@ -1,0 +1,125 @@
+"""Seed purifiers (FST, FT, PAM, WIPER), the retuning attack and the purify job on tiny
+models: each returns a new model and leaves its input untouched; FST keeps the head norm
+and turns the head away from the old one; the retuning attack brings back a backdoor that
+fine-tuning hid and leaves a clean model clean; WIPER's salience finds the backdoor's
+head weights unimportant for clean data."""
+import pytest
+import torch
+
+from trojanguard.defenses import create_defense, retuning_attack
+from trojanguard.defenses.common import defense_train_config, split_clean, stamped
+from trojanguard.errors import UserError
+from trojanguard.eval.evaluate import evaluate
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["fst", "ft", "pam", "wiper"])
+def test_purifier_returns_new_model_and_leaves_input(name, backdoored_digits, digits):
+    model, atk = backdoored_digits
+    before = _state(model)
+    res = create_defense(name, progress=False, batch_size=32, **({"epochs": 2} if name != "pam" else
+                                                                 {"epochs_per_round": 1, "rounds": 1})
+                         ).purify(model, digits.defense)
+    assert res.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
+    # verified on clean samples it did not train on
+    assert res.verify_size == round(0.1 * len(digits.defense)) and 0 <= res.ca_after <= 1
+    assert res.seconds > 0 and res.peak_rss_mb > 0
+
+
+def test_fst_keeps_head_norm_every_step_and_turns_head_away(backdoored_digits, digits, monkeypatch):
+    model, atk = backdoored_digits
+    w0 = model.head.weight.detach().clone()
+    norms = []
+    import trojanguard.defenses.finetune as ft
+    real_train = ft.train
+
+    def spy(m, *a, after_step=None, **kw):
+        def after():
+            after_step()
+            norms.append(float(m.head.weight.detach().norm()))
+        return real_train(m, *a, after_step=after, **kw)
+    monkeypatch.setattr(ft, "train", spy)
+    res = create_defense("fst", progress=False, batch_size=32, epochs=3).purify(model, digits.defense)
+    assert len(norms) >= 3 * 3
+    assert max(abs(n - float(w0.norm())) for n in norms) < 1e-4 * float(w0.norm())
+    w = res.model.head.weight.detach()
+    assert float((w * w0).sum()) < 0.5 * float((w0 * w0).sum())  # the penalty pushed <W, W0> down
+    assert res.info["head_cosine_to_original"] < 0.5
+
+
+def test_fst_lowers_a_planted_backdoor_ft_keeps(backdoored_digits, digits):
+    model, atk = backdoored_digits
+    test = digits.bundle.test
+    fst = create_defense("fst", progress=False, batch_size=32, alpha=0.2, epochs=20).purify(model, digits.defense).model
+    ft = create_defense("ft", progress=False, batch_size=32).purify(model, digits.defense).model
+    a_fst = evaluate(fst, test, atk.trigger, atk.target_for)
+    a_ft = evaluate(ft, test, atk.trigger, atk.target_for)
+    assert a_ft["asr"] > 0.9            # plain fine-tuning leaves the backdoor
+    assert a_fst["asr"] < 0.2 and a_fst["ca"] > 0.93, a_fst
+
+
+def test_retuning_attack_revives_a_hidden_backdoor_not_a_clean_model(backdoored_digits, clean_digits_model, digits):
+    model, atk = backdoored_digits
+    test = digits.bundle.test
+    # hide the backdoor: fine-tune the head alone on clean + trigger-stamped samples at their true
+    # labels; the backbone still computes the trigger feature
+    clean = digits.defense
+    hidden = create_defense("lp", progress=False, batch_size=32, epochs=30, lr=0.05,
+                            verify_fraction=0).purify(model, _with_true_labelled_triggers(clean, atk)).model
+    assert evaluate(hidden, test, atk.trigger, atk.target_for)["asr"] < 0.3
+    # the paper's tuning set: 1,000 clean samples, 5 of them replaced by poisoned ones
+    tuning = digits.train
+    revived = evaluate(retuning_attack(hidden, tuning, atk), test, atk.trigger, atk.target_for)["asr"]
+    stays = evaluate(retuning_attack(clean_digits_model, tuning, atk), test, atk.trigger, atk.target_for)["asr"]
+    assert revived > 0.8 and stays < 0.3, (revived, stays)
+
+
+def _with_true_labelled_triggers(clean, atk):
+    from trojanguard.attacks.base import to_uint8
+    from trojanguard.data.base import ImageData
+    x, y = clean.batch(torch.arange(len(clean)))
+    xt = to_uint8(atk.trigger(x, y))
+    return ImageData(torch.cat([clean.x, xt]), torch.cat([clean.y, clean.y]), clean.classes,
+                     torch.cat([clean.index, clean.index]))
+
+
+def test_wiper_salience_finds_backdoor_weights_unimportant(backdoored_digits, digits):
+    model, atk = backdoored_digits
+    clean = digits.defense
+    with torch.no_grad():
+        f_clean = model.features(clean.batch(torch.arange(len(clean)))[0]).mean(0)
+        trig = stamped(clean, atk)
+        f_trig = model.features(trig.batch(torch.arange(len(trig)))[0]).mean(0)
+    backdoor_units = (f_trig - f_clean).topk(3).indices
+    wiper = create_defense("wiper", progress=False, batch_size=32)
+    # signed salience -(dL/dw * w): the backdoor's weights into the target class hurt the
+    # clean loss (removing them would lower it), so they rank at the bottom
+    target_row = wiper.benign_salience(model, clean)["head.weight"][0]
+    rank = target_row.argsort().argsort().float() / (len(target_row) - 1)  # 0 = least salient
+    assert rank[backdoor_units].mean() < 0.25, rank[backdoor_units]
+    # and the input model's gradients are left clean
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_too_little_or_wrong_clean_data_is_one_line(backdoored_digits, digits, tiny_encoder_dir):
+    model, _ = backdoored_digits
+    with pytest.raises(UserError, match="at least"):
+        create_defense("fst", progress=False).purify(model, digits.defense.subset(torch.arange(5)))
+    from trojanguard.data.base import TextData
+    text = TextData(["a b", "c d"] * 20, torch.tensor([0, 1] * 20), ["neg", "pos"])
+    with pytest.raises(UserError, match="text"):
+        create_defense("fst", progress=False).purify(model, text)
+    with pytest.raises(UserError, match="unknown option"):
+        create_defense("wiper", progres=False)
+
+
+def test_defense_train_config_sizes_crop_to_the_image(digits):
+    assert defense_train_config(digits.defense).crop_padding == 1
+    fit, verify = split_clean(digits.defense, 0.1)
+    assert len(fit) + len(verify) == len(digits.defense)
+    assert set(fit.index.tolist()).isdisjoint(verify.index.tolist())

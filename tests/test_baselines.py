@@ -12,14 +12,12 @@ from trojanguard.data.base import TextData
 from trojanguard.defenses import create_defense
 from trojanguard.eval.evaluate import evaluate, predict
 
-# Options that only make a run fit a test: none changes the method. i-BAU uses the
-# authors' own batch 100 and Adam lr 1e-3 (BackdoorBench's 256 / 1e-4 give a single outer
-# step per round on 121 clean images); ANP runs fewer iterations than the default.
-OPTIONS = {
-    "fine-pruning": {},
-    "nad": {},
-    "anp": {"iterations": 300},
-    "i-bau": {"batch_size": 100, "lr": 1e-3},
+# Short runs: these tests check what each method returns and how, not how well it does.
+QUICK = {
+    "fine-pruning": {"epochs": 3},
+    "nad": {"teacher_epochs": 2, "epochs": 2},
+    "anp": {"iterations": 20, "batch_size": 64, "prune_by": "fraction", "fraction": 0.05},
+    "i-bau": {"rounds": 1, "batch_size": 64},
 }
 
 
@@ -27,21 +25,33 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", list(OPTIONS))
-def test_baseline_returns_new_model_and_lowers_asr(method, backdoored_digits, digits):
+@pytest.mark.parametrize("method", list(QUICK))
+def test_baseline_returns_a_new_model_and_leaves_the_input_alone(method, backdoored_digits, digits):
+    model, _ = backdoored_digits
+    state = _state(model)
+    res = create_defense(method, progress=False, **QUICK[method]).purify(model, digits.defense)
+    assert res.model is not model
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state), "the input model was modified"
+    new = res.model.state_dict()
+    assert any(not torch.equal(state[k], new[k].cpu()) for k in state), f"{method} changed nothing"
+    assert res.ca_before is not None and res.ca_after is not None and res.verify_size > 0
+
+
+def test_fine_pruning_removes_the_digits_backdoor_by_pruning(backdoored_digits, digits):
+    """The pruning stage alone (epochs=0) cuts the BadNets backdoor of the fixture (ASR
+    <= 7 % in 5 of 6 seeds while keeping >= 78 % CA). The fine-tuning stage that follows
+    brings much of it back on this fixture: fine-tuning on clean data cannot remove it
+    (plain FT leaves ASR at 100 %), see the report of issue 15."""
     model, atk = backdoored_digits
     test = digits.bundle.test
     before = evaluate(model, test, atk.trigger, atk.target_for)
     assert before["asr"] > 0.9
-    state = _state(model)
-    res = create_defense(method, progress=False, **OPTIONS[method]).purify(model, digits.defense)
-    assert res.model is not model
-    after_state = model.state_dict()
-    assert state.keys() == after_state.keys()
-    assert all(torch.equal(state[k], after_state[k]) for k in state), "the input model was modified"
+    res = create_defense("fine-pruning", progress=False, epochs=0).purify(model, digits.defense)
     after = evaluate(res.model, test, atk.trigger, atk.target_for)
-    assert after["asr"] < before["asr"] - 0.15, (method, before, after, res.info)
-    assert res.ca_before is not None and res.verify_size > 0
+    assert after["asr"] < before["asr"] - 0.5, (before, after, res.info["pruned"])
+    assert after["ca"] > 0.7
 
 
 def _dormant_model(model, channels):
@@ -108,6 +118,72 @@ def test_anp_masks_stay_in_unit_interval_and_prune_by_threshold(backdoored_digit
     assert res.info["pruned"] == sum(int(s.sum()) for s in low.values())
     frac = create_defense("anp", progress=False, iterations=20, batch_size=32, prune_by="fraction", fraction=0.1)
     assert frac.purify(model, digits.defense).info["pruned"] == round(0.1 * res.info["neurons"])
+
+
+def test_nad_attention_maps_are_normalised_and_ignore_padding():
+    from trojanguard.defenses.nad import at_loss, attention_map
+    g = torch.Generator().manual_seed(0)
+    fm = torch.randn(4, 8, 5, 5, generator=g)
+    am = attention_map(fm, 2.0)
+    assert am.shape == (4, 25)
+    assert torch.allclose(am.norm(dim=1), torch.ones(4), atol=1e-5)
+    # BackdoorBench's AT: sum_c |a|^p, divided by its L2 norm over the positions
+    ref = fm.abs().pow(2).sum(1, keepdim=True)
+    ref = ref / (ref.norm(dim=(2, 3), keepdim=True) + 1e-6)
+    assert torch.allclose(am, ref.flatten(1), atol=1e-6)
+    assert at_loss(fm, fm, 2.0) == 0
+    # text: a sentence padded to 7 tokens has the map of its 4 real tokens, zeros elsewhere
+    h = torch.randn(1, 7, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    padded = attention_map(h, 2.0, mask)
+    alone = attention_map(h[:, :4], 2.0)
+    assert torch.allclose(padded[:, :4], alone, atol=1e-6) and torch.all(padded[:, 4:] == 0)
+
+
+def test_nad_takes_a_given_teacher_of_the_same_architecture(tmp_path, backdoored_digits, clean_digits_model, digits):
+    from trojanguard.errors import UserError
+    model, _ = backdoored_digits
+    save_checkpoint(tmp_path / "teacher", clean_digits_model)
+    res = create_defense("nad", progress=False, teacher=str(tmp_path / "teacher"), epochs=1).purify(
+        model, digits.defense)
+    assert res.info["teacher"] == str(tmp_path / "teacher") and res.info["teacher_seconds"] == 0.0
+    from trojanguard.models import create_model
+    other = create_model("small_cnn", num_classes=10, width=8, in_channels=1)
+    save_checkpoint(tmp_path / "other", other)
+    with pytest.raises(UserError, match="architecture"):
+        create_defense("nad", progress=False, teacher=str(tmp_path / "other")).purify(model, digits.defense)
+
+
+@pytest.mark.parametrize("mode", ["fixed-point", "cg"])
+def test_ibau_hypergradient_matches_the_implicit_derivative(mode):
+    """A problem whose inner fixed point is known: Phi(d) = d - eta (d - W[0]) has d* = W[0],
+    so the hypergradient must equal the gradient of L(W[0], theta) with d* substituted."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    params = list(lin.parameters())
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    rows = torch.tensor([1, 3])
+
+    def logits_with(x, d, rows=None):
+        full = torch.zeros_like(x).index_put((rows,), d.expand(len(rows), 3)) if rows is not None else d
+        return lin(x + full)
+
+    def inner_map(d):
+        return d - 0.5 * (d - lin.weight[0:1])
+
+    ibau = create_defense("i-bau", K=60, hypergrad=mode, progress=False)
+    ibau._hyper_step(lin.weight[0:1].detach(), params, x, y, rows, logits_with, inner_map)
+    got = [q.grad.clone() for q in params]
+    for q in params:
+        q.grad = None
+    ref_loss = torch.nn.functional.cross_entropy(logits_with(x, lin.weight[0:1], rows), y)
+    ref = torch.autograd.grad(ref_loss, params)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-5), (a, b)
+    # the implicit term matters: the direct gradient alone (delta held fixed) differs
+    direct = torch.autograd.grad(torch.nn.functional.cross_entropy(
+        logits_with(x, lin.weight[0:1].detach(), rows), y), params)
+    assert not torch.allclose(direct[0], ref[0], atol=1e-4)
 
 
 TEXT_OPTIONS = {

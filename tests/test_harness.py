@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trojanguard.bench import load_results, run_grid, write_report
+from trojanguard.bench import load_results, run_grid
 from trojanguard.bench.report import DETECTION, INSPECTION, PURIFICATION
 from trojanguard.cli.main import main
 
@@ -178,6 +178,7 @@ def test_harness_overhead(small_run, tmp_path, monkeypatch):
     assert per_cell <= 0.02
 
 
+@pytest.mark.slow
 def test_local_and_ray_give_identical_metrics(small_run, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'trojanguard[ray]')")
     grid = write_grid(tmp_path / "g.yaml",
@@ -352,6 +353,15 @@ def test_malformed_grid_is_refused_in_one_line(case, change, expect, tmp_path, c
     assert rc == 2 and err.count("\n") == 1 and err.startswith("trojanguard: error: "), err
     assert expect in err, err
     assert not (tmp_path / "r.sqlite").exists()  # nothing was started
+
+
+def test_ray_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed (find_spec gives None)
+    grid = write_grid(tmp_path / "g.yaml")
+    assert main(["bench", str(grid), "--db", str(tmp_path / "r.sqlite"), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'trojanguard[ray]'" in err
+    assert not (tmp_path / "r.sqlite").exists()
 
 
 def test_not_yaml_and_missing_file_are_one_line(tmp_path, capsys):

@@ -72,8 +72,8 @@ def eval_json(capsys, folder, *extra) -> dict:
 
 def edit_json(path: Path, fn) -> None:
     d = json.loads(path.read_text())
-    d = fn(d) or d
-    path.write_text(json.dumps(d))
+    r = fn(d)  # edits in place, or returns a new document (a list, say)
+    path.write_text(json.dumps(r if isinstance(r, (dict, list)) else d))
 
 
 def legacy_copy(src: Path, dst: Path) -> Path:
@@ -217,7 +217,7 @@ def test_finding_1_2_legacy_folders_from_interrupted_old_runs(work, base, capsys
     half = legacy_copy(base["badnets"], work / "half")
     for name in ("attack.json", "attack.safetensors", "metrics.json"):
         (half / name).unlink()
-    refused(capsys, ["eval", half], ["incomplete result", "no attack.json"], work)
+    refused(capsys, ["eval", half], ["incomplete result", "is missing"], work)
     refused(capsys, ["info", half], ["incomplete result"], work)
 
     stale_metrics = legacy_copy(base["badnets"], work / "stale")
@@ -441,6 +441,55 @@ def _evil_pt(base, work):
     return ["eval", p, "--model", "small_cnn", "--dataset", "digits"]
 
 
+def _consistent(kind: str, fn):
+    """Edit the attack in attack.json and its record in model.json the same way."""
+    def setup(base, work):
+        d = legacy_copy(base[kind], work / "case")
+        edit_json(d / "attack.json", fn)
+        edit_json(d / "model.json", lambda m: fn(m["attack"]))
+        return ["eval", d]
+    return setup
+
+
+def _attack_only(fn):
+    """An attack artifact folder of its own (attack.json + attack.safetensors), edited."""
+    def setup(base, work):
+        d = work / "case"
+        d.mkdir()
+        for f in ("attack.json", "attack.safetensors"):
+            shutil.copy(base["badnets"] / f, d / f)
+        edit_json(d / "attack.json", lambda a: a.update(format="trojanguard-attack/1"))
+        edit_json(d / "attack.json", fn)
+        return ["show-trigger", d, "--dataset", "digits", "--out", work / "t.png"]
+    return setup
+
+
+def _empty_sidecar(d: Path) -> Path:
+    (d / "model.json").write_text("{}")
+    return d
+
+
+def _link_model_json(d: Path) -> Path:
+    (d / "model.json").unlink()
+    (d / "model.json").mkdir()
+    return d
+
+
+def _nan_weights(d: Path) -> Path:
+    t = load_file(d / "model.safetensors")
+    t["head.bias"] = torch.full_like(t["head.bias"], float("nan"))
+    save_file(t, d / "model.safetensors")
+    edit_json(d / "model.json", lambda m: m.update(sha256=__import__("hashlib").sha256(
+        (d / "model.safetensors").read_bytes()).hexdigest()))
+    return d
+
+
+def _add_attack(d: Path, other: Path) -> Path:
+    for f in other.glob("attack.*"):
+        shutil.copy(f, d / f.name)
+    return d
+
+
 # (id, setup(base, work) -> argv, needles). Most are new in issue 12; the hostile-file cases
 # (pickled code, broken safetensors) held before and are kept here so that they keep holding.
 CATALOGUE = [
@@ -449,7 +498,7 @@ CATALOGUE = [
     ("width-huge", _argv("train", *DIGITS, "--width", "200000"), ["--width", "outside"]),
     ("lr-inf", _argv("train", *DIGITS, "--lr", "inf"), ["--lr", "finite"]),
     ("lr-nan", _argv("train", *DIGITS, "--lr", "nan"), ["--lr", "finite"]),
-    ("weight-decay-inf", _argv("train", *DIGITS, "--weight-decay", "-inf"), ["--weight-decay", "finite"]),
+    ("weight-decay-inf", _argv("train", *DIGITS, "--weight-decay=-inf"), ["--weight-decay", "finite"]),
     ("epochs-negative", _argv("train", *DIGITS[:-3], "--epochs", "-1"), ["epochs"]),
     ("seed-overflow", _argv("train", *DIGITS, "--seed", str(10**30)), ["--seed", "outside"]),
     ("device-mps", _argv("train", *DIGITS, "--device", "mps"), ["mps"]),
@@ -497,17 +546,27 @@ CATALOGUE = [
     ("model-json-is-folder", lambda b, w: ["eval", _link_model_json(legacy_copy(b["clean"], w / "c"))],
      ["model.json", "a folder"]),
     ("weights-dev-zero", _mutate("clean", "model.safetensors", _link_zero), ["not a regular file"]),
-    ("weights-header-too-big", _mutate("clean", "model.safetensors", _big_header), ["not a valid safetensors"]),
+    ("weights-header-too-big", lambda b, w: [*_mutate("clean", "model.safetensors", _big_header)(b, w), "--no-verify"],
+     ["not a valid safetensors"]),
     ("weights-are-folder", _mutate("clean", "model.safetensors", _link_dir), ["a folder"]),
     ("nan-weights", lambda b, w: ["eval", _nan_weights(legacy_copy(b["clean"], w / "c"))], ["NaN weights"]),
     ("attack-name-int", _mutate("badnets", "attack.json", lambda a: a.update(name=123)), ["attack.json", "field name"]),
-    ("attack-config-list", _mutate("badnets", "attack.json", lambda a: a.update(config=[1])), ["field config"]),
+    ("attack-config-list", _mutate("badnets", "attack.json", lambda a: a.update(config=[1])),
+     ["attack.json", "field config"]),
     ("attack-num-classes-str", _mutate("badnets", "attack.json", lambda a: a.update(num_classes="ten")),
-     ["field num_classes"]),
-    ("attack-patch-too-big", _mutate("badnets", "attack.json", lambda a: a["config"].update(patch_size=9)),
+     ["attack.json", "field num_classes"]),
+    ("attack-unknown-name", _attack_only(lambda a: a.update(name="nosuch")), ["attack.json", "unknown attack"]),
+    ("attack-option-out-of-range", _attack_only(lambda a: a["config"].update(ratio=7)),
+     ["attack.json", "field config.ratio"]),
+    # out of range for the data: both files edited alike, as someone forging a result would
+    ("attack-patch-too-big", _consistent("badnets", lambda a: a["config"].update(patch_size=9)),
      ["attack.json", "field config.patch_size", "8x8"]),
-    ("attack-target-not-class", _mutate("badnets", "attack.json", lambda a: a["config"].update(target=12)),
+    ("attack-target-not-class", _consistent("badnets", lambda a: a["config"].update(target=12)),
      ["attack.json", "field config.target", "not a class"]),
+    ("attack-other-class-count", _consistent("badnets", lambda a: a.update(num_classes=5)),
+     ["attack.json", "field num_classes", "5 classes"]),
+    ("attack-json-disagrees", _mutate("badnets", "attack.json", lambda a: a["config"].update(patch_size=2)),
+     ["incomplete result", "different attacks", "config.patch_size: 3 vs 2"]),
     ("attack-pattern-wrong-size", _mutate("blended", "attack.safetensors", _set_tensors(
         lambda t: t.update(pattern=torch.rand(3, 32, 32)))), ["pattern is [3, 32, 32]", "[1, 8, 8]"]),
     ("attack-tensor-renamed", _mutate("blended", "attack.safetensors", _set_tensors(
@@ -526,38 +585,12 @@ CATALOGUE = [
 ]
 
 
-def _empty_sidecar(d: Path) -> Path:
-    (d / "model.json").write_text("{}")
-    return d
-
-
-def _link_model_json(d: Path) -> Path:
-    (d / "model.json").unlink()
-    (d / "model.json").mkdir()
-    return d
-
-
-def _nan_weights(d: Path) -> Path:
-    t = load_file(d / "model.safetensors")
-    t["head.bias"] = torch.full_like(t["head.bias"], float("nan"))
-    save_file(t, d / "model.safetensors")
-    edit_json(d / "model.json", lambda m: m.update(sha256=__import__("hashlib").sha256(
-        (d / "model.safetensors").read_bytes()).hexdigest()))
-    return d
-
-
-def _add_attack(d: Path, other: Path) -> Path:
-    for f in other.glob("attack.*"):
-        shutil.copy(f, d / f.name)
-    return d
-
-
 def test_catalogue_has_thirty_cases():
     assert len(CATALOGUE) >= 30 and len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_input_catalogue(work, base, capsys, case):
+def test_finding_8_bad_input_catalogue(work, base, capsys, case):
     _, setup, needles = case
     argv = setup(base, work)
     if "--out" not in argv and argv[0] in ("train", "attack"):

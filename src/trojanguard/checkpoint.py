@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .errors import UserError
-from .models import TrojanModel, create_model
+from .models import HF_PREFIXES, TrojanModel, create_model
 from .resultdir import Result, incomplete, read_bounded, read_result, regular_file, write_bytes, write_json, \
     write_result, writing
 from .utils import library_versions
@@ -217,22 +217,25 @@ def read_sidecar(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 def check_attack_agrees(res: Result, meta: dict[str, Any]) -> None:
     """The attack recorded in ``model.json`` is the one in ``attack.json`` (both or neither)."""
-    from .attacks.base import ARTIFACT_JSON, MAX_ARTIFACT_JSON
+    from .attacks.base import ARTIFACT_JSON, MAX_ARTIFACT_JSON, validate_artifact
     recorded = meta.get("attack")
     if not res.has(ARTIFACT_JSON):
         if recorded:
             raise incomplete(res.path, f"{SIDECAR} records attack {recorded['name']!r} but there is no {ARTIFACT_JSON}")
         return
     art = res.read_json(ARTIFACT_JSON, MAX_ARTIFACT_JSON)
-    if not isinstance(art, dict):
-        return  # load_attack reports the malformed artifact
+    validate_artifact(art, res.path / ARTIFACT_JSON)  # a malformed field is named before any comparison
     if not recorded:
         raise incomplete(res.path, f"{SIDECAR} records no attack but there is an {ARTIFACT_JSON} "
                                    f"(attack {art.get('name')!r})")
     for key in ("name", "modality", "config"):
-        if key in art and art.get(key) != recorded.get(key, "image" if key == "modality" else None):
+        a, b = recorded.get(key, "image" if key == "modality" else None), art.get(key, "image" if key == "modality" else None)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):  # name the first option that differs
+                key = next(f"config.{k}" for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k))
+                a, b = a.get(key[7:]), b.get(key[7:])
             raise incomplete(res.path, f"{SIDECAR} and {ARTIFACT_JSON} describe different attacks "
-                                       f"({key}: {_short(recorded.get(key))} vs {_short(art.get(key))})")
+                                       f"({key}: {_short(a)} vs {_short(b)})")
 
 
 def _short(v: Any) -> str:
@@ -255,8 +258,9 @@ def _check_legacy(res: Result, meta: dict[str, Any]) -> None:
             raise incomplete(res.path, f"{METRICS} and {SIDECAR} come from different runs (their ca/seconds differ)")
 
 
-def _is_text(name: str) -> bool:
-    return name == "minilm" or name.startswith("hf:")
+def _is_hf(name: str) -> bool:
+    """Models built from a Hugging Face config (``from_config``; weights follow)."""
+    return name == "minilm" or name.startswith(HF_PREFIXES)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
@@ -273,7 +277,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     name, args = spec["name"], dict(spec.get("args") or {})
     where = f"{res.path / SIDECAR}: model {name}"
     try:
-        if not _is_text(name):
+        if not _is_hf(name):
             # the architecture on the meta device costs nothing: compare shapes before allocating
             with torch.device("meta"):
                 skeleton = create_model(name, **args)
@@ -302,7 +306,8 @@ def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
                             "train again with a lower --lr")
 
 
-def _check_fit(own: dict[str, tuple], state: dict[str, torch.Tensor], where: str, spec: dict) -> None:
+def _check_fit(own: dict[str, tuple], state: dict[str, torch.Tensor], where: str, spec: dict,
+               hint: str = "pass the --model/--width/--num-classes it was trained with") -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != own[k]]
@@ -317,7 +322,7 @@ def _check_fit(own: dict[str, tuple], state: dict[str, torch.Tensor], where: str
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UserError(f"weights in {where} do not fit {spec['name']} {spec.get('args', {})}: "
-                        f"{'; '.join(detail)}; pass the --model/--width/--num-classes it was trained with")
+                        f"{'; '.join(detail)}; {hint}")
 
 
 def _load_state(model: TrojanModel, state: dict[str, torch.Tensor], where: str) -> None:
@@ -331,7 +336,23 @@ def load_foreign_weights(path: str | Path, model: TrojanModel) -> TrojanModel:
     ``.safetensors`` is read directly; ``.pt``/``.pth``/``.bin`` only through
     ``torch.load(weights_only=True)``, which refuses any file that needs code to unpickle.
     A dict with a 'state_dict' or 'model' entry is unwrapped; a 'module.' prefix
-    (DataParallel) is stripped."""
+    (DataParallel) is stripped. A module's own state_dict loads into its ``wrap()``."""
+    from .models.adapter import WrappedModel
+    p = Path(path)
+    state = read_weights_file(p)
+    if isinstance(model, WrappedModel):
+        own = set(model.state_dict())
+        if not own & set(state) and own & {f"net.{k}" for k in state}:
+            state = {f"net.{k}": v for k, v in state.items()}  # the wrapped module's own keys
+    _load_state(model, state, str(p))
+    if model.modality == "image":
+        model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a ``.safetensors`` file or (``weights_only``) ``.pt`` file, unwrapped
+    and without a DataParallel 'module.' prefix; a file needing code to unpickle is refused."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"weights file {str(p)!r} does not exist")
@@ -352,8 +373,8 @@ def load_foreign_weights(path: str | Path, model: TrojanModel) -> TrojanModel:
                                 "), which could do anything; ask for a plain state_dict "
                                 "(torch.save(model.state_dict())) or a .safetensors file") from None
             detail = msg.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:120] if msg else ""
-            raise UserError(f"cannot read {p}: not a valid PyTorch weights file ({detail}); "
-                            "re-copy it or ask for a .safetensors file") from None
+            raise UserError(f"cannot read {p}: not a valid PyTorch weights file ({detail}); re-copy it, or ask for "
+                            "a plain state_dict (torch.save(model.state_dict())) or a .safetensors file") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise UserError(f"cannot read {p} as a PyTorch file ({str(e).splitlines()[0][:200]})") from None
     for key in ("state_dict", "model", "model_state_dict", "net"):
@@ -362,8 +383,4 @@ def load_foreign_weights(path: str | Path, model: TrojanModel) -> TrojanModel:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{p} does not hold a state_dict of tensors; save model.state_dict()")
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    _load_state(model, state, str(p))
-    if model.modality == "image":
-        model.to(memory_format=torch.channels_last)
-    return model.eval()
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -112,12 +112,16 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
         classes = list(prep.bundle.classes)
     if clean_data is not None:
         from .data.user import load_clean_data
-        channels, size = 3, None
+        from .models.foreign import check_model_data
+        channels, size = 3, getattr(model, "input_size", None)
         if model.modality == "image":
             import torch
-            channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-            size = tuple(prep.bundle.train.x.shape[2:]) if prep is not None else None
+            channels = getattr(model, "in_channels", None) or next(
+                (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3)
+            if size is None and prep is not None:
+                size = tuple(prep.bundle.train.x.shape[2:])
         clean = load_clean_data(clean_data, classes, model.modality, channels, size)
+        check_model_data(model, clean)
         source = str(clean_data)
     else:
         clean = prep.defense

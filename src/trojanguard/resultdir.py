@@ -26,6 +26,12 @@ Bounded reads of untrusted files (``regular_file``, ``read_bounded``, ``read_jso
 live here too: every reader checks that a path is a regular file (not a folder, a device
 such as /dev/zero, or a pipe) and that its size is below a cap before reading it.
 
+API: ``write_result`` (+ ``write_bytes``/``write_json`` for files inside it, ``writing`` to
+ask whether a path is an open result), ``read_result``/``check_result`` -> ``Result``
+(``has``, ``read_bytes``, ``read_json``, ``files``, ``legacy``), ``amend_result`` to change a
+finished result, ``check_out``/``check_file_out`` to refuse an unwritable output before any
+work, ``incomplete`` for callers' own legacy checks, and the bounded readers.
+
 Test hook: ``TROJANGUARD_TEST_KILL_AT=<point>`` makes the process SIGKILL itself at a
 named point of writing: ``before:<file>``, ``during:<file>`` (half of the file written),
 ``after:<file>`` for files written with ``write_bytes``/``write_json`` (the manifest is
@@ -35,6 +41,7 @@ named point of writing: ``before:<file>``, ``during:<file>`` (half of the file w
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -59,6 +66,10 @@ LEGACY_FILES = frozenset({"model.safetensors", "model.json", "attack.json", "att
                           "metrics.json", "trigger.png"})
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 _OPEN: set[str] = set()  # temporary folders of results being written in this process
+
+__all__ = ["MARKER", "Result", "amend_result", "check_file_out", "check_out", "check_result", "incomplete",
+           "parse_json", "read_bounded", "read_json_file", "read_result", "regular_file", "write_bytes",
+           "write_json", "write_result", "writing"]
 
 
 # --------------------------------------------------------------------------- writing --
@@ -226,7 +237,8 @@ def read_result(folder: str | Path, verify: bool = True) -> Result:
     marker = p / MARKER
     if not os.path.lexists(marker):
         return Result(p, None, verify)
-    manifest = _manifest(read_json_file(marker, 64 * 2**20, MARKER), marker)
+    manifest = _manifest(read_json_file(marker, 64 * 2**20, MARKER, "the result is damaged: delete it or re-run"),
+                         marker)
     for name, entry in manifest["files"].items():
         f = p / name
         try:
@@ -290,16 +302,17 @@ def read_bounded(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
     return data
 
 
-def parse_json(data: bytes, where: str | Path) -> Any:
+def parse_json(data: bytes, where: str | Path, fix: str = "re-create it") -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UserError(f"{where} is not valid JSON ({msg}); re-create it") from None
+        raise UserError(f"{where} is not valid JSON ({msg}); {fix}") from None
 
 
-def read_json_file(path: str | Path, max_bytes: int = MAX_JSON_BYTES, what: str = "JSON file") -> Any:
-    return parse_json(read_bounded(path, max_bytes, what), path)
+def read_json_file(path: str | Path, max_bytes: int = MAX_JSON_BYTES, what: str = "JSON file",
+                   fix: str = "re-create it") -> Any:
+    return parse_json(read_bounded(path, max_bytes, what), path, fix)
 
 
 # --------------------------------------------------------------------------- internals --
@@ -346,15 +359,27 @@ def _seal(tmp: Path, kind: str) -> None:
 
 
 def _swap(tmp: Path, folder: Path) -> None:
-    old = None
-    if os.path.lexists(folder):
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(folder, old)
-        _kill_point("swap")
-    os.rename(tmp, folder)
+    olds = []
+    for _ in range(5):  # another writer of the same folder may rename in between: retry
+        if os.path.lexists(folder):
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.rename(folder, old)
+                olds.append(old)
+            except FileNotFoundError:
+                pass
+            _kill_point("swap")
+        try:
+            os.rename(tmp, folder)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    else:
+        raise UserError(f"{folder} kept being replaced by another process; run one writer at a time")
     _fsync(folder.parent)
     _kill_point("done")
-    if old is not None:
+    for old in olds:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -166,8 +166,9 @@ class Attack:
         that is not a class. Called before poisoning and on the first trigger of each shape."""
         cfg = self.cfg
         if self.source:
-            def bad(field, problem, fix="use the artifact with the dataset it was made for"):
-                return UserError(f"{self.source}: field {field}: {problem}; {fix}")
+            def bad(field, problem, fix=None):
+                return UserError(f"{self.source}: field {field}: {problem}; "
+                                 f"{fix or 'use the artifact with the dataset it was made for'}")
         else:
             def bad(field, problem, fix=None):
                 opt = field.removeprefix("config.")
@@ -348,6 +349,17 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
+def validate_artifact(meta: Any, where: Path) -> ArtifactMeta:
+    """Check a parsed ``attack.json`` (not its config, which the attack's class checks)."""
+    from ..checkpoint import field_error
+    if not isinstance(meta, dict) or "name" not in meta or "config" not in meta:
+        raise UserError(f"{where} is not an attack artifact (no 'name'/'config'); re-create it")
+    try:
+        return ArtifactMeta.model_validate(meta)
+    except ValidationError as e:
+        raise UserError(f"{where}: {field_error(e)}; re-create the artifact (or fix that field)") from None
+
+
 def load_attack(folder: str | Path, verify: bool = True) -> Attack:
     """Rebuild an attack (trigger, targets, poisoned indices) from its artifact in a
     complete result folder, every stored field checked; ``verify=False`` skips the sha256
@@ -361,13 +373,7 @@ def load_attack(folder: str | Path, verify: bool = True) -> Attack:
     where, twhere = folder / ARTIFACT_JSON, folder / ARTIFACT_TENSORS
     if not res.has(ARTIFACT_JSON):
         raise UserError(f"{folder} has no {ARTIFACT_JSON}; give the folder written by 'trojanguard attack'")
-    meta = res.read_json(ARTIFACT_JSON, MAX_ARTIFACT_JSON)
-    if not isinstance(meta, dict) or "name" not in meta or "config" not in meta:
-        raise UserError(f"{where} is not an attack artifact (no 'name'/'config'); re-create it")
-    try:
-        art = ArtifactMeta.model_validate(meta)
-    except ValidationError as e:
-        raise UserError(f"{where}: {field_error(e)}; re-create the artifact (or fix that field)") from None
+    art = validate_artifact(res.read_json(ARTIFACT_JSON, MAX_ARTIFACT_JSON), where)
     if res.legacy and art.format not in (None, LEGACY_ARTIFACT_FORMAT):
         raise incomplete(folder, f"{ARTIFACT_JSON} was written by a run that did not finish (no COMPLETE.json)")
     try:
@@ -408,6 +414,7 @@ def load_attack(folder: str | Path, verify: bool = True) -> Attack:
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
         raise UserError(f"{twhere}: the stored trigger does not fit attack {art.name} "
                         f"({str(e).splitlines()[0][:160]}); re-create the artifact") from None
+    attack.check_fits(None, art.num_classes)  # values that need no data: the target, text insertions
     if res.has("model.json"):
         side = res.read_json("model.json")
         if isinstance(side, dict):

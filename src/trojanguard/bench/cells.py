@@ -24,7 +24,7 @@ import time
 import traceback
 from importlib import import_module
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 CELL_JSON = "cell.json"
 _DATA: dict = {}
@@ -89,7 +89,7 @@ def execute(task: dict, on_stage: Callable[[str], None] | None = None) -> dict:
     """Run one cell; returns its result (metrics, stages, resources used). Raises on failure."""
     import torch
 
-    from ..utils import library_versions, to_jsonable
+    from ..utils import library_versions, resolve_device, to_jsonable
     ctx = task["context"]
     for mod in ctx.get("plugins") or []:
         import_module(mod)
@@ -108,8 +108,8 @@ def execute(task: dict, on_stage: Callable[[str], None] | None = None) -> dict:
         "metrics": metrics, "stages": stages.items, "seconds": time.perf_counter() - t0,
         "peak_rss_mb": max((s["peak_rss_mb"] for s in stages.items), default=None),
         "peak_cuda_mb": max((s["peak_cuda_mb"] for s in stages.items if "peak_cuda_mb" in s), default=None),
-        "threads": torch.get_num_threads(), "device": ctx.get("device"), "versions": library_versions(),
-        "host": socket.gethostname(), "pid": os.getpid(), "artifact": str(folder)})
+        "threads": torch.get_num_threads(), "device": str(resolve_device(ctx.get("device") or "auto")),
+        "versions": library_versions(), "host": socket.gethostname(), "pid": os.getpid(), "artifact": str(folder)})
     _write_record(record_path(folder), {"hash": task["hash"], "name": task["name"], "kind": task["kind"],
                                         "config": task["config"], "result": result})
     return result
@@ -244,40 +244,22 @@ def _detector(task: dict, out: Path, stages: Stages) -> dict:
     fpr, tpr, _ = M.roc_curve(scores, labels)
     pick = torch.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().long().unique().numpy()
     with stages("guard"):
-        # the guard a deployer gets: flagged inputs are rejected (or, for detectors that also
-        # purify, classified by the purified model); CA/ASR count rejections as misses
+        # the guard a deployer gets from a detector alone: flagged inputs are rejected, and a
+        # rejection counts as a miss for CA and as a failure of the attack for ASR (detectors
+        # that also purify need their own, separately fitted purifier: not measured here)
         flag_c, flag_p = s_clean > det.threshold, s_pois > det.threshold
-        pred_c0, pred_p0 = predict(model, test), predict(model, poisoned, trigger=attack.trigger)
-        purified = hasattr(det, "purified_logits")
-        pred_c, pred_p = pred_c0, pred_p0
-        if purified:
-            pred_c = _purified_where(det, test, None, flag_c, pred_c0)
-            pred_p = _purified_where(det, poisoned, attack.trigger, flag_p, pred_p0)
-        ok_c = (pred_c == test.y) & (~flag_c | purified)
-        hit_p = (pred_p == tgt) & (~flag_p | purified)
+        pred_c, pred_p = predict(model, test), predict(model, poisoned, trigger=attack.trigger)
+        ok_c = (pred_c == test.y) & ~flag_c
+        hit_p = (pred_p == tgt) & ~flag_p
     with stages("save"), write_result(out, kind="bench-detector") as tmp:
         save_file({"clean": s_clean.contiguous(), "poisoned": s_pois.contiguous()}, str(tmp / "scores.safetensors"))
-    return {**rep, "ca_before": M.accuracy(pred_c0, test.y),
-            "asr_before": M.attack_success_rate(pred_p0, poisoned.y, tgt) if len(tgt) else None,
+    return {**rep, "ca_before": M.accuracy(pred_c, test.y),
+            "asr_before": M.attack_success_rate(pred_p, poisoned.y, tgt) if len(tgt) else None,
             "ca_after": float(ok_c.float().mean()), "asr_after": float(hit_p.float().mean()) if len(tgt) else None,
             "flagged_clean": float(flag_c.float().mean()), "flagged_poisoned": float(flag_p.float().mean()),
-            "frr_target": getattr(det, "frr", None), "guard": "purify flagged" if purified else "reject flagged",
+            "frr_target": getattr(det, "frr", None), "guard": "reject flagged",
             "n_clean": len(s_clean), "n_poisoned": len(s_pois),
             "roc": {"fpr": fpr[pick].tolist(), "tpr": tpr[pick].tolist()}}
-
-
-def _purified_where(det, data, trigger, flags, pred):
-    import torch
-    idx = flags.nonzero().flatten()
-    if len(idx) == 0:
-        return pred
-    pred = pred.clone()
-    for chunk in idx.split(256):
-        x, y = data.batch(chunk)
-        if trigger is not None:
-            x = trigger(x, y)
-        pred[chunk] = torch.as_tensor(det.purified_logits(x)).argmax(1).cpu()
-    return pred
 
 
 def _inspector(task: dict, out: Path, stages: Stages) -> dict:

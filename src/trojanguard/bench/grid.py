@@ -136,6 +136,7 @@ class Plan:
     path: str
     context: dict                     # what every cell of the grid needs (dataset, model, device)
     cells: list[Cell] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def by_hash(self) -> dict[str, Cell]:
         return {c.hash: c for c in self.cells}
@@ -240,9 +241,11 @@ def plan_grid(path: str | Path, artifacts: str | Path | None = None) -> Plan:
         prep = prepared_data(context)
     except UserError as e:
         fail("dataset", str(e))
-    context["modality"] = modality = prep.bundle.modality
+    context["modality"] = prep.bundle.modality
     try:
-        build_model(grid.model, prep.bundle, width=grid.width)
+        # a check only: a text encoder is built without reading its weights
+        build_model(grid.model, prep.bundle, width=grid.width,
+                    **({"pretrained": False} if prep.bundle.modality == "text" else {}))
     except UserError as e:
         fail("model", str(e))
     if "seed" in grid.train:
@@ -264,9 +267,11 @@ def plan_grid(path: str | Path, artifacts: str | Path | None = None) -> Plan:
     model_key = {"name": grid.model, "width": grid.width}
     zoo_roots = [Path(z) for z in ([grid.zoo_root] if isinstance(grid.zoo_root, str) else grid.zoo_root or [])]
     for i, z in enumerate(zoo_roots):
-        if not z.is_dir():
+        if z.exists() and not z.is_dir():
             fail("zoo_root" + (f"[{i}]" if isinstance(grid.zoo_root, list) else ""),
-                 f"{str(z)!r} is not a folder; give the root the zoo builder wrote (e.g. zoo/cifar10) or drop it")
+                 f"{str(z)!r} is a file; give the folder the zoo builder wrote (e.g. zoo/cifar10)")
+        if not z.exists():  # a zoo not built yet on this machine: everything trains
+            plan.notes.append(f"zoo_root {z} does not exist: nothing is adopted from it")
     res = {k: (grid.resources.get(k) or Resources()).model_dump() for k in KINDS}
 
     from .victims import adopted_victim, victim_cells

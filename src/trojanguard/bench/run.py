@@ -82,6 +82,10 @@ def run_grid(grid: str | Path, db: str | Path | None = None, artifacts: str | Pa
         raise UserError("--threads must be at least 1")
     if executor not in ("local", "ray"):
         raise UserError(f"--executor {executor!r}: choose local or ray")
+    if executor == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:  # before anything is written
+            raise UserError("--executor ray needs Ray: pip install 'trojanguard[ray]' (or use --executor local)")
     db = Path(db or DEFAULT_DB)
     if artifacts is None:
         from .grid import read_grid
@@ -100,6 +104,8 @@ def run_grid(grid: str | Path, db: str | Path | None = None, artifacts: str | Pa
     ex = None
     try:
         store.register(plan.name, cells)
+        for note in plan.notes:
+            print(f"note: {note}", file=out, flush=True)
         rows = store.get([c.hash for c in cells])
         state = {c.hash: classify(c, rows.get(c.hash), store) for c in cells}
         done: set[str] = set()
@@ -205,6 +211,8 @@ def _dry_run(plan: Plan, cells: list[Cell], db: Path, out: TextIO) -> dict:
         mean = {k: (store.mean_seconds(k, ctx["dataset"], ctx["model"]) if store else None)
                 for k in ("victim", "purifier", "detector", "inspector")}
         print(f"grid {plan.name} ({plan.path}): {len(cells)} cells -> {db}", file=out)
+        for note in plan.notes:
+            print(f"note: {note}", file=out)
         w = max(len(c.name) for c in cells)
         counts: dict[str, int] = {}
         eta, unknown = 0.0, 0

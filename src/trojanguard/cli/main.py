@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UserError
 
 # Commands that live in a module of their own (``add_parser(sub)`` + ``run(args)``).
-COMMAND_MODULES: tuple[str, ...] = ("purify", "detect", "bench")
+COMMAND_MODULES: tuple[str, ...] = ("purify", "detect", "bench", "inspect", "workflow")
 
 
 class _Parser(argparse.ArgumentParser):

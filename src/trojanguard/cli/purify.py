@@ -35,9 +35,9 @@ def run(args) -> int:
         raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
+    from ..resultdir import check_out
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    check_out(out, "--out")  # before any work: an unwritable --out fails now, not after purifying
     options = parse_options(args.options)
     from ..defenses import DEFENSES
     DEFENSES.get(args.method)  # unknown names fail before loading anything

@@ -7,6 +7,9 @@ from ..registry import Registry
 from .base import Defense, DefenseConfig, InputDetector, Inspection, Inspector, Purifier, PurifyResult
 from .common import before_after, retuned_asr, retuning_attack
 from .badacts import BadActs, BadActsConfig
+from .beniful import BeniFul, BeniFulConfig, BeniFulRemoval, BeniFulRemovalConfig
+from .rap import RAP, RAPConfig
+from .strip import STRIP, STRIPConfig
 from .anp import Anp, AnpConfig
 from .finetune import Finetune, FinetuneConfig
 from .fine_pruning import FinePruning, FinePruningConfig
@@ -14,6 +17,9 @@ from .ibau import Ibau, IbauConfig
 from .nad import Nad, NadConfig
 from .pam import Pam, PamConfig
 from .wiper import Wiper, WiperConfig
+from .ebyd import EBYD, EBYDConfig
+from .ebyd_removal import EBYDRemoval, EBYDRemovalConfig
+from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 
 DEFENSES: Registry = Registry("defense")
 DEFENSES.register("fst", "Feature Shift Tuning (Min et al. 2023)")(partial(Finetune, mode="fst"))
@@ -29,6 +35,20 @@ DEFENSES.register("anp", "Adversarial Neuron Pruning of normalisation-layer neur
 DEFENSES.register("i-bau", "implicit-hypergradient unlearning of a universal perturbation (Zeng et al. 2022)")(Ibau)
 DEFENSES.register("badacts", "BadActs NAS input detection + activation-interval purification "
                   "(Yi et al. 2024; vision: our extension)")(BadActs)
+DEFENSES.register("beniful", "BeniFul input detection: VAE on middle-layer features, reconstruction error + "
+                  "prediction consistency (our reading: no public code)")(BeniFul)
+DEFENSES.register("beniful-removal", "BeniFul removal: fine-tuning that pulls suspect middle features onto the "
+                  "VAE's benign reconstruction (the purifier of 'beniful'; our reading: no public code)")(BeniFulRemoval)
+DEFENSES.register("strip", "STRIP input detection: prediction entropy under superimposition (images) or "
+                  "TF-IDF word swaps (text) (Gao et al. 2019)")(STRIP)
+DEFENSES.register("rap", "RAP text input detection: robustness-aware rare-word perturbation "
+                  "(Yang et al. 2021)")(RAP)
+DEFENSES.register("ebyd", "Expose Before You Defend inspection: clean unlearning, target label, calibrated "
+                  "backdoor probability, trigger recovery (Li et al. 2024; text trigger search: our reading)")(EBYD)
+DEFENSES.register("ebyd-removal", "EBYD removal, RNP style: unlearn, learn neuron masks, prune the original "
+                  "(the purifier of 'ebyd'; tau chosen on held-out clean accuracy: our reading)")(EBYDRemoval)
+DEFENSES.register("nc", "Neural Cleanse inspection: per-class trigger reverse engineering, MAD anomaly "
+                  "index (Wang et al. 2019; images)")(NeuralCleanse)
 
 
 def create_defense(name: str, **kwargs) -> Defense:
@@ -39,4 +59,6 @@ __all__ = ["DEFENSES", "create_defense", "Defense", "DefenseConfig", "Purifier",
            "Inspector", "PurifyResult", "Inspection", "Finetune", "FinetuneConfig", "Pam", "PamConfig", "Wiper",
            "WiperConfig", "FinePruning", "FinePruningConfig", "Nad", "NadConfig", "Anp", "AnpConfig", "Ibau",
            "IbauConfig", "retuning_attack", "retuned_asr", "before_after",
-           "BadActs", "BadActsConfig"]
+           "BadActs", "BadActsConfig", "EBYD", "EBYDConfig", "EBYDRemoval", "EBYDRemovalConfig",
+           "NeuralCleanse", "NeuralCleanseConfig", "BeniFul", "BeniFulConfig", "BeniFulRemoval",
+           "BeniFulRemovalConfig", "RAP", "RAPConfig", "STRIP", "STRIPConfig"]

@@ -23,8 +23,9 @@ Changes and readings (ours):
 * BackdoorBench scans thresholds 0..0.9 and keeps the model with the lowest ASR on the
   poisoned *test* set within 10 % relative accuracy loss: that needs the attack, which a
   defender does not have, so we prune at the fixed threshold as the paper does.
-* Iterations: 2,000 iterations of batch 128 on PreAct-ResNet18 width 16 take about 15 min
-  on 2 CPU cores (three forwards and two backwards each); the default is cut to 500
+* Iterations: 2,000 iterations of batch 128 on PreAct-ResNet18 width 16 take an estimated
+  15-20 min on 2 CPU cores (three forwards and two backwards each, from the per-batch cost
+  of the model; not measured on CIFAR-10 here); the default is cut to 500
   (64,000 samples, ~28 passes over 2,250 clean images, while the authors' 2,000 x 128 ran
   over 500 clean images). ``iterations=2000`` restores the code's count.
 * Text (our reading; both codes are vision, BackdoorBench's ViT variant perturbs
@@ -49,7 +50,7 @@ from ..data.base import Data
 from ..errors import UserError
 from ..train import TrainConfig, prepare_batch
 from ..utils import resolve_device, seed_everything
-from ._baselines import crop_padding
+from .common import crop_padding
 from .base import Purifier, PurifierConfig
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -72,7 +73,8 @@ class AnpConfig(PurifierConfig):
 
 def norm_layers(model) -> list[tuple[str, nn.Module]]:
     """Normalisation layers with a per-neuron affine weight."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, NORMS) and getattr(m, "weight", None) is not None]
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, NORMS) and getattr(m, "weight", None) is not None]
     if not found:
         raise UserError("anp needs normalisation layers with learnable weights (BatchNorm or LayerNorm); "
                         "this model has none")
@@ -109,7 +111,8 @@ class Anp(Purifier):
 
         gen = seed_everything(cfg.seed)
         bs = cfg.text_batch_size if text else cfg.batch_size
-        bcfg = TrainConfig(batch_size=bs, augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=cfg.seed, device=cfg.device)
+        bcfg = TrainConfig(batch_size=bs, augment=cfg.augment and not text, crop_padding=crop_padding(clean),
+                           seed=cfg.seed, device=cfg.device)
         scratch.train()  # as both codes: batch statistics while the masks are learned
         if not text:
             scratch.to(memory_format=torch.channels_last)
@@ -170,7 +173,8 @@ class Anp(Purifier):
         return model.eval(), {
             "pruned": int(cut.sum()), "neurons": len(flat), "pruned_share": float(cut.float().mean()),
             "pruned_per_layer": per_layer, "prune_by": cfg.prune_by,
-            "threshold": cfg.threshold if cfg.prune_by == "threshold" else float(flat[cut].max()) if cut.any() else None,
+            "threshold": (cfg.threshold if cfg.prune_by == "threshold"
+                          else float(flat[cut].max()) if cut.any() else None),
             "mask_min": float(flat.min()), "mask_mean": float(flat.mean()),
             "masks_below_threshold": int((flat <= cfg.threshold).sum()),
             "iterations": cfg.iterations, "trace": trace, "mask_layers": len(layers),

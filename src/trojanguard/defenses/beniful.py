@@ -34,13 +34,17 @@ Removal (``beniful-removal``, white box, also our reading): fine-tune on the cle
 with CE + lam * d(h(x_s), target), where x_s are trigger-suspect inputs. The defender has
 no poisoned inputs, so by default the suspects are made from the clean batch: a universal
 perturbation shared by the batch (an additive L2-bounded image perturbation; for text a
-virtual word inserted after [CLS] whose embedding is optimised) found by a few ascent
-steps on the VAE reconstruction error of the current model's middle features, i.e. the
-input change that moves the features furthest off the benign manifold (``suspects =
-"flagged"`` uses only the clean inputs the fitted detector flags). The target is the
-VAE's benign reconstruction of the suspect features (``target="reconstruction"``) or the
-clean class mean of the source input's label (``"class-mean"``); d is MSE or cosine
-distance on standardised features.
+virtual word inserted after [CLS] whose embedding is optimised) found by ``adv_steps``
+normalised-gradient ascent steps on the VAE reconstruction error of the current model's
+middle features, i.e. the input change that moves the features furthest off the benign
+manifold (``suspect_objective="ce"`` ascends the CE of the true labels instead, as
+i-BAU's perturbation; ``suspects="flagged"`` uses only the clean inputs the fitted
+detector flags, which on clean data alone are few and carry no trigger, so it barely
+changes the model). The target is the VAE's benign reconstruction of the suspect
+features (``target="reconstruction"``) or the clean class mean of the source input's
+label (``"class-mean"``); d is MSE or cosine distance on standardised features. The
+fine-tuning recipe is the shared defense one (``defense_train_config``: SGD lr 0.01,
+momentum 0.9, cosine, crop+flip; text AdamW 2e-5).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ from torch import nn
 from ..data.base import Data
 from ..errors import UserError
 from .base import DefenseConfig, InputDetector, Purifier, PurifierConfig
-from .common import model_inputs
+from .common import defense_train_config, model_inputs
 
 
 # --------------------------------------------------------------------------- VAEs
@@ -240,9 +244,9 @@ class BeniFul(InputDetector):
                 r = err[:, 0]
         return self._unstandardize(rec).to(out.dtype), r
 
-    def score_parts(self, inputs) -> dict[str, torch.Tensor]:
+    def score_parts(self, inputs, with_logits: bool = False) -> dict[str, torch.Tensor]:
         """``{"r": reconstruction error, "c": prediction flips (0/1), "pred": argmax g(z),
-        "pred_rec": argmax g(z_hat)}`` for a batch."""
+        "pred_rec": argmax g(z_hat)}`` for a batch (plus ``"logits"`` of g(z))."""
         model = self.model
         was = model.training
         model.eval()
@@ -255,13 +259,17 @@ class BeniFul(InputDetector):
             return rec
         try:
             with torch.inference_mode():
-                pred = model(inp).argmax(1)
+                logits = model(inp)
+                pred = logits.argmax(1)
                 with model.intervene({self.layer: swap}):
                     pred_rec = model(inp).argmax(1)
         finally:
             model.train(was)
-        return {"r": store["r"].float().cpu(), "c": (pred != pred_rec).float().cpu(), "pred": pred.cpu(),
-                "pred_rec": pred_rec.cpu()}
+        out = {"r": store["r"].float().cpu(), "c": (pred != pred_rec).float().cpu(), "pred": pred.cpu(),
+               "pred_rec": pred_rec.cpu()}
+        if with_logits:
+            out["logits"] = logits
+        return out
 
     def combine(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return r / (r + self.r_med) + self.cfg.lam * c
@@ -270,31 +278,36 @@ class BeniFul(InputDetector):
         parts = self.score_parts(inputs)
         return self.combine(parts["r"], parts["c"])
 
-    # --- persistence (same method names as the other detectors) -------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything ``load_state_tensors`` needs besides the model and the config."""
+    def score_and_logits(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the model's own logits g(z), scores) from the same two passes (the guard uses it)."""
+        parts = self.score_parts(inputs, with_logits=True)
+        return parts["logits"], self.combine(parts["r"], parts["c"])
+
+    # --- saving / loading (the guard's convention, as BadActs) --------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able facts) that ``restore`` turns back into this fitted detector."""
         if getattr(self, "vae", None) is None:
             raise UserError("beniful: fit the detector before saving it")
-        st = {f"vae.{k}": v.detach().cpu() for k, v in self.vae.state_dict().items()}
-        st.update({"mean": self.mean, "std": self.std, "shape": torch.tensor(self.shape),
-                   "r_med": torch.tensor(self.r_med), "threshold": torch.tensor(self.threshold),
-                   "frr": torch.tensor(self.frr), "calibration_scores": self.calibration_scores,
-                   "layer": torch.tensor(list(self.layer.encode()), dtype=torch.uint8),
-                   "text": torch.tensor(self.text)})
-        return st
+        tensors = {f"vae.{k}": v for k, v in self.vae.state_dict().items()}
+        tensors.update(mean=self.mean, std=self.std, calibration_scores=self.calibration_scores)
+        facts = {"layer": self.layer, "text": self.text, "shape": list(self.shape), "r_med": self.r_med,
+                 "threshold": self.threshold, "frr": self.frr}
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, facts
 
-    def load_state_tensors(self, model, state: dict[str, torch.Tensor]) -> "BeniFul":
-        self.model = model
-        self.layer = bytes(state["layer"].tolist()).decode()
-        self.text = bool(state["text"])
-        self.mean, self.std = state["mean"], state["std"]
-        self.shape = tuple(int(v) for v in state["shape"].tolist())
+    def restore(self, model, tensors: dict[str, torch.Tensor], facts: dict) -> "BeniFul":
+        if facts["layer"] not in model.layer_names():
+            raise UserError(f"beniful: saved layer {facts['layer']!r} is not in this model; "
+                            "the detector belongs to another model")
+        dev = next(model.parameters()).device
+        self.model, self.layer, self.text = model, facts["layer"], bool(facts["text"])
+        self.mean, self.std = tensors["mean"].to(dev), tensors["std"].to(dev)
+        self.shape = tuple(int(v) for v in facts["shape"])
         self.vae = self._build_vae(self.shape)
-        self.vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
-        self.vae.to(next(model.parameters()).device).eval()
-        self.r_med = float(state["r_med"])
-        self.calibration_scores = state["calibration_scores"]
-        self.threshold, self.frr = float(state["threshold"]), float(state["frr"])
+        self.vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        self.vae.to(dev).eval()
+        self.r_med = float(facts["r_med"])
+        self.calibration_scores = tensors["calibration_scores"]
+        self.threshold, self.frr = float(facts["threshold"]), float(facts["frr"])
         return self
 
 
@@ -309,15 +322,17 @@ class BeniFulRemovalConfig(PurifierConfig, VAEOptions):
     suspect_objective: Literal["reconstruction", "ce"] = Field(
         "reconstruction", description="what the universal perturbation maximises: the VAE error of the middle "
                                       "features (BeniFul's notion of suspect) or the CE of the true labels (i-BAU's)")
-    eps: float = Field(0.3, gt=0, description="image budget as RMS per pixel: ||delta||_2 <= eps sqrt(D)")
+    eps: float = Field(1.0, gt=0, description=(
+        "image budget as RMS per pixel: ||delta||_2 <= eps sqrt(D); 1 leaves only the [0, 1] range as a bound "
+        "(like i-BAU's unbounded UAP: trigger norms differ too much between attacks to fix one)"))
     adv_steps: int = Field(5, ge=1, description="ascent steps per batch for the universal perturbation")
     frr: float = Field(0.05, gt=0, lt=1, description="detector threshold used by suspects='flagged'")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float | None = Field(None, gt=0, description="default 0.01 SGD for images, 2e-5 AdamW for text")
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    augment: bool = True
+    weight_decay: float = Field(0.0, ge=0)
+    augment: bool = Field(True, description="crop+flip of the clean batches (images)")
 
 
 _VIRTUAL_WORD = "jj"  # any single-token word: its embedding is replaced by the optimised vector
@@ -460,13 +475,11 @@ class BeniFulRemoval(Purifier):
             state["dist_n"] += 1
             return loss + cfg.lam * dist
 
-        from ..train import TrainConfig, train
-        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size if not text else min(cfg.batch_size, 32),
-                           optimizer="adamw" if text else "sgd", lr=cfg.lr or (2e-5 if text else 0.01),
-                           momentum=cfg.momentum, nesterov=False, weight_decay=cfg.weight_decay if not text else 0.01,
-                           schedule="cosine", warmup_frac=0.0, label_smoothing=0.0,
-                           augment=cfg.augment and not text, seed=cfg.seed, device=cfg.device,
-                           progress=cfg.progress, grad_clip=1.0 if text else None)
+        from ..train import train
+        tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs, schedule="cosine",
+                                    batch_size=cfg.batch_size if not text else min(cfg.batch_size, 32),
+                                    optimizer="adamw" if text else "sgd", lr=cfg.lr or (2e-5 if text else 0.01),
+                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay, augment=cfg.augment)
         with contextlib.ExitStack() as ctx:
             if text:
                 ctx.enter_context(_position1_embedding(model, virt))

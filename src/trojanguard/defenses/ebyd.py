@@ -46,7 +46,9 @@ from .base import DefenseConfig, Inspection, Inspector
 from .exposure import ExposureConfig, class_shares, expose
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
 
-FEATURES = ("var_norm", "max_excess", "collapse_ratio")
+SHARE_FEATURES = ("var_norm", "max_excess", "collapse_ratio")
+TRIGGER_FEATURES = ("trigger_success", "mask_fraction")
+FEATURES = SHARE_FEATURES + TRIGGER_FEATURES
 CALIBRATION_FORMAT = "trojanguard-calibration/1"
 DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "ebyd.json"
 
@@ -203,19 +205,18 @@ def _word_tokens(tokenizer) -> torch.Tensor:
     """Ids of vocabulary entries that are whole alphabetic words (no sub-word pieces, no
     special tokens), the tokens a person could insert."""
     special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.get_vocab()
+    # BPE / sentencepiece vocabularies mark word starts ("Ġ", "▁"): there, only those are words;
+    # WordPiece marks continuations ("##") instead
+    bpe = any(t.startswith(("Ġ", "▁")) for t in vocab)
     keep = []
-    for tok, i in tokenizer.get_vocab().items():
+    for tok, i in vocab.items():
         if i in special or tok.startswith("##"):
             continue
         word = tok.lstrip("Ġ▁")
-        if word.isalpha() and word.isascii() and (word != tok or not _bpe(tokenizer)):
+        if word.isalpha() and word.isascii() and (word != tok or not bpe):
             keep.append(i)
     return torch.tensor(sorted(keep))
-
-
-def _bpe(tokenizer) -> bool:
-    # BPE / sentencepiece vocabularies mark word starts ("Ġ", "▁"); WordPiece marks continuations
-    return any(t.startswith(("Ġ", "▁")) for t in list(tokenizer.get_vocab())[:2000])
 
 
 def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_tokens: int = 5,
@@ -288,6 +289,18 @@ def trigger_success(model, data: Data, mask: torch.Tensor, pattern: torch.Tensor
     return float((pred == target).double().mean())
 
 
+def trigger_features(trigger: dict, clean: Data) -> dict:
+    """``trigger_success``: share of clean inputs of other classes that the trigger recovered
+    on the exposed model sends to the target on the ORIGINAL model; ``mask_fraction``: the
+    mask's L1 norm over the image area (text: 0, one inserted word)."""
+    if "tokens" in trigger:
+        best = trigger["candidates"][0] if trigger["candidates"] else {}
+        return {"trigger_success": float(best.get("flip_rate_original", 0.0)), "mask_fraction": 0.0}
+    h, w = clean.x.shape[-2:]
+    return {"trigger_success": float(trigger.get("success_original", 0.0)),
+            "mask_fraction": float(trigger["norm"]) / (h * w)}
+
+
 # --- the inspector --------------------------------------------------------------------------
 
 class EBYD(Inspector):
@@ -316,21 +329,30 @@ class EBYD(Inspector):
         self.exposed = exposed  # for callers that evaluate the exposed model (the benchmarks)
         pred = predict(exposed.model, clean)
         feats = exposure_features(pred, clean.y, k)
+        top = feats["top_class"]
+        evidence = {"shares": feats.pop("shares"), "top_class": top, **exposed.summary(),
+                    "exposure_seconds": round(time.perf_counter() - t0, 2), "clean_samples": len(clean),
+                    "calibration": params.get("provenance", {}).get("kind", "unknown")}
+        trigger = None
+        # the trigger features are computed before the verdict when the calibration uses them
+        # (and always with recover="always", so that benchmarks can fit calibrations on them)
+        if cfg.recover == "always" or (cfg.recover == "auto" and set(params["features"]) & set(TRIGGER_FEATURES)):
+            trigger = self._recover(exposed.model, clean, top, model, feats, evidence)
         prob = probability(params, feats)
         backdoored = prob >= cfg.threshold
-        top = feats["top_class"]
-        evidence = {"shares": feats.pop("shares"), "top_class": top, **{n: round(v, 4) for n, v in feats.items()
-                                                                        if n != "top_class"},
-                    "calibration": params.get("provenance", {}).get("kind", "unknown"),
-                    "clean_samples": len(clean), **exposed.summary(), "exposure_seconds": None}
-        evidence["exposure_seconds"] = round(time.perf_counter() - t0, 2)
-        trigger = None
-        if cfg.recover == "always" or (cfg.recover == "auto" and backdoored):
-            t1 = time.perf_counter()
-            trigger = self.recover(exposed.model, clean, top, original=model)
-            evidence["recovery_seconds"] = round(time.perf_counter() - t1, 2)
+        if trigger is None and cfg.recover == "auto" and backdoored:
+            trigger = self._recover(exposed.model, clean, top, model, feats, evidence)
+        evidence["features"] = {n: round(float(v), 4) for n, v in feats.items() if n in FEATURES}
+        evidence["share_variance"] = round(feats["share_variance"], 5)
         return Inspection(backdoored, top if backdoored else None, prob, evidence, trigger,
                           time.perf_counter() - t0)
+
+    def _recover(self, exposed_model, clean: Data, top: int, original, feats: dict, evidence: dict) -> dict:
+        t1 = time.perf_counter()
+        trigger = self.recover(exposed_model, clean, top, original=original)
+        feats.update(trigger_features(trigger, clean))
+        evidence["recovery_seconds"] = round(time.perf_counter() - t1, 2)
+        return trigger
 
     def recover(self, exposed_model, clean: Data, target: int, original=None) -> dict:
         cfg = self.cfg

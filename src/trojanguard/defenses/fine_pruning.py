@@ -31,7 +31,8 @@ Changes and readings (ours):
     forward hook, survives ``save_checkpoint``/``load_checkpoint`` (plain state dict).
   * PreAct-ResNet18 width 16 has 128 head inputs (512 at width 64), so one step prunes 2
     channels instead of 6; the rule is unchanged. With 2,500 clean CIFAR images, 100
-    epochs of batch 256 are ~1,000 steps (~7 min on 2 CPU cores at width 16).
+    epochs of batch 256 are ~900 steps (estimated ~7 min on 2 CPU cores at width 16, from
+    the per-batch cost; not measured on CIFAR-10 here), so the recipe is kept.
   * Text (BackdoorBench has none; our reading): the units are the FFN intermediate units
     of the last encoder block (the input of its output projection, i.e. after GELU), their
     mean taken over non-padding tokens; pruned by zeroing their columns in the output
@@ -52,7 +53,7 @@ from ..data.base import Data
 from ..errors import UserError
 from ..train import TrainConfig, train
 from ..utils import resolve_device
-from ._baselines import crop_padding
+from .common import crop_padding
 from .base import Purifier, PurifierConfig
 from .common import clean_accuracy, model_inputs, split_clean
 
@@ -204,7 +205,8 @@ class FinePruning(Purifier):
                                optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr,
                                momentum=cfg.momentum, nesterov=False, weight_decay=0.0 if text else cfg.weight_decay,
                                schedule="cosine", warmup_frac=0.0, label_smoothing=0.0,
-                               augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=cfg.seed, device=cfg.device,
+                               augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=cfg.seed,
+                               device=cfg.device,
                                progress=cfg.progress, grad_clip=1.0 if text else None)
             # re-zeroing after every step keeps the pruned units out exactly as a fixed mask would
             seconds = train(model, clean, None, tcfg, loss_fn=lambda logits, y: F.cross_entropy(logits, y),

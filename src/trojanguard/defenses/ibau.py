@@ -53,7 +53,7 @@ from ..data.base import Data
 from ..errors import UserError
 from ..train import TrainConfig, epoch_batches, prepare_batch
 from ..utils import resolve_device, seed_everything
-from ._baselines import crop_padding
+from .common import crop_padding
 from .base import Purifier, PurifierConfig
 
 
@@ -112,7 +112,8 @@ class Ibau(Purifier):
             model.to(memory_format=torch.channels_last)
         gen = seed_everything(cfg.seed)
         bs = cfg.text_batch_size if text else cfg.batch_size
-        bcfg = TrainConfig(batch_size=bs, augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=cfg.seed, device=cfg.device,
+        bcfg = TrainConfig(batch_size=bs, augment=cfg.augment and not text, crop_padding=crop_padding(clean),
+                           seed=cfg.seed, device=cfg.device,
                            bucket_by_length=False)
         params = [q for q in model.parameters() if q.requires_grad]
         outer_opt = torch.optim.Adam(params, lr=cfg.text_lr if text else cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -229,4 +230,4 @@ class Ibau(Purifier):
         with torch.no_grad():
             for q, a, b in zip(params, g_map, g_theta):
                 q.grad = (a + b).detach()
-        return float(outer)
+        return float(outer.detach())

@@ -29,7 +29,7 @@ Readings (ours):
   the transformer recipe (AdamW lr 2e-5, batch 32, gradient clipping 1.0, no augmentation)
   since SGD at 0.01 wrecks a pre-trained encoder.
 * Our width-16 PreAct-ResNet18 and 2,500 clean images need no change of the recipe
-  (10 + 10 short epochs, ~2 min on 2 CPU cores).
+  (10 + 10 short epochs, an estimated ~2 min on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -42,12 +42,15 @@ from pydantic import Field
 from ..data.base import Data
 from ..errors import UserError
 from ..train import TrainConfig, train
-from ._baselines import crop_padding
+from .common import crop_padding
 from .base import Purifier, PurifierConfig
 
 
 class NadConfig(PurifierConfig):
     teacher_epochs: int = Field(10, ge=1, description="epochs of clean fine-tuning of the teacher (te_epochs)")
+    teacher: str | None = Field(None, description=(
+        "checkpoint folder of a ready teacher of the same architecture (BackdoorBench teacher_model_loc); "
+        "default: fine-tune a copy of the suspect model"))
     epochs: int = Field(10, ge=1, description="epochs of attention distillation into the student (te_epochs)")
     layers: list[str] | None = Field(None, description="layers to distil (default: the last three)")
     betas: list[float] = Field([500.0, 1000.0, 1000.0], description="weight of each layer's attention loss")
@@ -105,8 +108,19 @@ class Nad(Purifier):
                            optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr,
                            momentum=cfg.momentum, nesterov=False, weight_decay=0.0 if text else cfg.weight_decay,
                            schedule="constant", warmup_frac=0.0, label_smoothing=0.0,
-                           augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=seed, device=cfg.device,
+                           augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=seed,
+                           device=cfg.device,
                            progress=cfg.progress, grad_clip=1.0 if text else None)
+
+    @staticmethod
+    def _load_teacher(path: str, model):
+        from ..checkpoint import load_checkpoint
+        teacher, _ = load_checkpoint(path, device=next(model.parameters()).device)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in teacher.state_dict().items()} != shapes:
+            raise UserError(f"nad: the teacher {path} ({teacher.spec['name']}) does not have the suspect model's "
+                            "architecture; give a teacher of the same architecture and size")
+        return teacher
 
     def _purify(self, model, clean: Data, original):
         cfg = self.cfg
@@ -114,8 +128,12 @@ class Nad(Purifier):
         layers, betas = self._layers(model)
         ce = lambda logits, y: F.cross_entropy(logits, y)  # noqa: E731 - BackdoorBench: plain CE
 
-        teacher = copy.deepcopy(model)
-        t_res = train(teacher, clean, None, self._recipe(cfg.teacher_epochs, clean, cfg.seed), loss_fn=ce)
+        if cfg.teacher is None:
+            teacher = copy.deepcopy(model)
+            recipe = self._recipe(cfg.teacher_epochs, clean, cfg.seed)
+            t_seconds = train(teacher, clean, None, recipe, loss_fn=ce).seconds
+        else:
+            teacher, t_seconds = self._load_teacher(cfg.teacher, model), 0.0
         teacher.eval()
         for q in teacher.parameters():
             q.requires_grad_(False)
@@ -143,6 +161,6 @@ class Nad(Purifier):
         with model.capture(layers) as s_acts:
             s_res = train(model, clean, None, self._recipe(cfg.epochs, clean, cfg.seed + 1), batch_hook=keep_batch,
                           loss_fn=loss_fn)
-        return model.eval(), {"layers": layers, "betas": betas, "teacher_seconds": t_res.seconds,
-                              "student_seconds": s_res.seconds, "teacher_final_loss": t_res.final_loss,
+        return model.eval(), {"layers": layers, "betas": betas, "teacher_seconds": t_seconds,
+                              "student_seconds": s_res.seconds, "teacher": cfg.teacher or "fine-tuned copy",
                               "student_final_loss": s_res.final_loss, "last_at_losses": terms}

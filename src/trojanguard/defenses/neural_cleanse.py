@@ -178,6 +178,7 @@ class NeuralCleanse(Inspector):
 
     def inspect(self, model, clean: Data) -> Inspection:
         cfg = self.cfg
+        self.check_inputs(model, clean)
         k = getattr(getattr(model, "head", None), "out_features", 0)
         n = k if cfg.classes is None else len(set(cfg.classes))
         if n < 3:

@@ -110,6 +110,7 @@ class RAP(InputDetector):
                 pos = (clean.y == c).nonzero().flatten()
                 if len(pos) == 0:
                     raise UserError(f"rap: the clean data has no sample of class {c}; give clean data of every class")
+                self.info[f"class{c}_in_range_start"] = self._in_range(clean.subset(pos), c)
                 e = e0.clone().requires_grad_(True)
                 opt = torch.optim.Adam([e], lr=cfg.lr)
                 for _ in range(cfg.epochs):
@@ -175,16 +176,19 @@ class RAP(InputDetector):
     def score(self, inputs) -> torch.Tensor:
         return -self.drop(inputs)[0]
 
-    # --- persistence (same method names as the other detectors) -------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    # --- saving / loading (the guard's convention, as BadActs) --------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able facts) that ``restore`` turns back into this fitted detector."""
         if getattr(self, "vectors", None) is None:
             raise UserError("rap: fit the detector before saving it")
-        return {"vectors": self.vectors.cpu(), "threshold": torch.tensor(self.threshold),
-                "frr": torch.tensor(self.frr), "calibration_scores": self.calibration_scores}
+        tensors = {"vectors": self.vectors, "calibration_scores": self.calibration_scores}
+        facts = {"threshold": self.threshold, "frr": self.frr, "fit": self.info}
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, facts
 
-    def load_state_tensors(self, model, state: dict[str, torch.Tensor]) -> "RAP":
+    def restore(self, model, tensors: dict[str, torch.Tensor], facts: dict) -> "RAP":
         self.model = model
-        self.vectors = state["vectors"].to(next(model.parameters()).device)
-        self.calibration_scores = state["calibration_scores"]
-        self.threshold, self.frr = float(state["threshold"]), float(state["frr"])
+        self.vectors = tensors["vectors"].to(next(model.parameters()).device)
+        self.calibration_scores = tensors["calibration_scores"]
+        self.threshold, self.frr = float(facts["threshold"]), float(facts["frr"])
+        self.info = dict(facts.get("fit") or {})
         return self

@@ -123,33 +123,27 @@ class STRIP(InputDetector):
     def score(self, inputs) -> torch.Tensor:
         return -self.entropy(inputs)
 
-    # --- persistence (same method names as the other detectors) -------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    # --- saving / loading (the guard's convention, as BadActs) --------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able facts) that ``restore`` turns back into this fitted detector."""
         if getattr(self, "calibration_scores", None) is None:
             raise UserError("strip: fit the detector before saving it")
-        st = {"threshold": torch.tensor(self.threshold), "frr": torch.tensor(self.frr),
-              "calibration_scores": self.calibration_scores, "n": torch.tensor(self.n),
-              "text": torch.tensor(self.text)}
-        if self.text:  # words and ranks as tensors, so the state stays tensor-only
-            st["vocab"] = torch.tensor(list("\n".join(self.vocab).encode()), dtype=torch.uint8)
-            st["ranked_flat"] = torch.tensor([j for r in self.ranked for j in r], dtype=torch.long)
-            st["ranked_len"] = torch.tensor([len(r) for r in self.ranked], dtype=torch.long)
-        else:
-            st["overlays"] = self.overlays
-        return st
-
-    def load_state_tensors(self, model, state: dict[str, torch.Tensor]) -> "STRIP":
-        self.model = model
-        self.text, self.n = bool(state["text"]), int(state["n"])
+        tensors = {"calibration_scores": self.calibration_scores}
+        facts = {"text": self.text, "n": self.n, "threshold": self.threshold, "frr": self.frr}
         if self.text:
-            self.vocab = bytes(state["vocab"].tolist()).decode().split("\n")
-            flat = state["ranked_flat"].tolist()
-            self.ranked, pos = [], 0
-            for ln in state["ranked_len"].tolist():
-                self.ranked.append(flat[pos:pos + ln])
-                pos += ln
+            facts.update(vocab=self.vocab, ranked=self.ranked)
         else:
-            self.overlays = state["overlays"]
-        self.calibration_scores = state["calibration_scores"]
-        self.threshold, self.frr = float(state["threshold"]), float(state["frr"])
+            tensors["overlays"] = self.overlays
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, facts
+
+    def restore(self, model, tensors: dict[str, torch.Tensor], facts: dict) -> "STRIP":
+        self.model = model
+        self.text, self.n = bool(facts["text"]), int(facts["n"])
+        if self.text:
+            self.vocab = list(facts["vocab"])
+            self.ranked = [list(map(int, r)) for r in facts["ranked"]]
+        else:
+            self.overlays = tensors["overlays"]
+        self.calibration_scores = tensors["calibration_scores"]
+        self.threshold, self.frr = float(facts["threshold"]), float(facts["frr"])
         return self

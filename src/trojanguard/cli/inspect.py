@@ -1,0 +1,222 @@
+"""``trojanguard inspect``: is this model backdoored? EBYD (exposure + calibrated probability +
+trigger recovery) or Neural Cleanse; prints the verdict and evidence and writes
+``inspection.json`` plus the recovered trigger (PNG for images, ``trigger_tokens.txt`` for
+text) into one complete-or-absent folder."""
+from __future__ import annotations
+
+import json
+
+METHODS = ("ebyd", "nc")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="inspect a model for a backdoor (ebyd, nc): verdict, probability, "
+                                       "target, recovered trigger")
+    p.add_argument("--method", default="ebyd", choices=METHODS, help="ebyd (default) or nc (Neural Cleanse)")
+    p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory or CSV/TSV file")
+    src.add_argument("--holdout", type=float, help="fraction of the recorded dataset's training split to use "
+                     "as clean data (default: the split held out when the model was trained)")
+    p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not record it")
+    p.add_argument("--data-dir", help="folder of the recorded dataset (default: the usual search)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="method option, repeatable ('trojanguard list defenses' shows them)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores); recorded with the result")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="folder for inspection.json and the recovered trigger")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def inspect_setup(setup, method: str, options: dict | None = None, seed: int = 0, device: str = "cpu"):
+    """Run the inspector on a loaded setup; returns (Inspection, record). The benchmarks call
+    this too (one code path measured, one shipped)."""
+    import torch
+
+    from ..defenses import create_defense
+    from ..utils import measure
+    opts = dict(options or {})
+    opts.setdefault("seed", seed)
+    opts.setdefault("device", device)
+    opts.setdefault("progress", False)
+    inspector = create_defense(method, **opts)
+    with measure(f"inspect-{method}") as st:
+        result = inspector.inspect(setup.model, setup.clean)
+    record = {"method": method, "verdict": result.verdict, "probability": round(result.probability, 4),
+              "target": result.target, "evidence": result.evidence, "seconds": round(st.seconds, 2),
+              "peak_rss_mb": round(st.peak_rss_mb, 1), "threads": torch.get_num_threads(),
+              "options": inspector.cfg.model_dump(),
+              "clean_data": {"source": setup.clean_source, "size": len(setup.clean)},
+              "model": {"path": setup.model_path, "sha256": setup.meta.get("sha256")}}
+    if result.trigger is not None:
+        record["trigger"] = {k: v for k, v in result.trigger.items() if k not in ("mask", "pattern")}
+        if "mask" in result.trigger:
+            record["trigger"]["mask_l1"] = round(float(result.trigger["mask"].sum()), 3)
+    return result, record
+
+
+def trigger_png(mask, pattern, scale: int = 8):
+    """mask | pattern | mask * pattern side by side, enlarged (PIL image)."""
+    from PIL import Image
+
+    from ..viz import _to_pil
+    tiles = [mask.expand_as(pattern), pattern, mask * pattern]
+    ims = [_to_pil(t.float().clamp(0, 1), scale) for t in tiles]
+    pad = 4
+    out = Image.new("RGB", (sum(i.width for i in ims) + pad * (len(ims) - 1), ims[0].height), "white")
+    x = 0
+    for im in ims:
+        out.paste(im, (x, 0))
+        x += im.width + pad
+    return out
+
+
+def save_inspection(out, record: dict, trigger: dict | None) -> None:
+    """``inspection.json`` plus the trigger (``trigger.png`` + ``trigger.safetensors`` for a
+    mask/pattern, ``trigger_tokens.txt`` for tokens), written as one complete folder."""
+    import io
+    from pathlib import Path
+
+    from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, library_versions
+
+    def write(folder: Path) -> None:
+        atomic_write_json(folder / "inspection.json", {**record, "versions": library_versions()})
+        if trigger is None:
+            return
+        if "mask" in trigger:
+            from safetensors.torch import save
+            buf = io.BytesIO()
+            trigger_png(trigger["mask"], trigger["pattern"]).save(buf, format="PNG")
+            atomic_write_bytes(folder / "trigger.png", buf.getvalue())
+            atomic_write_bytes(folder / "trigger.safetensors",
+                               save({"mask": trigger["mask"].contiguous(), "pattern": trigger["pattern"].contiguous()}))
+        elif "tokens" in trigger:
+            lines = [f"{c['token']}\t{c['flip_rate']}" + (f"\t{c['flip_rate_original']}" if "flip_rate_original" in c
+                                                          else "") for c in trigger.get("candidates", [])]
+            atomic_write_text(folder / "trigger_tokens.txt",
+                              "# token\tshare of clean sentences sent to the target (exposed model)"
+                              "\tsame on the original model\n" + "\n".join(lines) + "\n")
+
+    try:
+        from ..resultdir import write_result
+    except ImportError:  # the shared result-folder module is not there yet: same contract here
+        write_result = None
+    if write_result is not None:
+        with write_result(out) as tmp:
+            write(Path(tmp))
+        return
+    _write_folder(Path(out), write)
+
+
+def _write_folder(out, write) -> None:
+    """Temporary sibling, then rename: the folder is complete or absent. An old folder is
+    replaced only if it is an inspection result itself."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from ..errors import UserError
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "inspection.json").exists():
+        raise UserError(f"--out {out} exists and is not an inspection result; give a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import UserError
+    from .commands import parse_options
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    options = parse_options(args.options)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..utils import resolve_device
+    device = str(resolve_device(args.device))
+    setup = _load(args, device)
+    k = setup.model.head.out_features
+    if k < 2:
+        raise UserError(f"the model has {k} output class; inspection needs a classifier with at least 2 classes")
+    result, record = inspect_setup(setup, args.method, options, args.seed, device)
+    save_inspection(out, record, result.trigger)
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+        return 0
+    _print(record, setup, out)
+    return 0
+
+
+def _load(args, device: str):
+    """The suspect model and the clean data (``purification.load_setup``); --dataset names the
+    dataset of a checkpoint that does not record it (its held-out split is then the clean data)."""
+    from ..checkpoint import read_sidecar
+    from ..errors import UserError
+    from ..purification import load_setup
+    recorded = (read_sidecar(args.model).get("dataset") or {}).get("name")
+    if args.dataset and recorded and recorded != args.dataset:
+        raise UserError(f"the checkpoint records dataset {recorded!r}, not {args.dataset!r}; drop --dataset")
+    if recorded or args.clean_data is not None or not args.dataset:
+        return load_setup(args.model, args.clean_data, args.holdout, None, args.data_dir, device=device,
+                          need_test=False)
+    from ..checkpoint import load_checkpoint
+    from ..pipeline import check_model_fits, default_holdout, prepare_data
+    from ..purification import Setup
+    model, meta = load_checkpoint(args.model, device=device)
+    prep = prepare_data(args.dataset, args.data_dir, seed=0,
+                        holdout=args.holdout if args.holdout is not None else default_holdout(model.modality))
+    check_model_fits(model, prep.bundle)
+    source = f"{args.dataset}: held-out {prep.holdout:.0%} of train (split seed 0)" if prep.holdout \
+        else f"{args.dataset}: dev split"
+    return Setup(model, meta, prep.defense, None, None, source, str(args.model))
+
+
+def _print(record: dict, setup, out) -> None:
+    ev = record["evidence"]
+    classes = list((setup.meta.get("dataset") or {}).get("classes") or [])
+    name = (lambda c: f"{c} ({classes[c]})" if c is not None and c < len(classes) else str(c))
+    print(f"verdict      {record['verdict']}  (backdoor probability {record['probability']:.2f}, "
+          f"{record['method']}; calibration: {ev.get('calibration', 'monotone map of the anomaly index')})")
+    print(f"target       {name(record['target']) if record['target'] is not None else '-'}")
+    if "shares" in ev:
+        shares = " ".join(f"{i}:{s:.2f}" for i, s in enumerate(ev["shares"]))
+        print(f"evidence     class shares after exposure ({ev['exposure']}, stopped by {ev['stopped_by']} "
+              f"after {ev['steps']} steps): {shares}")
+        print(f"             share variance {ev['share_variance']:.4f} (paper rule > 0.01 at 10 classes), "
+              f"top class {name(ev['top_class'])}")
+    if ev.get("anomaly_index") is not None:
+        norms = " ".join(f"{c}:{n:.1f}" for c, n in zip(ev["classes"], ev["norms"]))
+        print(f"evidence     anomaly index {ev['anomaly_index']:.2f} (flag > 2); mask L1 norms {norms}")
+    trig = record.get("trigger")
+    if trig:
+        if "tokens" in trig:
+            print(f"trigger      tokens {', '.join(trig['tokens'])} -> {out}/trigger_tokens.txt")
+        else:
+            extra = f", sends {trig['success_original']:.0%} of clean inputs to the target on the original model" \
+                if trig.get("success_original") is not None else ""
+            print(f"trigger      mask L1 {trig['mask_l1']:.1f}{extra} -> {out}/trigger.png")
+    print(f"clean data   {record['clean_data']['size']} samples ({record['clean_data']['source']})")
+    print(f"wall time    {record['seconds']:.1f} s, peak {record['peak_rss_mb']:.0f} MB, {record['threads']} threads; "
+          f"saved {out}/")

@@ -1,0 +1,81 @@
+"""The ``--model PATH [--arch NAME --num-classes K --width W --classes a,b,c --mean ... --std ...]``
+flags shared by the workflow commands (scan, repair, guard), and the call that turns them
+into a model (``models/foreign.load_foreign_model``). No torch import at module level:
+``trojanguard --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _floats(s: str) -> list[float]:
+    """'0.5,0.5,0.5' (or one value per argument): finite numbers."""
+    out = []
+    for part in s.replace(",", " ").split():
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number")
+        out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return out
+
+
+def _names(s: str) -> list[str]:
+    names = [n.strip() for n in s.split(",")]
+    if len(names) < 2 or not all(names):
+        raise argparse.ArgumentTypeError(f"{s!r}: give the class names separated by commas, e.g. cat,dog")
+    return names
+
+
+def _int_in(lo: int, hi: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """Add the model flags to ``parser`` (a sub-command's parser)."""
+    g = parser.add_argument_group("model (any of: trojanguard checkpoint folder, .safetensors/.pt state dict "
+                                  "with --arch, Hugging Face classifier directory)")
+    g.add_argument("--model", required=required, metavar="PATH",
+                   help="the model to examine: checkpoint folder, state dict file, or Hugging Face directory")
+    g.add_argument("--arch", metavar="NAME",
+                   help="architecture of a bare state dict (small_cnn, preact_resnet18, minilm, hf:<encoder dir>)")
+    g.add_argument("--num-classes", type=_int_in(2, 100_000), metavar="K",
+                   help="class count (default: read off the weights or the config)")
+    g.add_argument("--width", type=_int_in(1, 1024), metavar="W",
+                   help="channel width of a state dict's architecture (default: read off the weights)")
+    g.add_argument("--classes", type=_names, metavar="a,b,c",
+                   help="class names in output order (default: from the checkpoint or config)")
+    g.add_argument("--mean", type=_floats, nargs="+", metavar="M",
+                   help="per-channel normalisation mean the model was trained with, e.g. 0.485,0.456,0.406 "
+                        "(default: from the checkpoint or preprocessor_config.json)")
+    g.add_argument("--std", type=_floats, nargs="+", metavar="S", help="per-channel normalisation std (with --mean)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="accept a checkpoint whose weights no longer match the sha256 in model.json")
+
+
+def _flat(v):
+    return None if v is None else [x for part in v for x in part]
+
+
+def model_from_args(args: argparse.Namespace, device=None):
+    """``(model, meta)`` for the flags of ``add_model_args`` (see ``load_foreign_model``);
+    ``device`` defaults to ``args.device`` (auto = CUDA when present)."""
+    from ..models.foreign import load_foreign_model
+    from ..utils import resolve_device
+    if device is None:
+        device = resolve_device(getattr(args, "device", None) or "auto")
+    return load_foreign_model(args.model, arch=args.arch, num_classes=args.num_classes, width=args.width,
+                              classes=args.classes, mean=_flat(args.mean), std=_flat(args.std), device=device,
+                              verify=not args.no_verify)

@@ -1,0 +1,198 @@
+"""``trojanguard scan | repair | guard``: the practitioner's three questions about a model
+someone gave them (is it backdoored, give me a repaired model, flag suspicious inputs).
+Thin wrappers over ``trojanguard.practitioner`` and ``trojanguard.guard``."""
+from __future__ import annotations
+
+import json
+
+EXIT_NOT_REPAIRED = 3
+
+
+def add_parser(sub) -> None:
+    from .modelargs import add_model_args
+    helps = {"scan": "is this model backdoored? verdict, probability, target, recovered trigger, HTML report",
+             "repair": "purify a model on clean data and prove it: CA before/after, ASR with the recovered "
+                       "trigger, retuning attack",
+             "guard": "fit an input detector and save a guarded model that flags suspicious inputs"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        add_model_args(p)
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory (images) or "
+                         "CSV/TSV with sentence,label columns (text)")
+        src.add_argument("--holdout", type=float, help="for our checkpoints: this fraction of the recorded "
+                         "dataset's training split as clean data (default: the split held out at training)")
+        p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not say")
+        p.add_argument("--data-dir", help="folder of that dataset (default: the usual search)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, help="CPU threads (default: all cores); recorded with the result")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(command_module="workflow")
+        if name == "scan":
+            p.add_argument("--out", help="folder for scan.json, report.html and the recovered trigger")
+            p.add_argument("--no-second-opinion", action="store_true", help="skip Neural Cleanse on the original")
+        elif name == "repair":
+            p.add_argument("--method", help="purifier (default: chosen by modality and clean-data size)")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                           help="purifier option, repeatable")
+            p.add_argument("--verify-fraction", type=float, default=0.2,
+                           help="share of the clean data kept aside to verify the repair (default 0.2)")
+            p.add_argument("--max-ca-drop", type=float, default=0.03,
+                           help="clean-accuracy loss (on the verification part) above which the repair fails")
+            p.add_argument("--no-scan", action="store_true", help="do not scan first (no recovered trigger to "
+                           "measure the repair with)")
+            p.add_argument("--out", required=True, help="folder for the repaired checkpoint and its report")
+        else:
+            p.add_argument("--method", default="badacts", help="input detector (default badacts)")
+            p.add_argument("--frr", type=float, help="false-rejection rate on clean inputs (default 0.05)")
+            p.add_argument("--purify", action="store_true", help="predict flagged inputs with the purified forward")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                           help="detector option, repeatable")
+            p.add_argument("--out", required=True, help="folder for the guarded model")
+
+
+def _load(args):
+    import torch
+
+    from ..errors import UserError
+    from ..pipeline import defender_data
+    from .modelargs import model_from_args
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    model, meta = model_from_args(args)
+    clean, _, source = defender_data(meta, model, args.clean_data, args.holdout, args.data_dir, args.dataset)
+    classes = (meta.get("dataset") or {}).get("classes") or list(clean.classes)
+    return model, meta, clean, source, classes
+
+
+def run(args) -> int:
+    from ..resultdir import check_out
+    if getattr(args, "out", None):
+        check_out(args.out, "--out")
+    return {"scan": _scan, "repair": _repair, "guard": _guard}[args.command](args)
+
+
+def _print_scan(s, classes, source) -> None:
+    name = (lambda c: "-" if c is None else f"{c} ({classes[c]})" if c < len(classes) else str(c))
+    print(f"verdict: {s.verdict.upper()}  backdoor probability {s.probability:.2f}  suspected target {name(s.target)}")
+    shares = s.evidence.get("shares")
+    if shares:
+        top = sorted(range(len(shares)), key=lambda i: -shares[i])[:3]
+        print("evidence: after clean unlearning the clean data is predicted as "
+              + ", ".join(f"{name(i)} {shares[i]:.0%}" for i in top))
+    if s.trigger is not None:
+        print("recovered trigger: " + (" ".join(s.trigger.tokens) if s.trigger.tokens else
+                                       f"mask of L1 norm {float(s.trigger.mask.abs().sum()):.1f} px"))
+    if s.second_opinion:
+        so = s.second_opinion
+        print(f"second opinion (Neural Cleanse): {so['verdict']}, anomaly index "
+              f"{so.get('anomaly_index') if so.get('anomaly_index') is not None else '-'}, target {name(so['target'])}")
+    print(f"clean data: {source}; {s.seconds:.0f} s")
+
+
+def _scan(args) -> int:
+    from pathlib import Path
+
+    from ..practitioner import _trigger_image, report_html, scan
+    from ..resultdir import write_result
+    from ..utils import atomic_write_json, atomic_write_text, library_versions
+    model, meta, clean, source, classes = _load(args)
+    s = scan(model, clean, seed=args.seed, second_opinion=not args.no_second_opinion, progress=not args.quiet)
+    record = {**s.as_dict(), "clean_data": {"source": source, "size": len(clean)}, "seed": args.seed,
+              "model": args.model, "versions": library_versions()}
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        _print_scan(s, classes, source)
+    if args.out:
+        with write_result(args.out) as tmp:
+            atomic_write_json(Path(tmp) / "scan.json", record)
+            atomic_write_text(Path(tmp) / "report.html", report_html(f"trojanguard scan: {args.model}", s,
+                                                                     classes=classes))
+            if s.trigger is not None and s.trigger.mask is not None:
+                _trigger_image(s.trigger).save(Path(tmp) / "trigger.png")
+            elif s.trigger is not None:
+                atomic_write_text(Path(tmp) / "trigger_tokens.txt", "\n".join(s.trigger.tokens) + "\n")
+        if not args.json:
+            print(f"saved {args.out}/ (scan.json, report.html{', trigger' if s.trigger else ''})")
+    return 0
+
+
+def _repair(args) -> int:
+    from pathlib import Path
+
+    from ..checkpoint import save_checkpoint
+    from ..errors import UserError
+    from ..practitioner import repair, report_html, scan
+    from ..report import percent
+    from ..resultdir import write_result
+    from ..utils import atomic_write_json, atomic_write_text, library_versions
+    from .commands import parse_options
+    if not 0 < args.verify_fraction < 1:
+        raise UserError(f"--verify-fraction {args.verify_fraction} is outside (0, 1); e.g. 0.2")
+    model, meta, clean, source, classes = _load(args)
+    s = None
+    if not args.no_scan:
+        s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet)
+        if not args.json:
+            _print_scan(s, classes, source)
+    repaired, r = repair(model, clean, args.method, parse_options(args.options),
+                         trigger=s.trigger if s is not None else None, seed=args.seed,
+                         verify_fraction=args.verify_fraction, max_ca_drop=args.max_ca_drop,
+                         progress=not args.quiet)
+    record = {**r.as_dict(), "scan": s.as_dict() if s else None, "clean_data": {"source": source, "size": len(clean)},
+              "seed": args.seed, "model": args.model, "versions": library_versions()}
+    with write_result(args.out) as tmp:
+        sidecar = {k: v for k, v in meta.items() if k in ("dataset", "classes", "normalization")}
+        sidecar["purification"] = {"method": r.method, "options": r.options, "parent": meta.get("sha256"),
+                                   "clean_data": record["clean_data"], "ok": r.ok}
+        save_checkpoint(tmp, repaired, sidecar)
+        atomic_write_json(Path(tmp) / "repair.json", record)
+        atomic_write_text(Path(tmp) / "report.html", report_html(f"trojanguard repair: {args.model}", s, r, classes))
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        rec = r.record
+        print(f"repair with {r.method} ({r.reason})")
+        print(f"clean accuracy on {rec['verify_size']} held-out clean samples: {percent(rec['verify_ca_before'])} -> "
+              f"{percent(rec['verify_ca_after'])}")
+        if rec.get("recovered_trigger_asr_before") is not None:
+            print(f"ASR with the recovered trigger: {percent(rec['recovered_trigger_asr_before'])} -> "
+                  f"{percent(rec['recovered_trigger_asr_after'])}; after the retuning attack "
+                  f"{percent(rec.get('recovered_trigger_asr_after_retuning'))}")
+        print(f"{rec['seconds']:.0f} s, peak {rec['peak_rss_mb']:.0f} MB; saved {args.out}/ (model, repair.json, "
+              "report.html)")
+    if not r.ok:
+        import sys
+        print(f"trojanguard: NOT repaired: {r.advice}", file=sys.stderr)
+        return EXIT_NOT_REPAIRED
+    return 0
+
+
+def _guard(args) -> int:
+    from ..guard import guard
+    from .commands import parse_options
+    model, meta, clean, source, classes = _load(args)
+    g = guard(model, clean, args.method, frr=args.frr, purify=args.purify,
+              model_meta={k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")},
+              **parse_options(args.options))
+    g.save(args.out)
+    info = {"method": args.method, "frr": g.frr, "threshold": g.threshold, "purify": args.purify,
+            "clean_data": {"source": source, "size": len(clean)}, "out": args.out}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"guard fitted ({args.method}, FRR {g.frr:g} on held-out clean data, threshold {g.threshold:.4f}); "
+          f"saved {args.out}/")
+    print("use it from Python:\n"
+          "    import trojanguard\n"
+          f"    g = trojanguard.load_guard({str(args.out)!r})\n"
+          "    out = g(batch)            # images in [0, 1] (N, C, H, W) or a list of sentences\n"
+          "    out.predictions, out.scores, out.flags")
+    return 0

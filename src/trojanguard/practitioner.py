@@ -1,0 +1,260 @@
+"""The practitioner's workflow: scan a model someone gave you, repair it, guard it.
+
+* ``scan(model, clean)``: EBYD (expose by clean unlearning, the class that takes over, a
+  calibrated backdoor probability, the trigger recovered on the exposed model) with Neural
+  Cleanse on the original model as a second opinion for image models.
+* ``repair(model, clean)``: a purification recipe chosen by modality and clean-data size,
+  a verification part of the clean data kept aside, CA before/after on it, ASR before/after
+  with the trigger the scan recovered, ASR after the retuning attack with that trigger;
+  ``ok`` is False (and the CLI exits non-zero) when the repaired model lost more than
+  ``max_ca_drop`` on the verification part: a broken model is never presented as repaired.
+* ``guard``: ``trojanguard.guard`` (BadActs by default).
+
+Every function takes a model with the trojanguard interface (our checkpoints,
+``trojanguard.wrap`` for any ``nn.Module``, local Hugging Face directories) and labelled
+clean data; the CLI commands are thin wrappers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .data.base import Data
+from .errors import UserError
+
+
+@dataclass
+class RecoveredTrigger:
+    """A trigger recovered by the scan, usable wherever an attack artifact is
+    (``trigger(x, y)``, ``target_for(y)``): a mask and pattern for images
+    (x' = (1 - m) x + m p), tokens inserted at the front for text."""
+    target: int
+    mask: torch.Tensor | None = None
+    pattern: torch.Tensor | None = None
+    tokens: list[str] | None = None
+    name: str = "recovered"
+
+    def trigger(self, x, y=None):
+        if self.tokens is not None:
+            return [" ".join(self.tokens) + " " + s for s in x]
+        m = self.mask.to(x.device, x.dtype)
+        return ((1 - m) * x + m * self.pattern.to(x.device, x.dtype)).clamp(0, 1)
+
+    def target_for(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(y, self.target)
+
+    @classmethod
+    def from_inspection(cls, trig: dict | None, target: int | None) -> "RecoveredTrigger | None":
+        if not trig or target is None:
+            return None
+        if trig.get("tokens"):
+            return cls(target, tokens=list(trig["tokens"]))
+        if trig.get("mask") is not None:
+            return cls(target, mask=trig["mask"].detach().cpu(), pattern=trig["pattern"].detach().cpu())
+        return None
+
+
+@dataclass
+class ScanReport:
+    verdict: str
+    probability: float
+    target: int | None
+    evidence: dict
+    trigger: RecoveredTrigger | None
+    second_opinion: dict | None
+    seconds: float
+    choices: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "probability": self.probability, "target": self.target,
+                "evidence": self.evidence, "second_opinion": self.second_opinion, "seconds": round(self.seconds, 1),
+                "trigger": None if self.trigger is None else
+                ({"tokens": self.trigger.tokens} if self.trigger.tokens else
+                 {"mask_l1": float(self.trigger.mask.abs().sum())}),
+                "choices": self.choices}
+
+
+def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progress: bool = False,
+         ebyd_options: dict | None = None, nc_options: dict | None = None) -> ScanReport:
+    from .defenses import create_defense
+    t0 = time.perf_counter()
+    choices = ["EBYD: clean unlearning exposes the backdoor; the verdict is its calibrated probability >= 0.5"]
+    ebyd = create_defense("ebyd", seed=seed, progress=progress, **(ebyd_options or {}))
+    ins = ebyd.inspect(model, clean)
+    top = ins.evidence.get("top_class")
+    trigger = RecoveredTrigger.from_inspection(ins.trigger, ins.target)
+    if trigger is not None:
+        choices.append(f"trigger recovered by Neural Cleanse on the exposed model for class {ins.target}"
+                       if trigger.tokens is None else f"trigger tokens searched on the exposed model for class {ins.target}")
+    opinion = None
+    if second_opinion and clean.modality == "image":
+        nc = create_defense("nc", seed=seed, progress=progress, **(nc_options or {}))
+        n = nc.inspect(model, clean)
+        opinion = {"method": "nc", "verdict": n.verdict, "probability": n.probability, "target": n.target,
+                   "anomaly_index": n.evidence.get("anomaly_index"), "norms": n.evidence.get("norms"),
+                   "seconds": round(n.seconds, 1)}
+        choices.append("Neural Cleanse on the original model as a second opinion (anomaly index > 2)")
+    elif second_opinion:
+        choices.append("no second opinion for text models (Neural Cleanse reverses image triggers)")
+    return ScanReport(ins.verdict, ins.probability, ins.target, {**ins.evidence, "top_class": top}, trigger,
+                      opinion, time.perf_counter() - t0, choices)
+
+
+def choose_recipe(modality: str, n_clean: int) -> tuple[str, dict, str]:
+    """The purification recipe for the data at hand, with the reason (measured on the
+    reference zoos: benchmarks/results/purify-*.csv)."""
+    if modality == "text":
+        return "fst", {}, "text: FST on the classification head (FST paper's recipe for transformers)"
+    if n_clean < 400:
+        return "fst", {"batch_size": 32, "epochs": 20, "alpha": 0.2}, (
+            f"{n_clean} clean images: FST with small batches and more epochs, so that enough steps are taken")
+    return "fst", {}, f"{n_clean} clean images: FST with the paper's defaults (10 epochs, batch 128, alpha 0.1)"
+
+
+@dataclass
+class RepairReport:
+    method: str
+    options: dict
+    reason: str
+    record: dict
+    ok: bool
+    advice: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "options": self.options, "reason": self.reason, "ok": self.ok,
+                "advice": self.advice, **self.record}
+
+
+def repair(model, clean: Data, method: str | None = None, options: dict | None = None,
+           trigger: RecoveredTrigger | None = None, seed: int = 0, verify_fraction: float = 0.2,
+           max_ca_drop: float = 0.03, robustness: bool = True, progress: bool = False,
+           device: str = "auto") -> tuple[torch.nn.Module, RepairReport]:
+    """Purify ``model`` on part of ``clean``, verify on the rest; see the module docstring."""
+    from .defenses import create_defense
+    from .defenses.common import retuning_attack, split_clean
+    from .eval.evaluate import evaluate
+    if method is None:
+        method, auto_opts, reason = choose_recipe(clean.modality, round(len(clean) * (1 - verify_fraction)))
+        options = {**auto_opts, **(options or {})}
+    else:
+        reason, options = f"--method {method}", dict(options or {})
+    # one split for everything: the purifier's own verification uses the same fraction and seed
+    fit, verify = split_clean(clean, verify_fraction, seed)
+    defense = create_defense(method, seed=seed, progress=progress, device=device,
+                             verify_fraction=verify_fraction, max_ca_drop=max_ca_drop, **options)
+    res = defense.purify(model, clean)
+    record: dict[str, Any] = {**res.summary()}
+    if trigger is not None:
+        b = evaluate(model, verify, trigger.trigger, trigger.target_for)
+        a = evaluate(res.model, verify, trigger.trigger, trigger.target_for)
+        record.update(recovered_trigger_asr_before=b.get("asr"), recovered_trigger_asr_after=a.get("asr"))
+        if robustness:
+            tuned = retuning_attack(res.model, fit, trigger, n_clean=min(1000, len(fit)), seed=seed, device=device)
+            record["recovered_trigger_asr_after_retuning"] = evaluate(tuned, verify, trigger.trigger,
+                                                                      trigger.target_for).get("asr")
+    advice = None
+    if res.warning:
+        advice = (f"{res.warning}. Advice: give more clean data (now {len(clean)}), or try another method "
+                  "(--method ft, wiper, pam, anp), or lower --set alpha")
+    return res.model, RepairReport(method, options, reason, record, res.ok, advice)
+
+
+def report_html(title: str, scan_report: ScanReport | None = None, repair_report: RepairReport | None = None,
+                classes: list[str] | None = None) -> str:
+    """One page: verdict, probability, target, evidence, recovered trigger, choices; and the
+    repair's before/after numbers."""
+    import html as _html
+
+    from . import htmlpage
+    parts = [f"<h1>{_html.escape(title)}</h1>"]
+    name = (lambda c: f"{c} ({classes[c]})" if classes and c is not None and c < len(classes) else str(c))
+    if scan_report is not None:
+        s = scan_report
+        cls = "bad" if s.verdict == "backdoored" else "good"
+        parts.append(f'<section id="scan"><h2>Scan</h2><p class="verdict {cls}">{s.verdict}: backdoor probability '
+                     f"{s.probability:.2f}, suspected target {name(s.target) if s.target is not None else '-'}</p>")
+        shares = s.evidence.get("shares")
+        if shares:
+            parts.append(htmlpage.figure(_shares_plot(shares, classes, s.evidence.get("top_class")),
+                                         "Share of each predicted class on the clean data after exposure "
+                                         "(a backdoored model collapses onto its target)"))
+        if s.trigger is not None and s.trigger.mask is not None:
+            parts.append(htmlpage.image_tag(htmlpage.png_of_image(_trigger_image(s.trigger)),
+                                            "Recovered trigger: mask, pattern, mask x pattern"))
+        elif s.trigger is not None:
+            parts.append(f"<p>Recovered trigger tokens: <code>{_html.escape(' '.join(s.trigger.tokens))}</code></p>")
+        ev = {k: v for k, v in s.evidence.items() if not isinstance(v, (list, dict))}
+        parts.append(htmlpage.table([{"evidence": k, "value": v} for k, v in ev.items()], ["evidence", "value"]))
+        if s.second_opinion:
+            so = s.second_opinion
+            parts.append(f"<h3>Second opinion: Neural Cleanse</h3><p>{so['verdict']}, probability "
+                         f"{so['probability']:.2f}, target {name(so['target'])}, anomaly index "
+                         f"{htmlpage.cell_text(so.get('anomaly_index'))}</p>")
+            if so.get("norms"):
+                parts.append(htmlpage.figure(_bars(so["norms"], classes, "L1 norm of the reversed mask"),
+                                             "Neural Cleanse: mask norm per class (a backdoor target is an outlier "
+                                             "below the others)"))
+        parts.append("<h3>Choices the tool made</h3><ul>" + "".join(f"<li>{_html.escape(c)}</li>" for c in s.choices)
+                     + "</ul></section>")
+    if repair_report is not None:
+        r = repair_report
+        rec = r.record
+        status = "good" if r.ok else "bad"
+        parts.append(f'<section id="repair"><h2>Repair</h2><p class="verdict {status}">'
+                     f"{'repaired' if r.ok else 'NOT repaired'} with {r.method}</p>"
+                     f"<p>{_html.escape(r.reason)}</p>")
+        rows = [{"measure": "clean accuracy (verification part)", "before": rec.get("verify_ca_before"),
+                 "after": rec.get("verify_ca_after")}]
+        if rec.get("recovered_trigger_asr_before") is not None:
+            rows.append({"measure": "ASR with the recovered trigger", "before": rec["recovered_trigger_asr_before"],
+                         "after": rec["recovered_trigger_asr_after"]})
+        if rec.get("recovered_trigger_asr_after_retuning") is not None:
+            rows.append({"measure": "ASR after the retuning attack", "before": None,
+                         "after": rec["recovered_trigger_asr_after_retuning"]})
+        parts.append(htmlpage.table(rows, ["measure", "before", "after"]))
+        if r.advice:
+            parts.append(f'<p class="warn">{_html.escape(r.advice)}</p>')
+        parts.append("</section>")
+    return htmlpage.page(title, parts, [p for p, x in (("scan", scan_report), ("repair", repair_report)) if x])
+
+
+def _shares_plot(shares, classes, top):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 2.6))
+    ax = fig.add_subplot()
+    labels = classes if classes and len(classes) == len(shares) else [str(i) for i in range(len(shares))]
+    ax.bar(labels, shares, color=["#c0392b" if i == top else "#7f8c8d" for i in range(len(shares))])
+    ax.set_ylabel("share of predictions")
+    ax.tick_params(axis="x", labelrotation=45)
+    return fig
+
+
+def _bars(values, classes, ylabel):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 2.6))
+    ax = fig.add_subplot()
+    labels = classes if classes and len(classes) == len(values) else [str(i) for i in range(len(values))]
+    ax.bar(labels, values, color="#34495e")
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=45)
+    return fig
+
+
+def _trigger_image(t: RecoveredTrigger, scale: int = 6):
+    from PIL import Image
+    m = t.mask.detach().float().cpu()
+    p = t.pattern.detach().float().cpu()
+    if m.ndim == 2:
+        m = m[None]
+    if m.shape[0] == 1 and p.shape[0] == 3:
+        m = m.expand(3, -1, -1)
+    tiles = [m / m.max().clamp_min(1e-8), p, m * p]
+    row = torch.cat([tile.expand(3, -1, -1) if tile.shape[0] == 1 else tile for tile in tiles], dim=2)
+    arr = (row.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

@@ -96,6 +96,7 @@ class DatasetInfo(BaseModel):
     defense_size: StrictInt | None = Field(None, ge=0)
     test_size: StrictInt | None = Field(None, ge=0)
     split_seed: StrictInt | None = None
+    shape: list[Annotated[StrictInt, Field(ge=1, le=100_000)]] | None = Field(None, min_length=3, max_length=3)
 
 
 class AttackInfo(BaseModel):

@@ -23,7 +23,8 @@ class Prepared:
                 "train_size": len(self.train), "defense_size": len(self.defense),
                 "test_size": len(self.bundle.test),
                 "holdout": self.holdout if self.holdout is not None else "dev split",
-                "split_seed": self.seed}
+                "split_seed": self.seed,
+                **({"shape": list(self.train.x.shape[1:])} if self.bundle.modality == "image" else {})}
 
 
 def prepare_data(dataset: str, data_dir=None, holdout: float | None = 0.05, seed: int = 0,
@@ -120,6 +121,8 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
                 (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3)
             if size is None and prep is not None:
                 size = tuple(prep.bundle.train.x.shape[2:])
+            elif size is None and ds.get("shape"):  # recorded at training (C, H, W)
+                size = tuple(ds["shape"][1:])
         clean = load_clean_data(clean_data, classes, model.modality, channels, size)
         check_model_data(model, clean)
         source = str(clean_data)

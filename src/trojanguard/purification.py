@@ -76,8 +76,8 @@ def purify_setup(setup: Setup, method: str, options: dict | None = None, robustn
         if setup.attack is None or setup.test is None:
             raise UserError("--robustness needs the attack's trigger and a test split (pass --attack ARTIFACT)")
         with measure("retuning-attack") as st:
-            tuned = retuning_attack(result.model, setup.clean, setup.attack, seed=seed, device=device,
-                                    **(retuning or {}))
+            tuned = retuning_attack(result.model, setup.clean, setup.attack, **{"seed": seed, "device": device,
+                                                                                 **(retuning or {})})
             record["asr_after_ra"] = evaluate(tuned, setup.test, trig, tgt)["asr"]
             record["ca_after_ra"] = evaluate(tuned, setup.test)["ca"]
         record["retuning_seconds"] = round(st.seconds, 2)

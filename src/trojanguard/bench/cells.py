@@ -196,27 +196,22 @@ def _defense(task: dict):
 
 
 def _purifier(task: dict, out: Path, stages: Stages) -> dict:
-    from ..checkpoint import save_checkpoint
-    from ..resultdir import write_result
-    from ..defenses.common import before_after, retuned_asr
+    """The same job as ``trojanguard purify`` (``purification.purify_setup``/``save_purified``)."""
+    from ..purification import Setup, purify_setup, save_purified
     prep, model, meta, attack = _load_victim(task, stages)
-    defense = _defense(task)
-    with stages("purify"):
-        res = defense.purify(model, prep.defense)
-    with stages("evaluate"):
-        metrics = before_after(model, res.model, prep.bundle.test, attack)
-    if task["config"].get("retuning"):
-        with stages("retuning-attack"):
-            metrics["asr_after_ra"] = retuned_asr(res.model, prep.defense, prep.bundle.test, attack,
-                                                  device=task["context"]["device"], **task["config"]["retuning"])
-    summary = res.summary()
-    metrics.update({("purify_" + k if k in ("seconds", "peak_rss_mb") else k): v for k, v in summary.items()})
+    cfg = task["config"]
+    setup = Setup(model, meta, prep.defense, prep.bundle.test, attack, "held-out D_def",
+                  str(task["deps"][cfg["victim"]]["artifact"]))
+    retuning = cfg.get("retuning")
+    with stages("purify+evaluate"):
+        purified, record = purify_setup(setup, cfg["defense"], cfg["options"], robustness=bool(retuning),
+                                        seed=cfg["options"].get("seed", 0), device=task["context"]["device"],
+                                        progress=False, retuning=retuning if isinstance(retuning, dict) else None)
+    metrics = {("purify_" + k if k in ("seconds", "peak_rss_mb") else k): v for k, v in record.items()
+               if k not in ("parent", "clean_data", "options")}
     metrics["clean_size"] = len(prep.defense)
-    with stages("save"), write_result(out, kind="bench-purifier") as tmp:
-        side = {k: v for k, v in meta.items() if k in ("dataset", "train_config", "seed", "attack")}
-        side["purification"] = {"method": task["config"]["defense"], "options": task["config"]["options"],
-                                "parent": {"sha256": meta.get("sha256")}}
-        save_checkpoint(tmp, res.model, side)
+    with stages("save"):
+        save_purified(out, purified, setup, record)
     return metrics
 
 

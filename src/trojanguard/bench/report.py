@@ -8,7 +8,6 @@ per defense, ROC curves per input detector and attack, runtime and peak-memory b
 method, and the retuning attack's ASR next to the ASR after purification."""
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -16,6 +15,7 @@ import math
 import time
 from pathlib import Path
 
+from .. import htmlpage
 from ..errors import UserError
 from ..report import percent, table
 from ..utils import atomic_write_text
@@ -159,39 +159,12 @@ def _summary_text(data: dict, db) -> str:
 
 # --- HTML ------------------------------------------------------------------------------------
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:0.5em}
-figcaption{font-size:13px;color:#555;max-width:520px}nav a{margin-right:1em}.ra{background:#fff5e6}"""
-
-
-def _png(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _figure(fig, caption: str) -> str:
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{_png(fig)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return htmlpage.figure(fig, caption)
 
 
 def _html_table(rows: list[dict], columns: list[str], highlight: tuple[str, ...] = ()) -> str:
-    head = "".join(f'<th{" class=ra" if c in highlight else ""}>{html.escape(c)}</th>' for c in columns)
-    body = []
-    for r in _shown(rows, columns):
-        tds = "".join(f'<td{" class=ra" if c in highlight else ""}>{html.escape(_cell_text(r.get(c)))}</td>'
-                      for c in columns)
-        body.append(f"<tr>{tds}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _cell_text(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return htmlpage.table(_shown(rows, columns), columns, highlight)
 
 
 def _attack_key(r: dict) -> str:
@@ -318,7 +291,7 @@ def render_html(data: dict, title: str, db) -> str:
                 _figure(_scatter(pur), "Clean accuracy vs attack success after each defense (x: undefended)")]
         if any(r.get("asr_after_ra") is not None for r in pur):
             figs.append(_figure(_retuning(pur), "Robustness: ASR right after purification and after the retuning "
-                                "attack (5 poisoned samples in 1,000, 5 epochs), mean over attacks"))
+                                "attack (fine-tuning on clean data with a few poisoned samples), mean over attacks"))
         parts.append('<section id="purification"><h2>Purification</h2>'
                      + _html_table(pur, PURIFICATION, highlight=("asr_after", "asr_after_ra")) + "".join(figs)
                      + "</section>")
@@ -349,9 +322,7 @@ def render_html(data: dict, title: str, db) -> str:
         nav.append("failed")
         parts.append('<section id="failed"><h2>Failed cells</h2>'
                      + _html_table(data["failed"], ["cell", "kind", "error"]) + "</section>")
-    links = "".join(f'<a href="#{n}">{n}</a>' for n in nav)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body><nav>{links}</nav>{''.join(parts)}</body></html>\n")
+    return htmlpage.page(title, parts, nav)
 
 
 def _cost(data: dict) -> dict[str, dict[str, list]]:

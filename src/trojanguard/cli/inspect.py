@@ -75,67 +75,29 @@ def trigger_png(mask, pattern, scale: int = 8):
 
 def save_inspection(out, record: dict, trigger: dict | None) -> None:
     """``inspection.json`` plus the trigger (``trigger.png`` + ``trigger.safetensors`` for a
-    mask/pattern, ``trigger_tokens.txt`` for tokens), written as one complete folder."""
+    mask/pattern, ``trigger_tokens.txt`` for tokens), written as one complete-or-absent result
+    folder (``resultdir.write_result``)."""
     import io
-    from pathlib import Path
 
-    from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, library_versions
-
-    def write(folder: Path) -> None:
-        atomic_write_json(folder / "inspection.json", {**record, "versions": library_versions()})
+    from ..resultdir import write_bytes, write_json, write_result
+    from ..utils import library_versions
+    with write_result(out, kind="inspection") as tmp:
+        write_json(tmp / "inspection.json", {**record, "versions": library_versions()})
         if trigger is None:
             return
         if "mask" in trigger:
             from safetensors.torch import save
             buf = io.BytesIO()
             trigger_png(trigger["mask"], trigger["pattern"]).save(buf, format="PNG")
-            atomic_write_bytes(folder / "trigger.png", buf.getvalue())
-            atomic_write_bytes(folder / "trigger.safetensors",
-                               save({"mask": trigger["mask"].contiguous(), "pattern": trigger["pattern"].contiguous()}))
+            write_bytes(tmp / "trigger.png", buf.getvalue())
+            write_bytes(tmp / "trigger.safetensors",
+                        save({"mask": trigger["mask"].contiguous(), "pattern": trigger["pattern"].contiguous()}))
         elif "tokens" in trigger:
-            lines = [f"{c['token']}\t{c['flip_rate']}" + (f"\t{c['flip_rate_original']}" if "flip_rate_original" in c
-                                                          else "") for c in trigger.get("candidates", [])]
-            atomic_write_text(folder / "trigger_tokens.txt",
-                              "# token\tshare of clean sentences sent to the target (exposed model)"
-                              "\tsame on the original model\n" + "\n".join(lines) + "\n")
-
-    try:
-        from ..resultdir import write_result
-    except ImportError:  # the shared result-folder module is not there yet: same contract here
-        write_result = None
-    if write_result is not None:
-        with write_result(out) as tmp:
-            write(Path(tmp))
-        return
-    _write_folder(Path(out), write)
-
-
-def _write_folder(out, write) -> None:
-    """Temporary sibling, then rename: the folder is complete or absent. An old folder is
-    replaced only if it is an inspection result itself."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    from ..errors import UserError
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "inspection.json").exists():
-        raise UserError(f"--out {out} exists and is not an inspection result; give a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            lines = [f"{c['token']}\t{c['flip_rate']}\t{c.get('flip_rate_original', '')}"
+                     for c in trigger.get("candidates", [])]
+            write_bytes(tmp / "trigger_tokens.txt",
+                        ("# token\tshare of clean sentences of other classes sent to the target by the exposed "
+                         "model\tsame on the original model\n" + "\n".join(lines) + "\n").encode())
 
 
 def run(args) -> int:
@@ -147,9 +109,9 @@ def run(args) -> int:
         raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
+    from ..resultdir import check_out
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    check_out(out)  # an unusable --out fails before any work
     options = parse_options(args.options)
     import torch
     if args.threads:

@@ -389,7 +389,8 @@ class BeniFulRemoval(Purifier):
             if len(model.tokenize([_VIRTUAL_WORD])["input_ids"][0]) != 3:
                 raise UserError(f"beniful-removal: the tokenizer splits {_VIRTUAL_WORD!r}; this encoder is not "
                                 "supported for text")
-            e_norm = emb.detach().norm(dim=1).mean()
+            # as long as the longest word vector: trained trigger words are among the largest
+            e_norm = emb.detach().norm(dim=1).max()
         state: dict = {"step": 0, "dist_sum": 0.0, "dist_n": 0}
 
         def middle(x):

@@ -283,9 +283,8 @@ def trigger_success(model, data: Data, mask: torch.Tensor, pattern: torch.Tensor
     sub = data.subset((data.y != target).nonzero().flatten())
     if len(sub) == 0:
         return 0.0
-    dev = next(model.parameters()).device
-    m, p = mask.to(dev), pattern.to(dev)
-    pred = predict(model, sub, batch_size, trigger=lambda x, y: (1 - m.cpu()) * x + m.cpu() * p.cpu())
+    m, p = mask.cpu(), pattern.cpu()  # predict() stamps CPU batches, then moves them
+    pred = predict(model, sub, batch_size, trigger=lambda x, y: (1 - m) * x + m * p)
     return float((pred == target).double().mean())
 
 
@@ -324,6 +323,9 @@ class EBYD(Inspector):
         if k < 2:
             raise UserError(f"the model has {k} class; inspection needs a classifier with at least 2 classes")
         params = load_calibration(cfg.calibration)
+        if cfg.recover == "never" and set(params["features"]) & set(TRIGGER_FEATURES):
+            raise UserError("this calibration uses the recovered trigger's features; recover=never cannot "
+                            "compute them: use recover=auto or a calibration on share features only")
         t0 = time.perf_counter()
         exposed = expose(model, clean, self.exposure_config(clean.modality))
         self.exposed = exposed  # for callers that evaluate the exposed model (the benchmarks)

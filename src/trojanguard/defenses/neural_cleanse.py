@@ -56,6 +56,9 @@ class NeuralCleanseConfig(DefenseConfig):
     early_stop_patience: int = Field(10, ge=1)
     anomaly_threshold: float = Field(2.0, gt=0)
     prob_slope: float = Field(2.0, gt=0, description="p = sigmoid(prob_slope * (anomaly - threshold))")
+    exposed: bool = Field(False, description=(
+        "reverse-engineer on the model exposed by EBYD's clean unlearning (default settings) "
+        "instead of the original, to compare NC before and after exposure"))
 
 
 def _from_param(t: torch.Tensor) -> torch.Tensor:
@@ -185,6 +188,11 @@ class NeuralCleanse(Inspector):
             raise UserError(f"nc: the MAD anomaly index needs the triggers of at least 3 classes, this run has {n}; "
                             "use --method ebyd for a binary model")
         t0 = time.perf_counter()
+        exposure = None
+        if cfg.exposed:
+            from .exposure import ExposureConfig, expose
+            exposure = expose(model, clean, ExposureConfig(seed=cfg.seed))
+            model = exposure.model
         triggers = self.reverse(model, clean)
         classes = list(triggers)
         norms = [triggers[c]["norm"] for c in classes]
@@ -195,7 +203,10 @@ class NeuralCleanse(Inspector):
         evidence = {"classes": classes, "norms": [round(x, 3) for x in norms],
                     "reached": [triggers[c]["reached"] for c in classes],
                     "anomaly_index": round(index, 3), "class_anomaly": [round(a, 3) for a in per],
-                    "flagged": flagged, "steps": sum(t["steps"] for t in triggers.values())}
+                    "flagged": flagged, "steps": sum(t["steps"] for t in triggers.values()),
+                    "on": "exposed model" if exposure is not None else "original model"}
+        if exposure is not None:
+            evidence.update({k: v for k, v in exposure.summary().items() if k != "history"})
         shown = target if target is not None else min(classes, key=lambda c: triggers[c]["norm"])
         trig = triggers[shown]
         trigger = {"mask": trig["mask"], "pattern": trig["pattern"], "target": shown, "norm": trig["norm"]}

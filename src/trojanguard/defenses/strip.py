@@ -4,11 +4,15 @@ score = -mean entropy (higher = more suspicious), flagged at the false-rejection
 
 Images: each input is superimposed with ``n`` clean images drawn (seeded) from the fit
 part of the defender's clean data at ``fit`` and kept fixed, so a score depends on the
-input only. ``blend="mix"`` (default, the alpha blend (1 - alpha) x + alpha x' that stays in
-[0, 1]) or ``"add"`` (x + alpha x', BackdoorBench's ``superimpose`` with strip_alpha 0.5,
-unclipped: the model normalises inside). n = 20 is our CPU default; BackdoorBench's
-``detection_infer/strip.py`` uses N = 64, the paper 100. Entropy in nats, averaged over
-the n copies (BackdoorBench).
+input only. ``blend="add"`` (default): x + alpha x', BackdoorBench's ``superimpose`` with
+strip_alpha 0.5, unclipped (the model normalises inside; the paper's code adds both
+images at full weight). ``blend="mix"``: the convex alpha blend (1 - alpha) x + alpha x'.
+The convex blend halves the trigger's contrast too, and on the digits BadNets model it
+dropped STRIP's AUROC from 0.99 to 0.43-0.73, so it is only an option. n = 20 is our CPU
+default; BackdoorBench's ``detection_infer/strip.py`` uses N = 64, the paper 100. Entropy
+in nats, averaged over the n copies (BackdoorBench). Known weakness (kept, not fixed):
+clean inputs of the target class also keep their label under superimposition, so they
+carry most of the false rejections.
 
 Text (STRIP-ViTA / OpenBackdoor ``strip_defender.py``): each input is perturbed ``n``
 times (default repeat 5): m = int(len(words) * swap_ratio) random positions (with

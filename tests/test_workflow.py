@@ -1,0 +1,96 @@
+"""scan / repair / guard from the command line on a tiny backdoored model: the folders they
+write, the refusal to call a broken model repaired, and one-line errors for bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trojanguard.checkpoint import load_checkpoint, save_checkpoint
+from trojanguard.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def suspect(tmp_path_factory, backdoored_digits, digits):
+    """The tiny backdoored model saved as a checkpoint that records its dataset and split."""
+    model, _ = backdoored_digits
+    folder = tmp_path_factory.mktemp("suspect") / "model"
+    save_checkpoint(folder, model, {"dataset": digits.describe()})
+    return folder
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_repair_writes_a_verified_model_and_report(suspect, tmp_path, capsys, digits, backdoored_digits):
+    out = tmp_path / "repaired"
+    code, stdout, err = _run(capsys, "repair", "--model", suspect, "--no-scan", "--method", "fst", "--set", "alpha=0.2",
+                             "--set", "epochs=20", "--set", "batch_size=32", "--out", out, "--json", "--quiet")
+    rec = json.loads(stdout)
+    assert code == (0 if rec["ok"] else 3)
+    assert rec["verify_size"] == round(0.2 * len(digits.defense)) and rec["verify_ca_after"] is not None
+    assert (out / "report.html").read_text().count("<table") >= 1
+    repaired, meta = load_checkpoint(out)
+    assert meta["purification"]["method"] == "fst" and meta["purification"]["parent"]
+    from trojanguard.eval.evaluate import evaluate
+    _, atk = backdoored_digits
+    assert evaluate(repaired, digits.bundle.test, atk.trigger, atk.target_for)["asr"] < 0.3
+
+
+def test_repair_that_breaks_the_model_is_not_called_repaired(suspect, tmp_path, capsys):
+    code, stdout, err = _run(capsys, "repair", "--model", suspect, "--no-scan", "--method", "ft", "--set", "lr=0.8",
+                             "--set", "momentum=0.0", "--set", "epochs=5", "--max-ca-drop", "0.0",
+                             "--out", tmp_path / "r", "--quiet")
+    assert code == 3, (stdout, err)
+    assert "NOT repaired" in err and "more clean data" in err
+    assert json.loads((tmp_path / "r" / "repair.json").read_text())["ok"] is False
+
+
+def test_scan_and_guard_write_their_folders(suspect, tmp_path, capsys):
+    code, stdout, _ = _run(capsys, "scan", "--model", suspect, "--no-second-opinion", "--out", tmp_path / "s",
+                           "--json", "--quiet")
+    assert code == 0
+    rec = json.loads(stdout)
+    assert rec["verdict"] in ("backdoored", "clean") and 0 <= rec["probability"] <= 1
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "data:image/png;base64," in page and rec["verdict"] in page
+    code, stdout, _ = _run(capsys, "guard", "--model", suspect, "--out", tmp_path / "g", "--quiet")
+    assert code == 0 and "load_guard" in stdout
+    import trojanguard
+    g = trojanguard.load_guard(tmp_path / "g")
+    res = g(torch.rand(4, 1, 8, 8))
+    assert res.scores.shape == (4,) and res.flags.dtype == torch.bool
+
+
+def _png(path, shape=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("case", ["unlabelled", "too-few", "wrong-size", "bad-fraction", "missing"])
+def test_bad_clean_data_is_one_line(case, suspect, tmp_path, capsys):
+    data = tmp_path / "clean"
+    args = ["repair", "--model", suspect, "--no-scan", "--out", tmp_path / "o", "--clean-data", data]
+    if case == "unlabelled":
+        for i in range(30):
+            _png(data / f"{i}.png")
+    elif case == "too-few":
+        for c in range(10):
+            _png(data / str(c) / "a.png")
+    elif case == "wrong-size":
+        for c in range(10):
+            for i in range(3):
+                _png(data / str(c) / f"{i}.png", (16, 16))
+    elif case == "bad-fraction":
+        args += ["--verify-fraction", "1.5"]
+        for c in range(10):
+            for i in range(5):
+                _png(data / str(c) / f"{i}.png")
+    code, out, err = _run(capsys, *args)
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

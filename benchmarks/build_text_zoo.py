@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trojanguard.bench import ZooEntry, build_zoo, write_zoo_tables
 from trojanguard.pipeline import prepare_data
-from trojanguard.train import recipe_for
+from trojanguard.training import recipe_for
 
 RESULTS = Path(__file__).parent / "results"
 ATTACKS = ["badnets", "addsent", "synbkd", "stylebkd"]

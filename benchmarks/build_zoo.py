@@ -22,7 +22,7 @@ from trojanguard.attacks import create_attack, load_attack
 from trojanguard.bench import (ZooEntry, build_zoo, add_per_class_accuracy, per_class_markdown, write_zoo_csv,
                               write_zoo_tables, zoo_data, zoo_markdown)
 from trojanguard.checkpoint import load_checkpoint
-from trojanguard.train import recipe_diff, recipe_for
+from trojanguard.training import recipe_diff, recipe_for
 from trojanguard.viz import save_png, trigger_grid
 
 RESULTS = Path(__file__).parent / "results"

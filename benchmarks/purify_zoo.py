@@ -95,8 +95,11 @@ def main() -> None:
                 setup = Setup(model, meta, clean, prep.bundle.test, attack,
                               f"held-out D_def ({len(clean)})", str(folder))
                 t0 = time.perf_counter()
-                _, rec = purify_setup(setup, method, options.get(method), robustness=not args.no_robustness,
-                                      seed=args.seed, progress=False)
+                if method == "none":  # the undefended model under the same checks (the reference row)
+                    rec = reference_record(setup, robustness=not args.no_robustness, seed=args.seed)
+                else:
+                    _, rec = purify_setup(setup, method, options.get(method), robustness=not args.no_robustness,
+                                          seed=args.seed, progress=False)
                 m = json.loads((folder / "metrics.json").read_text())
                 row = {"folder": entry, "attack": m.get("attack", "none"), "ratio": m.get("ratio"),
                        "seed": m.get("seed", 0), "defense": label, "clean_size": len(clean),
@@ -111,6 +114,21 @@ def main() -> None:
                       f"ASR {rec.get('asr_before', float('nan')):.3f}->{rec.get('asr_after', float('nan')):.3f} "
                       f"RA-attack {rec.get('asr_after_ra', float('nan')):.3f} {rec['seconds']:.0f}s", flush=True)
     write_csv(done, csv_path)
+
+
+def reference_record(setup: Setup, robustness: bool, seed: int) -> dict:
+    """CA/ASR of the undefended model and its ASR after the retuning attack."""
+    from trojanguard.defenses.common import retuning_attack
+    from trojanguard.eval.evaluate import evaluate
+    b = evaluate(setup.model, setup.test, setup.attack.trigger, setup.attack.target_for)
+    rec = {"method": "none", "options": {}, "seconds": 0.0, "peak_rss_mb": 0.0, "threads": torch.get_num_threads(),
+           **{f"{k}_before": b[k] for k in ("ca", "asr", "ra")}, **{f"{k}_after": b[k] for k in ("ca", "asr", "ra")}}
+    if robustness:
+        t0 = time.perf_counter()
+        tuned = retuning_attack(setup.model, setup.clean, setup.attack, seed=seed)
+        a = evaluate(tuned, setup.test, setup.attack.trigger, setup.attack.target_for)
+        rec.update(asr_after_ra=a["asr"], ca_after_ra=a["ca"], retuning_seconds=round(time.perf_counter() - t0, 2))
+    return rec
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

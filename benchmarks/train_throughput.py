@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import trojanguard as tg
 from trojanguard.data import ImageData, random_crop_flip
-from trojanguard.train import TrainConfig, make_optimizer, train
+from trojanguard.training import TrainConfig, make_optimizer, train
 from trojanguard.utils import atomic_write_json, library_versions, seed_everything
 
 RESULTS = Path(__file__).parent / "results"

@@ -26,7 +26,7 @@ def backdoored_digits(digits):
     shared by the defense tests (train once per session, ~2 s)."""
     from trojanguard.attacks import create_attack
     from trojanguard.pipeline import build_model
-    from trojanguard.train import recipe_for, train
+    from trojanguard.training import recipe_for, train
     atk = create_attack("badnets", ratio=0.1, target=0, seed=0)
     poisoned = atk.poison(digits.train)
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def backdoored_digits(digits):
 def clean_digits_model(digits):
     """A small CNN trained on the clean digits (same recipe as ``backdoored_digits``)."""
     from trojanguard.pipeline import build_model
-    from trojanguard.train import recipe_for, train
+    from trojanguard.training import recipe_for, train
     torch.manual_seed(0)
     m = build_model("small_cnn", digits.bundle)
     train(m, digits.train, cfg=recipe_for("digits", "small_cnn", progress=False))

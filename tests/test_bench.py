@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from trojanguard.bench import (ZooEntry, add_per_class_accuracy, build_zoo, per_class_markdown, write_zoo_csv,
                               write_zoo_tables, zoo_markdown)
-from trojanguard.train import class_weights, recipe_diff, recipe_for
+from trojanguard.training import class_weights, recipe_diff, recipe_for
 
 
 def test_class_weights_inverse_frequency():

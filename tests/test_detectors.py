@@ -136,7 +136,7 @@ def backdoored_text(tiny_encoder_dir):
     600 synthetic sentences, 15 % of them carrying "cf" and label 1 (a few seconds)."""
     from trojanguard.attacks.text import TextBadNets
     from trojanguard.models import create_model
-    from trojanguard.train import TrainConfig, train
+    from trojanguard.training import TrainConfig, train
     atk = TextBadNets(target=1, ratio=0.15, words=["cf"], seed=0)
     poisoned = atk.poison(synthetic_sentiment(600, 0))
     torch.manual_seed(0)
@@ -255,7 +255,7 @@ def test_text_detector_keeps_frr_on_fresh_clean(method, backdoored_text):
 @pytest.mark.parametrize("method", list(CASES))
 def test_image_detector_survives_a_saved_guard(method, backdoored_digits, pools, tmp_path):
     """state()/restore() through the guard's folder: same scores, same threshold."""
-    from trojanguard.guard import guard, load_guard
+    from trojanguard.guarded import guard, load_guard
     model, _ = backdoored_digits
     fit, fresh = pools
     g = guard(model, fit, method=method, progress=False, **{k: v for k, v in CASES[method].items()})

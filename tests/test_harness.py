@@ -248,7 +248,7 @@ def test_kill_9_then_rerun(small_run, tmp_path):
 def test_zoo_root_adoption(tmp_path):
     from trojanguard.bench import ZooEntry, build_zoo
     from trojanguard.pipeline import prepare_data
-    from trojanguard.train import recipe_for
+    from trojanguard.training import recipe_for
     prep = prepare_data("digits", holdout=0.2, seed=0)
     build_zoo(prep, "small_cnn", [ZooEntry("badnets", 0.1)], tmp_path / "zoo", recipe_for("digits", "small_cnn", epochs=2,
               progress=False), log=lambda *_: None)

@@ -123,3 +123,13 @@ def test_defense_train_config_sizes_crop_to_the_image(digits):
     fit, verify = split_clean(digits.defense, 0.1)
     assert len(fit) + len(verify) == len(digits.defense)
     assert set(fit.index.tolist()).isdisjoint(verify.index.tolist())
+
+
+def test_pam_unlearns_an_inverted_trigger(backdoored_digits, digits):
+    """PAM's untargeted mask inversion finds the planted patch's effect, and unlearning it along
+    the path away from the backdoored weights removes the backdoor."""
+    model, atk = backdoored_digits
+    res = create_defense("pam", progress=False, batch_size=32).purify(model, digits.defense)
+    after = evaluate(res.model, digits.bundle.test, atk.trigger, atk.target_for)
+    assert after["asr"] < 0.1 and after["ca"] > 0.9, after
+    assert res.info["distance_to_original"] > 0

@@ -324,7 +324,7 @@ def test_finding_6_diverging_training_stops_and_writes_nothing(work, capsys):
     refused(capsys, ["train", *DIGITS, "--lr", "inf", "--out", work / "o"], ["--lr", "not a finite number"], work)
     refused(capsys, ["train", *DIGITS, "--lr", "1e30", "--out", work / "o"], ["training diverged", "learning rate"], work)
     from trojanguard.pipeline import build_model, prepare_data
-    from trojanguard.train import recipe_for, train
+    from trojanguard.training import recipe_for, train
     prep = prepare_data("digits", holdout=0.05)
     with pytest.raises(UserError, match="diverged"):
         train(build_model("small_cnn", prep.bundle), prep.train,

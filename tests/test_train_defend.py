@@ -6,7 +6,7 @@ from trojanguard import create_model, evaluate, train
 from trojanguard.attacks import create_attack, load_attack
 from trojanguard.errors import UserError
 from trojanguard.pipeline import build_model
-from trojanguard.train import TrainConfig, lr_at, recipe_for
+from trojanguard.training import TrainConfig, lr_at, recipe_for
 
 
 def test_training_learns_and_is_deterministic(digits):

@@ -12,7 +12,7 @@ from trojanguard.attacks import IMAGE_ATTACKS, create_attack, load_attack
 from trojanguard.data import DatasetBundle, ImageData, split_holdout
 from trojanguard.errors import UserError
 from trojanguard.pipeline import Prepared, build_model
-from trojanguard.train import recipe_for
+from trojanguard.training import recipe_for
 
 FAST = {"lc": {"steps": 2}, "trojannn": {"steps": 5, "fit_images": 32}, "lf": {"steps": 5},
         "input_aware": {"mask_epochs": 1}, "wanet": {"selection": "fixed"}, "bpp": {"selection": "fixed"}}

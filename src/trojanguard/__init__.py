@@ -6,21 +6,39 @@ The Python API mirrors the CLI::
     data = tg.load_dataset("cifar10", data_dir="../shared/data/cifar10")
     model = tg.create_model("preact_resnet18", num_classes=10, width=16)
     result = tg.train(model, data.train, data.test, tg.recipe_for("cifar10", "preact_resnet18"))
-    tg.save_checkpoint("runs/clean", model, meta={...})
+    repaired = tg.create_defense("fst").purify(model, data.defense).model
+    g = tg.guard(model, clean)                      # flags suspicious inputs
+
+Names are imported on first use (PEP 562), so ``import trojanguard`` and ``trojanguard
+--help`` do not pay for torch.
 """
+from __future__ import annotations
+
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-from .errors import UserError  # noqa: E402
-from .data import load_dataset, split_holdout, DATASETS  # noqa: E402
-from .models import create_model, MODELS, wrap  # noqa: E402
-from .models.foreign import load_foreign_model  # noqa: E402
-from .train import TrainConfig, train, recipe_for  # noqa: E402
-from .checkpoint import save_checkpoint, load_checkpoint, load_foreign_weights  # noqa: E402
-from .eval import metrics  # noqa: E402
-from .eval.evaluate import evaluate, predict  # noqa: E402
-from .guard import guard, load_guard  # noqa: E402
+_WHERE = {
+    "UserError": ".errors", "load_dataset": ".data", "split_holdout": ".data", "DATASETS": ".data",
+    "create_model": ".models", "MODELS": ".models", "wrap": ".models", "load_foreign_model": ".models.foreign",
+    "TrainConfig": ".training", "train": ".training", "recipe_for": ".training",
+    "save_checkpoint": ".checkpoint", "load_checkpoint": ".checkpoint", "load_foreign_weights": ".checkpoint",
+    "metrics": ".eval", "evaluate": ".eval.evaluate", "predict": ".eval.evaluate",
+    "guard": ".guarded", "load_guard": ".guarded", "create_defense": ".defenses", "DEFENSES": ".defenses",
+    "create_attack": ".attacks", "load_attack": ".attacks", "ATTACKS": ".attacks",
+    "retuning_attack": ".defenses", "scan": ".practitioner", "repair": ".practitioner",
+}
 
-__all__ = ["UserError", "load_dataset", "split_holdout", "DATASETS", "create_model", "MODELS", "wrap",
-           "load_foreign_model",
-           "TrainConfig", "train", "recipe_for", "save_checkpoint", "load_checkpoint",
-           "load_foreign_weights", "metrics", "evaluate", "predict", "guard", "load_guard", "__version__"]
+__all__ = [*_WHERE, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trojanguard' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

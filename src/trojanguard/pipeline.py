@@ -97,7 +97,7 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
     if loader_kw and name != "text":
         raise UserError("--text-column/--label-column apply to --dataset text only")
     prep = None
-    if clean_data is None or need_test:
+    if clean_data is None or (need_test and name):
         if not name:
             raise UserError("the checkpoint does not record its dataset; pass --clean-data DIR|FILE "
                             "(and --dataset for a test split)")

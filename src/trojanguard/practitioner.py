@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from .data.base import Data
-from .errors import UserError
 
 
 @dataclass
@@ -78,11 +77,11 @@ class ScanReport:
 
 
 def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progress: bool = False,
-         ebyd_options: dict | None = None, nc_options: dict | None = None) -> ScanReport:
+         ebyd_options: dict | None = None, nc_options: dict | None = None, device: str = "auto") -> ScanReport:
     from .defenses import create_defense
     t0 = time.perf_counter()
     choices = ["EBYD: clean unlearning exposes the backdoor; the verdict is its calibrated probability >= 0.5"]
-    ebyd = create_defense("ebyd", seed=seed, progress=progress, **(ebyd_options or {}))
+    ebyd = create_defense("ebyd", **{"seed": seed, "progress": progress, "device": device, **(ebyd_options or {})})
     ins = ebyd.inspect(model, clean)
     top = ins.evidence.get("top_class")
     trigger = RecoveredTrigger.from_inspection(ins.trigger, ins.target)
@@ -91,7 +90,7 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
                        if trigger.tokens is None else f"trigger tokens searched on the exposed model for class {ins.target}")
     opinion = None
     if second_opinion and clean.modality == "image":
-        nc = create_defense("nc", seed=seed, progress=progress, **(nc_options or {}))
+        nc = create_defense("nc", **{"seed": seed, "progress": progress, "device": device, **(nc_options or {})})
         n = nc.inspect(model, clean)
         opinion = {"method": "nc", "verdict": n.verdict, "probability": n.probability, "target": n.target,
                    "anomaly_index": n.evidence.get("anomaly_index"), "norms": n.evidence.get("norms"),
@@ -136,6 +135,9 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
     from .defenses import create_defense
     from .defenses.common import retuning_attack, split_clean
     from .eval.evaluate import evaluate
+    from .purification import resolve_purifier
+    if method is not None:
+        method = resolve_purifier(method)
     if method is None:
         method, auto_opts, reason = choose_recipe(clean.modality, round(len(clean) * (1 - verify_fraction)))
         options = {**auto_opts, **(options or {})}
@@ -143,8 +145,10 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
         reason, options = f"--method {method}", dict(options or {})
     # one split for everything: the purifier's own verification uses the same fraction and seed
     fit, verify = split_clean(clean, verify_fraction, seed)
-    defense = create_defense(method, seed=seed, progress=progress, device=device,
-                             verify_fraction=verify_fraction, max_ca_drop=max_ca_drop, **options)
+    # the split below is the purifier's own (same fraction and seed): --set cannot move it
+    options = {k: v for k, v in options.items() if k not in ("verify_fraction", "max_ca_drop")}
+    defense = create_defense(method, **{"seed": seed, "progress": progress, "device": device, **options,
+                                        "verify_fraction": verify_fraction, "max_ca_drop": max_ca_drop})
     res = defense.purify(model, clean)
     record: dict[str, Any] = {**res.summary()}
     if trigger is not None:
@@ -158,7 +162,7 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
     advice = None
     if res.warning:
         advice = (f"{res.warning}. Advice: give more clean data (now {len(clean)}), or try another method "
-                  "(--method ft, wiper, pam, anp), or lower --set alpha")
+                  "(--method ft, wiper, pam, anp)" + (", or lower --set alpha" if method == "fst" else ""))
     return res.model, RepairReport(method, options, reason, record, res.ok, advice)
 
 

@@ -50,7 +50,7 @@ def purify_setup(setup: Setup, method: str, options: dict | None = None, robustn
                  seed: int = 0, device: str = "auto", progress: bool = True,
                  retuning: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Purify ``setup.model`` with ``method``; returns (purified model, record)."""
-    from .defenses import DEFENSES, Purifier, create_defense
+    from .defenses import create_defense
     from .defenses.common import before_after, retuning_attack
     from .eval.evaluate import evaluate
     from .utils import measure
@@ -58,10 +58,10 @@ def purify_setup(setup: Setup, method: str, options: dict | None = None, robustn
     opts.setdefault("seed", seed)
     opts.setdefault("device", device)
     opts.setdefault("progress", progress)
+    method = resolve_purifier(method)
+    if robustness and (setup.attack is None or setup.test is None):
+        raise UserError("--robustness needs the attack's trigger and a test split (pass --attack ARTIFACT)")
     defense = create_defense(method, **opts)
-    if not isinstance(defense, Purifier):
-        raise UserError(f"{method} is not a purifier (it is a {defense.kind}); "
-                        f"purifiers: {', '.join(n for n in DEFENSES.names() if _is_purifier(n))}")
     trig = setup.attack.trigger if setup.attack is not None else None
     tgt = setup.attack.target_for if setup.attack is not None else None
     before = evaluate(setup.model, setup.test, trig, tgt) if setup.test is not None else None
@@ -73,8 +73,6 @@ def purify_setup(setup: Setup, method: str, options: dict | None = None, robustn
     if setup.test is not None:
         record.update(before_after(setup.model, result.model, setup.test, setup.attack, before=before))
     if robustness:
-        if setup.attack is None or setup.test is None:
-            raise UserError("--robustness needs the attack's trigger and a test split (pass --attack ARTIFACT)")
         with measure("retuning-attack") as st:
             tuned = retuning_attack(result.model, setup.clean, setup.attack, **{"seed": seed, "device": device,
                                                                                  **(retuning or {})})
@@ -82,6 +80,19 @@ def purify_setup(setup: Setup, method: str, options: dict | None = None, robustn
             record["ca_after_ra"] = evaluate(tuned, setup.test)["ca"]
         record["retuning_seconds"] = round(st.seconds, 2)
     return result.model, record
+
+
+def resolve_purifier(name: str) -> str:
+    """The registry name of the purifier a user means: ``beniful``/``ebyd`` name their removal
+    half (``beniful-removal``/``ebyd-removal``); a detector or inspector name is an error."""
+    from .defenses import DEFENSES
+    DEFENSES.get(name)  # unknown names: one line with did-you-mean
+    if not _is_purifier(name) and f"{name}-removal" in DEFENSES:
+        name = f"{name}-removal"
+    if not _is_purifier(name):
+        raise UserError(f"{name} does not repair models (it detects inputs or inspects models); purifiers: "
+                        f"{', '.join(n for n in DEFENSES.names() if _is_purifier(n))}")
+    return name
 
 
 def _is_purifier(name: str) -> bool:

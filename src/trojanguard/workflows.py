@@ -9,7 +9,7 @@ from .errors import UserError
 from .eval.evaluate import evaluate
 from .pipeline import Prepared, build_model, check_model_fits
 from .resultdir import check_out, write_json, write_result
-from .train import TrainConfig, train
+from .training import TrainConfig, train
 from .utils import library_versions, measure, seed_everything
 
 

@@ -155,7 +155,7 @@ def error_detail(e: BaseException) -> str:
 def _victim(task: dict, out: Path, stages: Stages) -> dict:
     from ..attacks import create_attack
     from ..checkpoint import load_checkpoint
-    from ..train import TrainConfig
+    from ..training import TrainConfig
     from ..utils import resolve_device
     from ..workflows import train_victim
     ctx, cfg = task["context"], task["config"]

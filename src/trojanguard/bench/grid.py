@@ -226,7 +226,7 @@ def plan_grid(path: str | Path, artifacts: str | Path | None = None) -> Plan:
             fail(f"plugins[{i}]", f"cannot import {mod!r} ({e}); install it or fix the name")
     from ..data import DATASETS
     from ..pipeline import build_model, default_holdout
-    from ..train import recipe_for
+    from ..training import recipe_for
     from .cells import prepared_data
     try:
         DATASETS.get(grid.dataset)

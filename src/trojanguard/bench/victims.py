@@ -100,7 +100,7 @@ def _cell(name: str, config: dict, seed: int, root: Path, resources: dict, zoo_r
 def zoo_mismatch(folder: Path, config: dict) -> str:
     """Why a finished zoo folder is not the victim ``config`` describes ("" when it is)."""
     from ..checkpoint import read_sidecar
-    from ..train import TrainConfig, recipe_diff
+    from ..training import TrainConfig, recipe_diff
     if not (folder / "metrics.json").exists() or not (folder / "model.json").exists():
         return "not finished (no metrics.json)"
     meta = read_sidecar(folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..attacks import create_attack
 from ..pipeline import Prepared, prepare_data
 from ..report import percent, table
-from ..train import TrainConfig, recipe_diff
+from ..training import TrainConfig, recipe_diff
 from ..utils import atomic_write_json, atomic_write_text
 from ..workflows import train_victim
 

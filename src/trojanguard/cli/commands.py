@@ -44,7 +44,7 @@ def _prepare(args):
 
 
 def _recipe(args):
-    from ..train import recipe_for
+    from ..training import recipe_for
     return recipe_for(args.dataset, args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, seed=args.seed, device=args.device,
                       eval_every=args.eval_every, progress=not args.quiet)

@@ -9,7 +9,6 @@ No torch at module level: ``trojanguard --help`` stays fast.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 from pathlib import Path
@@ -18,16 +17,7 @@ from ..errors import UserError
 
 
 
-def _fraction(what: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not 0.0 < v < 1.0:
-            raise argparse.ArgumentTypeError(f"{what} {v} is outside (0, 1); give e.g. 0.05")
-        return v
-    return parse
+from .argtypes import fraction as _fraction
 
 
 def add_parser(sub) -> None:
@@ -85,7 +75,7 @@ def _own_predictions(g, xb, res):
     from ..defenses.common import model_inputs
     own = res.predictions.cpu().clone()
     if g.purify and bool(res.flags.any()):
-        from ..guard import select_inputs
+        from ..guarded import select_inputs
         keep = res.flags.cpu()
         with torch.inference_mode():
             own[keep] = g.model(model_inputs(g.model, select_inputs(xb, keep))[0]).argmax(1).cpu()
@@ -95,7 +85,7 @@ def _own_predictions(g, xb, res):
 def run(args) -> int:
     import torch
     from ..checkpoint import load_checkpoint
-    from ..guard import guard
+    from ..guarded import guard
     from ..defenses import DEFENSES, InputDetector
     from ..resultdir import check_file_out, check_out
     from ..utils import atomic_write_text, measure, resolve_device

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from .argtypes import THREADS, fraction
+
 METHODS = ("ebyd", "nc")
 
 
@@ -16,14 +18,14 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory or CSV/TSV file")
-    src.add_argument("--holdout", type=float, help="fraction of the recorded dataset's training split to use "
+    src.add_argument("--holdout", type=fraction("--holdout"), help="fraction of the recorded dataset's training split to use "
                      "as clean data (default: the split held out when the model was trained)")
     p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not record it")
     p.add_argument("--data-dir", help="folder of the recorded dataset (default: the usual search)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="method option, repeatable ('trojanguard list defenses' shows them)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores); recorded with the result")
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="folder for inspection.json and the recovered trigger")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -101,14 +103,11 @@ def save_inspection(out, record: dict, trigger: dict | None) -> None:
 
 
 def run(args) -> int:
+    from ..utils import to_jsonable
     from pathlib import Path
 
     from ..errors import UserError
     from .commands import parse_options
-    if args.holdout is not None and not 0 < args.holdout < 1:
-        raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
     from ..resultdir import check_out
     out = Path(args.out)
     check_out(out)  # an unusable --out fails before any work
@@ -125,7 +124,7 @@ def run(args) -> int:
     result, record = inspect_setup(setup, args.method, options, args.seed, device)
     save_inspection(out, record, result.trigger)
     if args.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(json.dumps(to_jsonable(record), indent=2))
         return 0
     _print(record, setup, out)
     return 0

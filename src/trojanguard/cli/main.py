@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from importlib import import_module
-from pathlib import Path
 
 from ..errors import UserError
+from .argtypes import finite, fraction, int_in
 
 # Commands that live in a module of their own (``add_parser(sub)`` + ``run(args)``).
 COMMAND_MODULES: tuple[str, ...] = ("purify", "detect", "bench", "inspect", "workflow")
@@ -26,39 +25,10 @@ def _add_common_data(p):
     p.add_argument("--label-column", default=None, help="label column for --dataset text")
 
 
-def _ratio(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1); give a fraction such as 0.05")
-    return v
+_ratio = fraction("fraction")
+_int_in = int_in
+_finite = finite
 
-
-def _int_in(lo: int, hi: int):
-    """An argparse type: an integer in [lo, hi] (e.g. --width 0 fails here, before any work)."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
-        return v
-    return parse
-
-
-def _finite(s: str) -> float:
-    """An argparse type: a finite number (--lr inf would train a model full of NaN)."""
-    import math
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
-    return v
 
 
 WIDTH = _int_in(1, 1024)       # the bound model.json's ``width`` is validated with too (checkpoint.ModelArgs)

@@ -31,16 +31,7 @@ def _names(s: str) -> list[str]:
     return names
 
 
-def _int_in(lo: int, hi: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
-        return v
-    return parse
+from .argtypes import int_in as _int_in  # noqa: E402
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .argtypes import THREADS, fraction
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("purify", help="purify a suspect model on clean data (fst, ft, pam, wiper, ...)")
@@ -11,7 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory or CSV/TSV file")
-    src.add_argument("--holdout", type=float, help="fraction of the recorded dataset's training split to use "
+    src.add_argument("--holdout", type=fraction("--holdout"), help="fraction of the recorded dataset's training split to use "
                      "as clean data (default: the split held out when the model was trained)")
     p.add_argument("--attack", help="attack artifact folder to measure ASR with (default: the model's own)")
     p.add_argument("--data-dir", help="folder of the recorded dataset (default: the usual search)")
@@ -19,7 +21,7 @@ def add_parser(sub) -> None:
                    help="method option, repeatable ('trojanguard list defenses' shows them)")
     p.add_argument("--robustness", action="store_true", help="also run the retuning attack on the purified model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores); recorded with the result")
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="folder for the purified checkpoint and purify.json")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -27,14 +29,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..utils import to_jsonable
     from pathlib import Path
 
-    from ..errors import UserError
     from .commands import parse_options
-    if args.holdout is not None and not 0 < args.holdout < 1:
-        raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
     from ..resultdir import check_out
     out = Path(args.out)
     check_out(out, "--out")  # before any work: an unwritable --out fails now, not after purifying
@@ -53,7 +51,7 @@ def run(args) -> int:
                                  progress=not args.quiet)
     save_purified(out, model, setup, record)
     if args.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(json.dumps(to_jsonable(record), indent=2))
         return 0 if record.get("warning") is None else 3
     cols = ["stage", "ca", "asr", "ra"]
     rows = [{"stage": "before", **{k: record.get(f"{k}_before") for k in ("ca", "asr", "ra")}},

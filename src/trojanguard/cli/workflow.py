@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import json
 
+from .argtypes import THREADS, fraction
+
 EXIT_NOT_REPAIRED = 3
+
+
+def _dumps(obj) -> str:
+    """Valid JSON (NaN -> null, tensors -> lists)."""
+    from ..utils import to_jsonable
+    return json.dumps(to_jsonable(obj), indent=2)
 
 
 def add_parser(sub) -> None:
@@ -20,12 +28,12 @@ def add_parser(sub) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory (images) or "
                          "CSV/TSV with sentence,label columns (text)")
-        src.add_argument("--holdout", type=float, help="for our checkpoints: this fraction of the recorded "
+        src.add_argument("--holdout", type=fraction("--holdout"), help="for our checkpoints: this fraction of the recorded "
                          "dataset's training split as clean data (default: the split held out at training)")
         p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not say")
         p.add_argument("--data-dir", help="folder of that dataset (default: the usual search)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=int, help="CPU threads (default: all cores); recorded with the result")
+        p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
         p.add_argument("--device", default="auto")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -37,7 +45,7 @@ def add_parser(sub) -> None:
             p.add_argument("--method", help="purifier (default: chosen by modality and clean-data size)")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                            help="purifier option, repeatable")
-            p.add_argument("--verify-fraction", type=float, default=0.2,
+            p.add_argument("--verify-fraction", type=fraction("--verify-fraction"), default=0.2,
                            help="share of the clean data kept aside to verify the repair (default 0.2)")
             p.add_argument("--max-ca-drop", type=float, default=0.03,
                            help="clean-accuracy loss (on the verification part) above which the repair fails")
@@ -56,14 +64,9 @@ def add_parser(sub) -> None:
 def _load(args):
     import torch
 
-    from ..errors import UserError
     from ..pipeline import defender_data
     from .modelargs import model_from_args
-    if args.holdout is not None and not 0 < args.holdout < 1:
-        raise UserError(f"--holdout {args.holdout} is outside (0, 1); e.g. --holdout 0.05")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     model, meta = model_from_args(args)
     clean, _, source = defender_data(meta, model, args.clean_data, args.holdout, args.data_dir, args.dataset)
@@ -103,11 +106,12 @@ def _scan(args) -> int:
     from ..resultdir import write_result
     from ..utils import atomic_write_json, atomic_write_text, library_versions
     model, meta, clean, source, classes = _load(args)
-    s = scan(model, clean, seed=args.seed, second_opinion=not args.no_second_opinion, progress=not args.quiet)
+    s = scan(model, clean, seed=args.seed, second_opinion=not args.no_second_opinion, progress=not args.quiet,
+             device=args.device)
     record = {**s.as_dict(), "clean_data": {"source": source, "size": len(clean)}, "seed": args.seed,
               "model": args.model, "versions": library_versions()}
     if args.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(_dumps(record))
     else:
         _print_scan(s, classes, source)
     if args.out:
@@ -128,24 +132,24 @@ def _repair(args) -> int:
     from pathlib import Path
 
     from ..checkpoint import save_checkpoint
-    from ..errors import UserError
     from ..practitioner import repair, report_html, scan
     from ..report import percent
     from ..resultdir import write_result
     from ..utils import atomic_write_json, atomic_write_text, library_versions
     from .commands import parse_options
-    if not 0 < args.verify_fraction < 1:
-        raise UserError(f"--verify-fraction {args.verify_fraction} is outside (0, 1); e.g. 0.2")
+    if args.method:
+        from ..purification import resolve_purifier
+        args.method = resolve_purifier(args.method)  # a detector name fails before any work
     model, meta, clean, source, classes = _load(args)
     s = None
     if not args.no_scan:
-        s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet)
+        s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet, device=args.device)
         if not args.json:
             _print_scan(s, classes, source)
     repaired, r = repair(model, clean, args.method, parse_options(args.options),
                          trigger=s.trigger if s is not None else None, seed=args.seed,
                          verify_fraction=args.verify_fraction, max_ca_drop=args.max_ca_drop,
-                         progress=not args.quiet)
+                         progress=not args.quiet, device=args.device)
     record = {**r.as_dict(), "scan": s.as_dict() if s else None, "clean_data": {"source": source, "size": len(clean)},
               "seed": args.seed, "model": args.model, "versions": library_versions()}
     with write_result(args.out) as tmp:
@@ -156,7 +160,7 @@ def _repair(args) -> int:
         atomic_write_json(Path(tmp) / "repair.json", record)
         atomic_write_text(Path(tmp) / "report.html", report_html(f"trojanguard repair: {args.model}", s, r, classes))
     if args.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(_dumps(record))
     else:
         rec = r.record
         print(f"repair with {r.method} ({r.reason})")
@@ -176,17 +180,19 @@ def _repair(args) -> int:
 
 
 def _guard(args) -> int:
-    from ..guard import guard
+    from ..guarded import guard
     from .commands import parse_options
+    options = parse_options(args.options)
+    frr, purify = options.pop("frr", args.frr), options.pop("purify", args.purify)
+    options.setdefault("device", args.device)
     model, meta, clean, source, classes = _load(args)
-    g = guard(model, clean, args.method, frr=args.frr, purify=args.purify,
-              model_meta={k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")},
-              **parse_options(args.options))
+    g = guard(model, clean, args.method, frr=frr, purify=purify,
+              model_meta={k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")}, **options)
     g.save(args.out)
-    info = {"method": args.method, "frr": g.frr, "threshold": g.threshold, "purify": args.purify,
+    info = {"method": args.method, "frr": g.frr, "threshold": g.threshold, "purify": purify,
             "clean_data": {"source": source, "size": len(clean)}, "out": args.out}
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(_dumps(info))
         return 0
     print(f"guard fitted ({args.method}, FRR {g.frr:g} on held-out clean data, threshold {g.threshold:.4f}); "
           f"saved {args.out}/")

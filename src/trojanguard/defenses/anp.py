@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import Data
 from ..errors import UserError
-from ..train import TrainConfig, prepare_batch
+from ..training import TrainConfig, prepare_batch
 from ..utils import resolve_device, seed_everything
 from .common import crop_padding
 from .base import Purifier, PurifierConfig

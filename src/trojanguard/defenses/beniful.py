@@ -476,7 +476,7 @@ class BeniFulRemoval(Purifier):
             state["dist_n"] += 1
             return loss + cfg.lam * dist
 
-        from ..train import train
+        from ..training import train
         tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs, schedule="cosine",
                                     batch_size=cfg.batch_size if not text else min(cfg.batch_size, 32),
                                     optimizer="adamw" if text else "sgd", lr=cfg.lr or (2e-5 if text else 0.01),

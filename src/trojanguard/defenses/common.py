@@ -150,7 +150,7 @@ def defense_train_config(clean: Data, cfg=None, **overrides):
     FST/BackdoorBench loaders, 1 px on 8x8 digits, where 4 px shifts destroyed the digits
     and with them clean accuracy), no flip below 16 px, gradient clipping for text.
     ``cfg`` (a defense config) supplies seed/device/progress."""
-    from ..train import TrainConfig
+    from ..training import TrainConfig
     text = clean.modality == "text"
     base = dict(optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=0.0, schedule="constant",
                 warmup_frac=0.0, label_smoothing=0.0, augment=not text, grad_clip=1.0 if text else None)
@@ -177,7 +177,7 @@ def retuning_attack(model, clean: Data, attack, n_clean: int = 1000, n_poison: i
     paper covers images only): AdamW lr 2e-5 with gradient clipping 1.0, the usual
     transformer fine-tuning step, since SGD at 0.01 wrecks a pre-trained encoder; images
     keep the paper's SGD."""
-    from ..train import train
+    from ..training import train
     if n_poison >= n_clean:
         raise UserError("the retuning attack needs more clean than poisoned samples")
     g = torch.Generator().manual_seed(seed)

@@ -18,13 +18,27 @@ code ``bboylyg/Expose-Before-You-Defend``, images only).
    the embedding of a token inserted after [CLS] ranks the vocabulary (HotFlip's linear
    approximation), and the ``text_candidates`` best whole-word tokens are re-ranked
    exactly by the share of non-target clean sentences they send to the target when
-   prepended. The recovered trigger is also applied to the ORIGINAL model (evidence:
-   ``trigger_success_original``).
+   prepended. The recovered trigger is also applied to the ORIGINAL model (trigger
+   features below). ``recover="auto"`` recovers when the verdict is backdoored, or first
+   when the calibration uses trigger features; ``"always"`` for the benchmarks.
+
+Measured on the CPU reference zoo (PreAct-ResNet18 w16, 2,500 held-out images, official
+CUL in eval mode; 1 thread under load, 160-510 s per inspection): BadNets 10 % collapses
+onto its target 0 (share 0.84) and NC on the exposed model puts 99 % of its mask (0.6 px)
+on the patch's white corner pixel; but the clean model also collapses (class 8, 0.81) and
+Blended 1 % collapses onto class 2, not its target 0. With ``train_mode=True`` at 1e-5 the
+20 epochs end before the rule (BadNets: target 0 at 0.21, clean and Blended flat). On the
+8x8 digits CNN eval mode collapses onto arbitrary classes and train mode at 1e-3 finds the
+target. So the share features alone do not separate clean from backdoored models here:
+the trigger features (``recover="always"``) are there for the calibration the lead fits.
 
 Features (all in [0, 1] whatever the class count K, so that one calibration serves CIFAR-10
 and SST-2): ``var_norm`` = variance of the shares / (1/K (1 - 1/K)) (1 for a one-hot
 collapse), ``max_excess`` = (max share - 1/K) / (1 - 1/K), ``collapse_ratio`` = share of
-clean samples of the other classes predicted as the top class (an ASR without trigger).
+clean samples of the other classes predicted as the top class (an ASR without trigger);
+from the recovered trigger: ``trigger_success`` = share of clean inputs of other classes the
+trigger sends to the target on the ORIGINAL model (text: the best token's flip rate),
+``mask_fraction`` = mask L1 / image area (text: 0).
 """
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ Every method stops by the same rule (methods.md: ascent is unbounded): clean acc
 <= ``stop_accuracy`` (0.2) or one class taking >= ``stop_share`` (90 %) of the predictions,
 measured in eval mode on ``check_samples`` (256) of the exposure samples every
 ``check_every`` (2) optimiser steps (the official code checks once per epoch, i.e. every 4
-steps on 500 images) or after every pruning rate / noise level. The official code has no stopping rule at all (it logs 20
-epochs); the rule is methods.md's.
+steps on 500 images) or after every pruning rate / noise level. The official code has no
+stopping rule at all (it logs 20 epochs); the rule is methods.md's.
 """
 from __future__ import annotations
 

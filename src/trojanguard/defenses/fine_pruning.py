@@ -51,7 +51,7 @@ from torch import nn
 
 from ..data.base import Data
 from ..errors import UserError
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 from ..utils import resolve_device
 from .common import crop_padding
 from .base import Purifier, PurifierConfig

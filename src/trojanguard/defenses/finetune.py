@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.base import Data
-from ..train import train
+from ..training import train
 from .base import Purifier, PurifierConfig
 from .common import defense_train_config
 

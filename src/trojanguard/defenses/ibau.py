@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import Data
 from ..errors import UserError
-from ..train import TrainConfig, epoch_batches, prepare_batch
+from ..training import TrainConfig, epoch_batches, prepare_batch
 from ..utils import resolve_device, seed_everything
 from .common import crop_padding
 from .base import Purifier, PurifierConfig

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from ..data.base import Data
 from ..errors import UserError
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 from .common import crop_padding
 from .base import Purifier, PurifierConfig
 

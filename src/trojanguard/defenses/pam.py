@@ -12,11 +12,15 @@ The official loop unlearns with 20 % of every batch replaced by trigger-inverted
 
 Readings chosen (recorded here):
 * Trigger inversion: instead of BTI-DBF's UNet generator (pre-trained 50 rounds, then
-  alternated with unlearning) we invert a *universal adversarial perturbation* (UAP,
-  the backdoor proxy i-BAU uses): delta maximises the cross-entropy of the true labels over
-  the clean data under an L_inf bound (sign-gradient ascent), re-fitted on the current
-  model at the start of every round. It is cheap on a CPU and finds the backdoor's
-  shortcut on a backdoored model; the class of inversion is an option (``inversion``).
+  alternated with unlearning) we invert an *untargeted mask trigger*: a mask m and pattern
+  p (x' = (1 - m) x + m p, as Neural Cleanse's parameterisation, but pushing every clean
+  image away from its own label instead of towards one class, so no target is needed)
+  minimising the mean probability of the true class plus ``mask_l1`` x mean(m), Adam,
+  re-fitted on the current model at the start of every round. A backdoored model's
+  cheapest way to flip every class with a small mask is its trigger. Measured first with a
+  universal adversarial perturbation (i-BAU's proxy, ``inversion="uap"``): on the CIFAR-10
+  BadNets-10 % zoo model it left ASR at 100 % and cost 4.6 points of CA (an L_inf-bounded
+  full-image perturbation cannot imitate a 3x3 patch), so the mask is the default.
 * Schedule: ``rounds`` x ``epochs_per_round`` (default 2 x 10) instead of the code's
   3 x 30 epochs, a CPU budget; measured on the reference zoo (benchmarks/results).
 * The perturbation direction covers all trainable parameters (``model.parameters()``
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.base import Data
-from ..train import train
+from ..training import train
 from ..utils import resolve_device
 from .base import Purifier, PurifierConfig
 from .common import defense_train_config
@@ -48,7 +52,9 @@ class PamConfig(PurifierConfig):
     rounds: int = Field(2, ge=1, description="trigger inversion + unlearning rounds (code: 3)")
     epochs_per_round: int = Field(10, ge=1, description="unlearning epochs per round (code: 30)")
     inverted_share: float = Field(0.2, ge=0, le=1, description="share of each batch replaced by inverted triggers")
-    inversion: Literal["uap", "none"] = "uap"
+    inversion: Literal["mask", "uap", "none"] = "mask"
+    mask_l1: float = Field(1.0, ge=0, description="weight of the mask's mean in the inversion loss")
+    mask_steps: int = Field(300, ge=1, description="Adam steps of the mask inversion (batch 128)")
     uap_eps: float = Field(16 / 255, gt=0, le=1, description="L_inf bound of the universal perturbation")
     uap_steps: int = Field(20, ge=1)
     uap_samples: int = Field(512, ge=1, description="clean images the perturbation is fitted on")
@@ -86,6 +92,39 @@ def universal_perturbation(model, data: Data, eps: float, steps: int, samples: i
     return delta.detach()
 
 
+def invert_mask_trigger(model, data: Data, steps: int = 300, l1: float = 1.0, lr: float = 0.1,
+                        batch_size: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [1, 1, H, W], pattern [1, C, H, W]) minimising the mean probability of each clean
+    image's own label after stamping, plus ``l1`` x the mask's mean (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    c, h, w = data.x.shape[1:]
+    m_raw = torch.full((1, 1, h, w), -3.0, device=dev, requires_grad=True)  # sigmoid(-3) = 0.05
+    p_raw = torch.zeros((1, c, h, w), device=dev, requires_grad=True)
+    opt = torch.optim.Adam([m_raw, p_raw], lr=lr)
+    was = model.training
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=g)
+            x, y = data.batch(idx)
+            x, y = x.to(dev), y.to(dev)
+            m, pat = torch.sigmoid(m_raw), torch.sigmoid(p_raw)
+            probs = F.softmax(model((1 - m) * x + m * pat), dim=1)
+            loss = probs.gather(1, y[:, None]).mean() + l1 * m.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was)
+    return torch.sigmoid(m_raw).detach(), torch.sigmoid(p_raw).detach()
+
+
 class Pam(Purifier):
     """Path-Aware Minimization with trigger-inverted unlearning."""
     name = "pam"
@@ -100,14 +139,14 @@ class Pam(Purifier):
         saved: list[torch.Tensor] = []
         text = clean.modality == "text"
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        delta_box: dict[str, torch.Tensor | None] = {"delta": None}
+        stamp_box: dict = {"stamp": None}
 
         def perturb_and_mix(x, y, _idx):
-            if delta_box["delta"] is not None and cfg.inverted_share > 0:
+            if stamp_box["stamp"] is not None and cfg.inverted_share > 0:
                 k = min(len(y), int(cfg.inverted_share * len(y)) + 1)  # code: int(0.2 * B + 1)
                 pos = torch.randperm(len(y), generator=gen)[:k].to(x.device)
                 x = x.clone()
-                x[pos] = (x[pos] + delta_box["delta"].to(x.device)).clamp(0, 1)
+                x[pos] = stamp_box["stamp"](x[pos])
             with torch.no_grad():
                 diff = [o - p for o, p in zip(origin, params)]
                 norm = torch.sqrt(sum((d * d).sum() for d in diff))
@@ -126,8 +165,13 @@ class Pam(Purifier):
         history = []
         for r in range(cfg.rounds):
             if not text and cfg.inversion == "uap":
-                delta_box["delta"] = universal_perturbation(model, clean, cfg.uap_eps, cfg.uap_steps,
-                                                            cfg.uap_samples, seed=cfg.seed + r)
+                delta = universal_perturbation(model, clean, cfg.uap_eps, cfg.uap_steps, cfg.uap_samples,
+                                               seed=cfg.seed + r)
+                stamp_box["stamp"] = lambda x, d=delta: (x + d.to(x.device)).clamp(0, 1)
+            elif not text and cfg.inversion == "mask":
+                m, pat = invert_mask_trigger(model, clean, cfg.mask_steps, cfg.mask_l1, seed=cfg.seed + r)
+                stamp_box["stamp"] = lambda x, m=m, pat=pat: (1 - m.to(x.device)) * x + m.to(x.device) * pat.to(x.device)
+                history.append({"round": r + 1, "inverted_mask_mean": float(m.mean())})
             tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs_per_round,
                                         batch_size=cfg.batch_size if not text else 32,
                                         optimizer="adamw" if text else "sgd", lr=2e-5 if text else cfg.lr,

@@ -9,7 +9,8 @@ suspicious); flagged at the false-rejection rate chosen on held-out clean inputs
 
 Defaults from the official code (``lancopku/RAP``: ``rap_defense.py``,
 ``evaluate_rap_performance.py``, ``run_rap.sh``): RAP word "cf" inserted at the first
-position, probability range (-0.1, -0.3), scale factor 1, 5 epochs, batch 32, lr 1e-2,
+position, probability range (-0.1, -0.3), scale factor 1, batch 32, lr 1e-2, 5 epochs
+(10 here: see ``epochs``),
 training on the clean samples whose label is the protected one, embedding norm kept at
 the word's original norm after every step; only inputs the model assigns to the protected
 label are scored (the others are not successful attacks).
@@ -49,7 +50,9 @@ class RAPConfig(DefenseConfig):
     word: str = Field("cf", description="RAP trigger word (single token); its embedding is the start point")
     prob_range: tuple[float, float] = Field((-0.1, -0.3), description="(u_low, u_up): wanted change of p(target)")
     scale: float = Field(1.0, gt=0, description="weight of the u_low hinge (official scale_factor)")
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(10, ge=1, description=(
+        "official: 5 epochs over the whole dev set's protected-label sentences (~70 steps on SST-2); "
+        "we fit on half of it (the other half sets the threshold), so 10 keeps the step count"))
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-2, gt=0)
     frr: float = Field(0.05, gt=0, lt=1, description="the paper reports 0.5, 1, 3 and 5 %")

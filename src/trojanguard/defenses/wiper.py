@@ -32,7 +32,7 @@ from pydantic import Field
 
 from ..data.base import Data
 from ..errors import UserError
-from ..train import TrainConfig, prepare_batch, train
+from ..training import TrainConfig, prepare_batch, train
 from ..utils import resolve_device, seed_everything
 from .base import Purifier, PurifierConfig
 from .common import defense_train_config
@@ -82,6 +82,7 @@ class Wiper(Purifier):
 
     def _purify(self, model, clean: Data, original):
         cfg = self.cfg
+        model.to(resolve_device(cfg.device))  # salience buffers are made on the model's device
         targets = self._targets(model)
         salience = {k: torch.zeros_like(p) for k, p in targets.items()}
         state = {"epoch": 0}
@@ -93,7 +94,8 @@ class Wiper(Purifier):
                         salience[k].mul_(cfg.eta).sub_((1 - cfg.eta) * p.grad * p)
 
         def masks() -> dict[str, torch.Tensor]:
-            ratio = cfg.beta + (1 - cfg.beta) * (state["epoch"] + 1) / cfg.epochs
+            # e = 0 in the first epoch: ratio = beta, growing to beta + (1 - beta)(E - 1)/E
+            ratio = cfg.beta + (1 - cfg.beta) * state["epoch"] / cfg.epochs
             out = {}
             for k, s in salience.items():
                 n = max(1, int(ratio * s.numel()))
@@ -129,6 +131,7 @@ class Wiper(Purifier):
 
     def benign_salience(self, model, clean: Data) -> dict[str, torch.Tensor]:
         """The warm-up salience of the purified layers' parameters on ``clean`` (no update)."""
+        model.to(resolve_device(self.cfg.device))
         targets = self._targets(model)
         salience = {k: torch.zeros_like(p) for k, p in targets.items()}
 

@@ -15,8 +15,8 @@ tensors (BadActs: mu, sigma, the held-out calibration scores, the intervals) in
 is a ``resultdir`` result (complete or absent, every file checked against the manifest
 ``COMPLETE.json`` when loaded).
 
-Note: ``trojanguard.guard`` is the function (the package exports it over this module's
-name); import the classes with ``from trojanguard.guard import GuardedModel``.
+``trojanguard.guard`` is the function; the classes are here (``from trojanguard.guarded import
+GuardedModel``): the module has its own name so that importing it never hides the function.
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ class GuardedModel(nn.Module):
         """Move the threshold to another false-rejection rate (on the saved calibration scores)."""
         self.detector.set_frr(frr)
 
+    @torch.no_grad()  # inference: no graph kept alive across the batches of predict_data
     def forward(self, x) -> GuardOutput:
         det = self.detector
         if hasattr(det, "score_and_logits"):  # one forward pass gives both
@@ -143,6 +144,7 @@ def guard(model, clean: Data, method: str = "badacts", frr: float | None = None,
         raise UserError(f"{method} detects but cannot purify; drop --purify or use 'badacts'")
     if frr is not None and not 0.0 < frr < 1.0:
         raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05")
+    model.eval()  # a wrapped nn.Module starts in train mode: batch statistics, dropout
     det.fit(model, clean)
     if frr is None:
         frr = getattr(det.cfg, "purify_frr", det.cfg.frr) if purify else det.cfg.frr

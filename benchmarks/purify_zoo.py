@@ -84,7 +84,8 @@ def main() -> None:
         model, meta = load_checkpoint(folder)
         attack = load_attack(folder) if (folder / ARTIFACT_JSON).exists() else None
         if attack is None:  # the clean model: measured against the BadNets trigger of the zoo
-            ref = next((root / e for e in entries if (root / e / ARTIFACT_JSON).exists()), None)
+            folders = sorted(p.name for p in root.iterdir())
+            ref = next((root / e for e in ["badnets-0.1-s0", *folders] if (root / e / ARTIFACT_JSON).exists()), None)
             attack = load_attack(ref) if ref else None
         for method in args.methods:
             label = args.label or method

@@ -94,3 +94,14 @@ def test_bad_clean_data_is_one_line(case, suspect, tmp_path, capsys):
     assert code == 2, (out, err)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_any_model_against_a_saved_attack(suspect, tmp_path, capsys, backdoored_digits):
+    _, atk = backdoored_digits
+    from trojanguard.resultdir import write_result
+    with write_result(tmp_path / "atk", kind="attack") as tmp:
+        atk.save(tmp)
+    code, out, err = _run(capsys, "eval", suspect, "--attack", tmp_path / "atk", "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["asr"] > 0.9 and m["ca"] > 0.9

@@ -157,8 +157,10 @@ def cmd_eval(args) -> int:
     from ..utils import measure
     model, meta, bundle = _load_for_eval(args)
     trigger, targets = None, None
-    from ..attacks import attack_for_checkpoint
-    attack = attack_for_checkpoint(args.checkpoint, verify=not args.no_verify)
+    from ..attacks import attack_for_checkpoint, load_attack
+    # --attack: any model (repaired, foreign) against a saved attack; else the checkpoint's own
+    attack = load_attack(args.attack) if args.attack else attack_for_checkpoint(args.checkpoint,
+                                                                                verify=not args.no_verify)
     if attack is not None:
         attack.check_fits(tuple(bundle.test.x.shape[1:]) if bundle.modality == "image" else None,
                           bundle.num_classes)

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--per-class", action="store_true", help="also the clean accuracy of every class")
+    e.add_argument("--attack", help="attack artifact folder to measure ASR/RA with (default: the checkpoint's own)")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 checks (for weights you changed on purpose); fields are still validated")
 

@@ -206,6 +206,8 @@ def save_calibration(params: dict, path: str | Path) -> None:
 # --- text trigger recovery ----------------------------------------------------------------
 
 def _text_logits_from_embeds(model, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if hasattr(model, "logits_from_embeds"):  # HF sequence classifiers pool their own way
+        return model.logits_from_embeds(embeds, mask)
     h = model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     if getattr(model, "pooling", "mean") == "cls":
         pooled = h[:, 0]

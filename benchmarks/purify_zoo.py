@@ -115,6 +115,25 @@ def main() -> None:
                       f"ASR {rec.get('asr_before', float('nan')):.3f}->{rec.get('asr_after', float('nan')):.3f} "
                       f"RA-attack {rec.get('asr_after_ra', float('nan')):.3f} {rec['seconds']:.0f}s", flush=True)
     write_csv(done, csv_path)
+    write_markdown(done, csv_path.with_suffix(".md"))
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    """The rows as a Markdown table (rates in %), with the machine facts the numbers depend on."""
+    from trojanguard.report import percent, table
+    shown = [{"model": r["folder"], "defense": r["defense"], "clean": r.get("clean_size"),
+              "CA before": percent(r.get("ca_before")), "CA after": percent(r.get("ca_after")),
+              "ASR before": percent(r.get("asr_before")), "ASR after": percent(r.get("asr_after")),
+              "ASR after retuning": percent(r.get("asr_after_ra")),
+              "s": round(r.get("seconds") or 0), "peak MB": round(r.get("peak_mb") or 0), "threads": r.get("threads")}
+             for r in rows]
+    text = ("# Purification on the CIFAR-10 reference zoo (PreAct-ResNet18 w16, CPU)\n\n"
+            "Written by `benchmarks/purify_zoo.py` from the JSONL records beside this file. CA on the 10,000 "
+            "test images, ASR on the triggered non-target test images; the clean model is measured with the "
+            "BadNets trigger (its reference under the retuning attack: 5 poisoned samples in 1,000 clean ones, "
+            "5 epochs SGD 0.01). `s` = purification wall time (the machine was shared with other jobs for the "
+            "first rows: times are upper bounds).\n\n" + table(shown, markdown=True) + "\n")
+    atomic_write_text(path, text)
 
 
 def reference_record(setup: Setup, robustness: bool, seed: int) -> dict:

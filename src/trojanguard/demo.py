@@ -56,7 +56,8 @@ def run_demo(seed: int = 0, device: str = "auto", out: str | None = None, progre
     repaired, r = repair(model, clean, trigger=s.trigger, seed=seed, progress=progress, device=device)
     rec = r.record
     print(f"      {r.method}: clean accuracy on {rec['verify_size']} held-out clean images "
-          f"{percent(rec['verify_ca_before'])} -> {percent(rec['verify_ca_after'])}"
+          f"{percent(rec['verify_ca_before'])} -> {percent(rec['verify_ca_after'])} "
+          f"(+/- {percent(rec['verify_margin95'])} at 95 %)"
           + (f"; ASR with the recovered trigger {percent(rec['recovered_trigger_asr_before'])} -> "
              f"{percent(rec['recovered_trigger_asr_after'])}" if rec.get("recovered_trigger_asr_before") is not None
              else "") + f" ({rec['seconds']:.0f} s)")

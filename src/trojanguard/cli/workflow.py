@@ -165,7 +165,8 @@ def _repair(args) -> int:
         rec = r.record
         print(f"repair with {r.method} ({r.reason})")
         print(f"clean accuracy on {rec['verify_size']} held-out clean samples: {percent(rec['verify_ca_before'])} -> "
-              f"{percent(rec['verify_ca_after'])}")
+              f"{percent(rec['verify_ca_after'])} (+/- {percent(rec['verify_margin95'])} at 95 %: "
+              "more clean data narrows it)")
         if rec.get("recovered_trigger_asr_before") is not None:
             print(f"ASR with the recovered trigger: {percent(rec['recovered_trigger_asr_before'])} -> "
                   f"{percent(rec['recovered_trigger_asr_after'])}; after the retuning attack "

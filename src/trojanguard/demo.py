@@ -69,6 +69,12 @@ def run_demo(seed: int = 0, device: str = "auto", out: str | None = None, progre
     print(table(percent_rows(rows), ["model", "ca", "asr", "ra"]))
     total = time.perf_counter() - t0
     verdict = "repaired" if r.ok else "NOT repaired"
+    if r.ok and before["ca"] - after["ca"] > 0.03:
+        # the verification part passed, but the larger test set shows the loss: say it
+        verdict = (f"NOT repaired by the 3-point bar: the test images show a CA loss of "
+                   f"{(before['ca'] - after['ca']) * 100:.1f} points that the {rec['verify_size']} verification "
+                   f"images (margin +/- {percent(rec['verify_margin95'])}) could not see; with {len(clean)} clean "
+                   "images this is the measured limit (more clean data narrows it)")
     print(f"\n{verdict}: CA {percent(before['ca'])} -> {percent(after['ca'])}, ASR {percent(before['asr'])} -> "
           f"{percent(after['asr'])}, DER {der:.3f}; total {total:.0f} s. CA = clean accuracy, ASR = attack success "
           "rate on triggered test images of other classes, RA = their accuracy.")

@@ -5,6 +5,11 @@ import torch
 
 # Tests must never touch the user's cache or depend on the shared data folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Numbers depend on the thread count (the same seed trains a different tiny model at 1 and 2
+# threads); the tests' thresholds were checked at 1 thread, so every test (and every CLI
+# subprocess it starts) runs at 1 thread, whatever the machine.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -5,20 +5,12 @@ into a model (``models/foreign.load_foreign_model``). No torch import at module 
 from __future__ import annotations
 
 import argparse
-import math
 
 
 def _floats(s: str) -> list[float]:
     """'0.5,0.5,0.5' (or one value per argument): finite numbers."""
-    out = []
-    for part in s.replace(",", " ").split():
-        try:
-            v = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number")
-        out.append(v)
+    from .argtypes import finite
+    out = [finite(part) for part in s.replace(",", " ").split()]
     if not out:
         raise argparse.ArgumentTypeError("give at least one number")
     return out

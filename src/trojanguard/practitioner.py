@@ -86,8 +86,10 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
     top = ins.evidence.get("top_class")
     trigger = RecoveredTrigger.from_inspection(ins.trigger, ins.target)
     if trigger is not None:
-        choices.append(f"trigger recovered by Neural Cleanse on the exposed model for class {ins.target}"
-                       if trigger.tokens is None else f"trigger tokens searched on the exposed model for class {ins.target}")
+        how = "Neural Cleanse" if trigger.tokens is None else "a token search"
+        tried = ", ".join(str(c["class"]) for c in ins.evidence.get("candidates", []))
+        choices.append(f"trigger recovered by {how} on the exposed model for the most predicted classes ({tried}); "
+                       f"target {ins.target} = the class whose trigger moves the original model most")
     opinion = None
     if second_opinion and clean.modality == "image":
         nc = create_defense("nc", **{"seed": seed, "progress": progress, "device": device, **(nc_options or {})})

@@ -14,11 +14,11 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from .data.augment import random_crop_flip
 from .data.base import Data
 from .errors import UserError, validated_config
+from .progress import stage_bar
 from .utils import resolve_device, seed_everything, tune_cpu_allocator
 
 # (x, y, positions) -> (x, y): lets a training-controlled attack alter each batch after
@@ -49,6 +49,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only when asked)")
     bucket_by_length: bool = Field(True, description="text: batch sentences of similar length together")
     progress: bool = True
+    stage: str = Field("train", description="the name on the progress bar (fst, retuning attack, ...)")
 
 
 def recipe_for(dataset: str, model: str, **overrides) -> TrainConfig:
@@ -71,7 +72,7 @@ def recipe_for(dataset: str, model: str, **overrides) -> TrainConfig:
     return validated_config(TrainConfig, "training", "config", base)
 
 
-def recipe_diff(recorded: dict, cfg: TrainConfig, ignore=("progress", "device", "eval_every")) -> dict:
+def recipe_diff(recorded: dict, cfg: TrainConfig, ignore=("progress", "device", "eval_every", "stage")) -> dict:
     """Settings where a recorded ``train_config`` (from a metrics/sidecar JSON) differs from
     ``cfg``: ``{name: (recorded, wanted)}``. A setting the old run did not record had its
     default value then (it was added later), so it is compared as that default."""
@@ -189,8 +190,7 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
     result = TrainResult(0.0, cfg.epochs, total)
     t0 = time.perf_counter()
     step = 0
-    bar = tqdm(total=total, disable=not cfg.progress, desc="train", unit="step", leave=False,
-               dynamic_ncols=True)
+    bar = stage_bar(total=total, desc=cfg.stage, enabled=cfg.progress)
     for epoch in range(cfg.epochs):
         model.train()
         loss_sum, count = torch.zeros((), device=dev), 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UserError, validated_config
 from .grid import UNHASHED_ATTACK_OPTIONS, Cell, config_hash
 
-TRAIN_UNHASHED = ("progress", "device", "eval_every")
+TRAIN_UNHASHED = ("progress", "device", "eval_every", "stage")
 
 
 def victim_hash(config: dict) -> str:

@@ -225,41 +225,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from ..attacks import ATTACKS
-    from ..data import DATASETS
-    from ..defenses import DEFENSES
-    from ..models import MODELS
-    reg = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}[args.what]
-    items = reg.describe()
-    w = max(map(len, items))
-    for name, help_ in items.items():
-        print(f"{name.ljust(w)}  {help_}")
-        if args.brief:
-            continue
-        if args.what == "attacks":
-            from ..attacks import attack_variants
-            variants = attack_variants(name)
-            configs = [(f"{m}: " if len(variants) > 1 else "", c.Config, {}) for m, c in variants.items()]
-        else:
-            factory = reg.get(name)  # a class, or a functools.partial of one (the defense modes)
-            config = getattr(factory, "Config", None) or getattr(getattr(factory, "func", None), "Config", None)
-            configs = [("", config, getattr(factory, "keywords", {}))]
-        for label, config, fixed in configs:
-            if config is not None:
-                defaults = {k: f.get_default(call_default_factory=True) for k, f in config.model_fields.items()
-                            if k not in ("device", "progress")}
-                print(" " * (w + 4) + label + "  ".join(f"{k}={_fmt_default(v)}"
-                                                       for k, v in {**defaults, **fixed}.items()))
+    from .. import catalogue
+    print("\n".join(catalogue.lines(catalogue.load(), args.what, args.brief)))
     return 0
-
-
-def _fmt_default(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):  # the form --set accepts
-        import json
-        return json.dumps(list(v), separators=(",", ":"))
-    return repr(v) if isinstance(v, str) and " " in v else str(v)
 
 
 def cmd_show_trigger(args) -> int:

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..data.base import Data
 from ..errors import UserError
 from ..training import TrainConfig, prepare_batch
 from ..utils import resolve_device, seed_everything
+from ..progress import stage_bar
 from .common import crop_padding
 from .base import Purifier, PurifierConfig
 
@@ -117,7 +117,7 @@ class Anp(Purifier):
         if not text:
             scratch.to(memory_format=torch.channels_last)
         trace = []
-        bar = tqdm(range(cfg.iterations), disable=not cfg.progress, desc="anp", leave=False, dynamic_ncols=True)
+        bar = stage_bar(range(cfg.iterations), desc="anp masks", enabled=cfg.progress)
         for it in bar:
             idx = torch.randint(len(clean), (bs,), generator=gen)  # with replacement, as RandomSampler
             x, y = prepare_batch(scratch, clean, idx, bcfg, dev, gen, bcfg.augment)

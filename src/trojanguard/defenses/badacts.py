@@ -237,8 +237,8 @@ class BadActs(InputDetector):
         cfg, model = self.cfg, self.model
         log_widths = [m for _, m in bounds.values()]
         acc = float("nan")
-        from tqdm.auto import tqdm
-        for epoch in tqdm(range(cfg.epochs), disable=not cfg.progress, desc="badacts bounds", leave=False):
+        from ..progress import stage_bar
+        for epoch in stage_bar(range(cfg.epochs), desc="badacts bounds", enabled=cfg.progress, unit="epoch"):
             order = torch.randperm(len(keep), generator=g)
             for start in range(0, len(keep), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]

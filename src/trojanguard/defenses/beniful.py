@@ -477,7 +477,7 @@ class BeniFulRemoval(Purifier):
             return loss + cfg.lam * dist
 
         from ..training import train
-        tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs, schedule="cosine",
+        tcfg = defense_train_config(clean, cfg, "beniful removal", epochs=cfg.epochs, schedule="cosine",
                                     batch_size=cfg.batch_size if not text else min(cfg.batch_size, 32),
                                     optimizer="adamw" if text else "sgd", lr=cfg.lr or (2e-5 if text else 0.01),
                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, augment=cfg.augment)

@@ -144,16 +144,16 @@ def crop_padding(data: Data) -> int:
     return max(1, round(4 * data.shape[-1] / 32))
 
 
-def defense_train_config(clean: Data, cfg=None, **overrides):
+def defense_train_config(clean: Data, cfg=None, stage: str = "fine-tuning", **overrides):
     """The ``TrainConfig`` of a defense's fine-tuning loop: no label smoothing, no weight
     decay, no warm-up, crop+flip sized to the image (padding H/8: 4 px on 32x32 as in the
     FST/BackdoorBench loaders, 1 px on 8x8 digits, where 4 px shifts destroyed the digits
     and with them clean accuracy), no flip below 16 px, gradient clipping for text.
-    ``cfg`` (a defense config) supplies seed/device/progress."""
+    ``cfg`` (a defense config) supplies seed/device/progress; ``stage`` names the progress bar."""
     from ..training import TrainConfig
     text = clean.modality == "text"
     base = dict(optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=0.0, schedule="constant",
-                warmup_frac=0.0, label_smoothing=0.0, augment=not text, grad_clip=1.0 if text else None)
+                warmup_frac=0.0, label_smoothing=0.0, augment=not text, grad_clip=1.0 if text else None, stage=stage)
     if not text:
         base["crop_padding"] = crop_padding(clean)
     if cfg is not None:
@@ -162,6 +162,18 @@ def defense_train_config(clean: Data, cfg=None, **overrides):
     if text:
         base["augment"] = False
     return TrainConfig(**base)
+
+
+def text_aware_recipe(clean: Data, cfg, stage: str, epochs: int, schedule: str, seed: int | None = None):
+    """The fine-tuning recipe of a baseline whose config has image options (``batch_size``,
+    ``lr``, ``weight_decay``) and text ones (``text_batch_size``, ``text_lr``; AdamW, no
+    weight decay): Fine-Pruning's and NAD's, as BackdoorBench / OpenBackdoor set them."""
+    text = clean.modality == "text"
+    return defense_train_config(
+        clean, cfg, stage, epochs=epochs, batch_size=cfg.text_batch_size if text else cfg.batch_size,
+        optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr, momentum=cfg.momentum,
+        weight_decay=0.0 if text else cfg.weight_decay, schedule=schedule, augment=cfg.augment,
+        **({"seed": seed} if seed is not None else {}))
 
 
 def retuning_attack(model, clean: Data, attack, n_clean: int = 1000, n_poison: int = 5, epochs: int = 5,
@@ -191,7 +203,7 @@ def retuning_attack(model, clean: Data, attack, n_clean: int = 1000, n_poison: i
     tune = concat(base.subset(keep.nonzero().flatten()), poison)
     tuned = copy.deepcopy(model)
     text = clean.modality == "text"
-    cfg = defense_train_config(clean, epochs=epochs, batch_size=batch_size if not text else min(batch_size, 32),
+    cfg = defense_train_config(clean, stage="retuning attack", epochs=epochs, batch_size=batch_size if not text else min(batch_size, 32),
                                optimizer="adamw" if text else "sgd", lr=lr or (2e-5 if text else 0.01),
                                momentum=momentum, augment=False, seed=seed, device=device, progress=progress)
     train(tuned, tune, None, cfg)

@@ -43,6 +43,7 @@ from torch import nn
 from ..data.base import Data
 from ..errors import UserError
 from ..eval.evaluate import predict
+from ..progress import stage_bar
 from .common import model_inputs
 
 DEFAULT_RATES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -70,6 +71,7 @@ class ExposureConfig(BaseModel):
                                description="act-prune: pruning rates; weight-perturb: noise levels eps")
     perturb_step: float = Field(0.2, gt=0)
     seed: int = 0
+    progress: bool = False
 
 
 @dataclass
@@ -106,12 +108,15 @@ class _Rule:
     def __init__(self, cfg: ExposureConfig, data: Data, num_classes: int):
         self.cfg, self.data, self.k = cfg, data, num_classes
         self.history: list[dict] = []
+        self.bar = stage_bar(desc=f"exposure ({cfg.method})", enabled=cfg.progress, unit="check")
 
     def check(self, model, step: int, **extra) -> str | None:
         acc, shares = _state(model, self.data, self.k)
         top = int(shares.argmax())
         self.history.append({"step": step, **extra, "accuracy": round(acc, 4), "top_class": top,
                              "top_share": round(float(shares[top]), 4)})
+        self.bar.update(1)
+        self.bar.set_postfix(accuracy=f"{acc:.3f}", top=f"{top}:{float(shares[top]):.2f}")
         if acc <= self.cfg.stop_accuracy:
             return "accuracy"
         if self.cfg.stop_share is not None and shares[top] >= self.cfg.stop_share:
@@ -139,6 +144,7 @@ def expose(model, clean: Data, cfg: ExposureConfig | None = None, **kwargs) -> E
         stopped, steps = _act_prune(work, data, cfg, rule)
     else:
         stopped, steps = _weight_perturb(work, data, cfg, rule)
+    rule.bar.close()
     work.eval()
     acc, shares = _state(work, data, k)
     return ExposureResult(work, cfg.method, stopped or "budget", steps, acc, shares.tolist(), rule.history)

@@ -51,11 +51,10 @@ from torch import nn
 
 from ..data.base import Data
 from ..errors import UserError
-from ..training import TrainConfig, train
+from ..training import train
 from ..utils import resolve_device
-from .common import crop_padding
 from .base import Purifier, PurifierConfig
-from .common import clean_accuracy, model_inputs, split_clean
+from .common import clean_accuracy, model_inputs, split_clean, text_aware_recipe
 
 
 class FinePruningConfig(PurifierConfig):
@@ -201,13 +200,7 @@ class FinePruning(Purifier):
         seconds = 0.0
         epochs = cfg.text_epochs if text else cfg.epochs
         if epochs > 0:
-            tcfg = TrainConfig(epochs=epochs, batch_size=cfg.text_batch_size if text else cfg.batch_size,
-                               optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr,
-                               momentum=cfg.momentum, nesterov=False, weight_decay=0.0 if text else cfg.weight_decay,
-                               schedule="cosine", warmup_frac=0.0, label_smoothing=0.0,
-                               augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=cfg.seed,
-                               device=cfg.device,
-                               progress=cfg.progress, grad_clip=1.0 if text else None)
+            tcfg = text_aware_recipe(clean, cfg, "fine-pruning tuning", epochs, "cosine")
             # re-zeroing after every step keeps the pruned units out exactly as a fixed mask would
             seconds = train(model, clean, None, tcfg, loss_fn=lambda logits, y: F.cross_entropy(logits, y),
                             after_step=lambda: zero_columns(layer, pruned)).seconds

@@ -74,7 +74,7 @@ class Finetune(Purifier):
             with torch.no_grad():
                 head.weight.mul_(norm0.to(head.weight.device) / head.weight.norm())
 
-        tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        tcfg = defense_train_config(clean, cfg, cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                     optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, schedule="cosine", augment=cfg.augment)
         res = train(model, clean, None, tcfg, loss_fn=loss_fn, after_step=after_step if project else None)

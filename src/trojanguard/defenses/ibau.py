@@ -47,12 +47,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from ..data.base import Data
 from ..errors import UserError
 from ..training import TrainConfig, epoch_batches, prepare_batch
 from ..utils import resolve_device, seed_everything
+from ..progress import stage_bar
 from .common import crop_padding
 from .base import Purifier, PurifierConfig
 
@@ -158,8 +158,7 @@ class Ibau(Purifier):
             from torch.nn.attention import SDPBackend, sdpa_kernel
             kernel = sdpa_kernel(SDPBackend.MATH)
         history = []
-        bar = tqdm(total=cfg.rounds * (len(fixed) * 2), disable=not cfg.progress, desc="i-bau", leave=False,
-                   dynamic_ncols=True)
+        bar = stage_bar(total=cfg.rounds * (len(fixed) * 2), desc="i-bau unlearning", enabled=cfg.progress)
         try:
             with kernel:
                 for r in range(cfg.rounds):

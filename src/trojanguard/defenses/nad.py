@@ -42,7 +42,7 @@ from pydantic import Field
 from ..data.base import Data
 from ..errors import UserError
 from ..training import TrainConfig, train
-from .common import crop_padding
+from .common import text_aware_recipe
 from .base import Purifier, PurifierConfig
 
 
@@ -101,16 +101,8 @@ class Nad(Purifier):
             raise UserError(f"nad: {len(cfg.layers)} layers but {len(cfg.betas)} betas; give one beta per layer")
         return list(cfg.layers), list(cfg.betas)
 
-    def _recipe(self, epochs: int, clean: Data, seed: int) -> TrainConfig:
-        text = clean.modality == "text"
-        cfg = self.cfg
-        return TrainConfig(epochs=epochs, batch_size=cfg.text_batch_size if text else cfg.batch_size,
-                           optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr,
-                           momentum=cfg.momentum, nesterov=False, weight_decay=0.0 if text else cfg.weight_decay,
-                           schedule="constant", warmup_frac=0.0, label_smoothing=0.0,
-                           augment=cfg.augment and not text, crop_padding=crop_padding(clean), seed=seed,
-                           device=cfg.device,
-                           progress=cfg.progress, grad_clip=1.0 if text else None)
+    def _recipe(self, epochs: int, clean: Data, seed: int, stage: str) -> TrainConfig:
+        return text_aware_recipe(clean, self.cfg, stage, epochs, "constant", seed)
 
     @staticmethod
     def _load_teacher(path: str, model):
@@ -130,7 +122,7 @@ class Nad(Purifier):
 
         if cfg.teacher is None:
             teacher = copy.deepcopy(model)
-            recipe = self._recipe(cfg.teacher_epochs, clean, cfg.seed)
+            recipe = self._recipe(cfg.teacher_epochs, clean, cfg.seed, "nad teacher")
             t_seconds = train(teacher, clean, None, recipe, loss_fn=ce).seconds
         else:
             teacher, t_seconds = self._load_teacher(cfg.teacher, model), 0.0
@@ -159,7 +151,7 @@ class Nad(Purifier):
             return loss
 
         with model.capture(layers) as s_acts:
-            s_res = train(model, clean, None, self._recipe(cfg.epochs, clean, cfg.seed + 1), batch_hook=keep_batch,
+            s_res = train(model, clean, None, self._recipe(cfg.epochs, clean, cfg.seed + 1, "nad distillation"), batch_hook=keep_batch,
                           loss_fn=loss_fn)
         return model.eval(), {"layers": layers, "betas": betas, "teacher_seconds": t_seconds,
                               "student_seconds": s_res.seconds, "teacher": cfg.teacher or "fine-tuned copy",

@@ -13,10 +13,11 @@ successful rounds) is kept; early stop when the best norm has not improved by 1 
 
 CPU budget (our choice, said here): BackdoorBench runs 80 epochs over 5 % of CIFAR-10
 (~10 batches of 256 each, ~800 steps per class) and changes the cost at most every 5 epochs
-(50 steps). A "round" here is ``steps_per_round`` = 5 batches of 128, at most ``rounds`` = 60
-(300 steps per class), the cost may change every ``patience`` = 3 rounds (15 steps) so that
-it can still climb the ~2^10 it needs within the budget, and the early stop waits 10 rounds.
-EBYD runs it for one label only.
+(50 steps); the original NC code uses batches of 32. A "round" here is ``steps_per_round`` =
+5 batches of 64 (a step costs half of one of 128 on this CPU: 0.12 vs 0.22 s), at most
+``rounds`` = 60 (300 steps per class), the cost may change every ``patience`` = 3 rounds (15
+steps) so that it can still climb the ~2^10 it needs within the budget, and the early stop
+waits 10 rounds. EBYD runs it for its few candidate labels only.
 
 Detection: the L1 norms of the masks; MAD with the consistency constant 1.4826; the
 anomaly index of the model is (median - min norm) / MAD; classes flagged when their norm is
@@ -35,6 +36,7 @@ from pydantic import Field
 
 from ..data.base import Data
 from ..errors import UserError
+from ..progress import stage_bar
 from ..utils import frozen
 from .base import DefenseConfig, Inspection, Inspector
 
@@ -44,7 +46,7 @@ MAD_CONSISTENCY = 1.4826
 
 class NeuralCleanseConfig(DefenseConfig):
     classes: list[int] | None = Field(None, description="reverse-engineer only these classes (None: all)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(64, ge=1, description="original NC: 32; BackdoorBench: 128")
     lr: float = Field(0.1, gt=0, description="Adam, betas (0.5, 0.9) (BackdoorBench mask_lr)")
     init_cost: float = Field(1e-3, ge=0)
     cost_multiplier: float = Field(2.0, gt=1)
@@ -66,7 +68,7 @@ def _from_param(t: torch.Tensor) -> torch.Tensor:
 
 
 def reverse_engineer(model, data: Data, target: int, cfg: NeuralCleanseConfig | None = None,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, progress: bool = False) -> dict:
     """The NC trigger for ``target``: ``{"mask": [1,H,W], "pattern": [C,H,W], "norm",
     "success", "reached", "steps"}`` (tensors on the CPU). ``reached`` is False when no
     round met the success threshold (the last mask is returned then)."""
@@ -89,9 +91,11 @@ def reverse_engineer(model, data: Data, target: int, cfg: NeuralCleanseConfig | 
     order, pos, steps = torch.randperm(len(data), generator=g), 0, 0
     was = model.training
     model.eval()
+    bar = stage_bar(total=cfg.rounds, desc=f"trigger recovery (class {target})", enabled=progress, unit="round")
     try:
         with frozen(model):
             for _ in range(cfg.rounds):
+                bar.update(1)
                 hits = total = 0
                 for _ in range(cfg.steps_per_round):
                     if pos >= len(order):
@@ -140,6 +144,8 @@ def reverse_engineer(model, data: Data, target: int, cfg: NeuralCleanseConfig | 
                 elif down >= cfg.patience:
                     down, cost, down_flag = 0, cost / cfg.cost_multiplier ** 1.5, True
     finally:
+        bar.set_postfix(mask_l1=f"{best['norm']:.1f}")
+        bar.close()
         model.train(was)
     reached = best["mask"] is not None
     if not reached:
@@ -177,7 +183,7 @@ class NeuralCleanse(Inspector):
         bad = [c for c in classes if not 0 <= c < k]
         if bad:
             raise UserError(f"nc: classes {bad} are outside 0..{k - 1}")
-        return {c: reverse_engineer(model, clean, c, self.cfg, seed=self.cfg.seed + c) for c in classes}
+        return {c: reverse_engineer(model, clean, c, self.cfg, seed=self.cfg.seed + c, progress=self.cfg.progress) for c in classes}
 
     def inspect(self, model, clean: Data) -> Inspection:
         cfg = self.cfg

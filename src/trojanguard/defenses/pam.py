@@ -172,7 +172,7 @@ class Pam(Purifier):
                 m, pat = invert_mask_trigger(model, clean, cfg.mask_steps, cfg.mask_l1, seed=cfg.seed + r)
                 stamp_box["stamp"] = lambda x, m=m, pat=pat: (1 - m.to(x.device)) * x + m.to(x.device) * pat.to(x.device)
                 history.append({"round": r + 1, "inverted_mask_mean": float(m.mean())})
-            tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs_per_round,
+            tcfg = defense_train_config(clean, cfg, f"pam round {r + 1}", epochs=cfg.epochs_per_round,
                                         batch_size=cfg.batch_size if not text else 32,
                                         optimizer="adamw" if text else "sgd", lr=2e-5 if text else cfg.lr,
                                         momentum=cfg.momentum, augment=cfg.augment, seed=cfg.seed + r)

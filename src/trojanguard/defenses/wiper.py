@@ -108,7 +108,7 @@ class Wiper(Purifier):
                     out[k] = (s <= thr).to(s.dtype)
             return out
 
-        tcfg = defense_train_config(clean, cfg, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        tcfg = defense_train_config(clean, cfg, "wiper", epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                     momentum=cfg.momentum, augment=cfg.augment)
         self._warm_up(model, clean, tcfg, update_salience)
         current: dict[str, torch.Tensor] = {}
@@ -140,7 +140,7 @@ class Wiper(Purifier):
                 for k, p in targets.items():
                     if p.grad is not None:
                         salience[k].mul_(self.cfg.eta).sub_((1 - self.cfg.eta) * p.grad * p)
-        self._warm_up(model, clean, defense_train_config(clean, self.cfg, batch_size=self.cfg.batch_size,
+        self._warm_up(model, clean, defense_train_config(clean, self.cfg, "wiper salience", batch_size=self.cfg.batch_size,
                                                          augment=self.cfg.augment), update)
         return salience
 

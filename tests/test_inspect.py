@@ -260,3 +260,35 @@ def test_list_defenses_names_the_inspectors(capsys):
     out = capsys.readouterr().out
     assert "ebyd-removal" in out and "\nnc " in out and "\nebyd " in out
     assert isinstance(create_defense("ebyd-removal"), EBYDRemoval)
+
+
+def test_ebyd_target_is_the_candidate_whose_trigger_transfers(monkeypatch, backdoored_digits, digits):
+    """The exposed model's most predicted class is only a candidate: the class whose small
+    trigger moves the original model wins; a large mask that transfers does not; the search
+    stops at a small transferring trigger."""
+    model, _ = backdoored_digits
+    h, w = digits.bundle.test.x.shape[-2:]
+    # class -> (transfer to the original, mask pixels)
+    fake = {1: (0.03, 2.0), 0: (0.98, 1.0), 2: (0.95, 30.0)}
+    tried = []
+
+    def recover(self, exposed_model, clean, target, original=None):
+        tried.append(target)
+        success, pixels = fake[target]
+        return {"target": target, "mask": torch.zeros(1, h, w), "pattern": torch.zeros(1, h, w),
+                "norm": pixels, "success_original": success}
+
+    monkeypatch.setattr(EBYD, "recover", recover)
+    ins = EBYD(**TINY, progress=False, recover="always", mask_limit=0.5)
+    shares = [0.2, 0.7, 0.1] + [0.0] * 7
+    feats, ev = {}, {}
+    t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
+    assert tried == [1, 0] and t["target"] == 0  # stopped after the transferring small trigger
+    tried.clear()
+    ins = EBYD(**TINY, progress=False, recover="always", mask_limit=0.001)  # nothing ends the search
+    t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
+    assert tried == [1, 0, 2] and t["target"] == 0  # class 2 transfers too, with a 30x larger mask
+    assert [c["class"] for c in ev["candidates"]] == [1, 0, 2]
+    tried.clear()
+    t = EBYD(**TINY, progress=False, candidates=1)._recover(None, digits.bundle.test, shares, model, feats, ev)
+    assert tried == [1] and t["target"] == 1  # the paper's reading: the most predicted class

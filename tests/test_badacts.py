@@ -1,6 +1,7 @@
 """BadActs (NAS detection + learned intervals), the guard and ``trojanguard detect`` on tiny
 models: the 8x8 digits CNN with a BadNets backdoor and a 2-block 32-wide BERT."""
 import csv
+import json
 import random
 
 import pytest
@@ -254,6 +255,12 @@ def test_cli_detect_end_to_end(cli_setup, capsys, tmp_path):
                           "--out", tmp_path / "s2.csv", "--frr", "0.05", "--quiet")
     assert code == 0, err
     assert "purified_prediction" not in (tmp_path / "s2.csv").read_text().splitlines()[0]
+    # --json and --threads: a machine-readable summary that records the threads used
+    code, out, err = _run(capsys, "detect", "--model", root / "ck", "--inputs", root / "inputs" / "trigger",
+                          "--out", tmp_path / "s3.csv", "--quiet", "--json", "--threads", "1")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["threads"] == 1 and summary["inputs"] == 20 and 0 <= summary["flagged"] <= 20
 
 
 def test_cli_detect_bad_inputs(cli_setup, capsys, tmp_path, tiny_encoder_dir):

@@ -44,3 +44,34 @@ def finite(s: str) -> float:
 
 
 THREADS = int_in(1, 1024)
+
+
+def add_clean_data_args(p: argparse.ArgumentParser, dataset: bool = True) -> None:
+    """``--clean-data DIR|FILE | --holdout FRACTION`` plus ``--dataset`` / ``--data-dir``:
+    where the defender's clean data comes from (the commands that take a suspect model)."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory (images) or "
+                     "CSV/TSV with sentence,label columns (text)")
+    src.add_argument("--holdout", type=fraction("--holdout"), help="for our checkpoints: this fraction of the "
+                     "recorded dataset's training split as clean data (default: the split held out at training)")
+    if dataset:
+        p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not say")
+    p.add_argument("--data-dir", help="folder of that dataset (default: the usual search)")
+
+
+def add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """``--seed --threads --device --json --quiet``: how a computing command runs and prints."""
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def set_threads(n: int | None) -> int:
+    """Apply ``--threads`` (None: torch's default) and return the count in use, for the record."""
+    import torch
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

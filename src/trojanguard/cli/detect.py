@@ -17,6 +17,7 @@ from ..errors import UserError
 
 
 
+from .argtypes import add_run_args, set_threads
 from .argtypes import fraction as _fraction
 
 
@@ -47,8 +48,7 @@ def add_parser(sub) -> None:
                    help="detector option, repeatable (e.g. --set delta=2)")
     p.add_argument("--save-guard", metavar="DIR", help="also save the fitted guard (model + detector) here")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
     p.add_argument("--out", required=True, help="CSV file to write")
 
 
@@ -104,8 +104,10 @@ def run(args) -> int:
         raise UserError(f"{args.method!r} is not an input detector; pick one such as 'badacts' "
                         "('trojanguard list defenses')")
     options = parse_options(args.options)
+    options.setdefault("seed", args.seed)
     if args.quiet:
         options.setdefault("progress", False)
+    threads = set_threads(args.threads)
     model, meta = load_checkpoint(args.model, resolve_device(args.device))
     _check_input_kind(inputs, model.modality)
     channels = None
@@ -141,7 +143,13 @@ def run(args) -> int:
     if args.save_guard:
         g.save(args.save_guard)
     flagged = sum(r[2] for r in rows)
+    if args.json:
+        import json
+        print(json.dumps({"method": g.detector.name, "inputs": len(rows), "flagged": flagged, "frr": g.frr,
+                          "threshold": g.threshold, "seconds": round(st.seconds, 2), "threads": threads,
+                          "seed": args.seed, "scores": str(out), "guard": args.save_guard}, indent=2))
+        return 0
     print(f"flagged {flagged} of {len(rows)} inputs ({g.detector.name}, FRR {g.frr:g} on held-out clean data, "
-          f"threshold {g.threshold:.4f}); {st.seconds:.1f} s; scores in {out}"
+          f"threshold {g.threshold:.4f}); {st.seconds:.1f} s, {threads} threads; scores in {out}"
           + (f"; guard saved in {args.save_guard}" if args.save_guard else ""))
     return 0

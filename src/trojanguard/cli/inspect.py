@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .argtypes import THREADS, fraction
+from .argtypes import add_clean_data_args, add_run_args, set_threads
 
 METHODS = ("ebyd", "nc")
 
@@ -16,20 +16,11 @@ def add_parser(sub) -> None:
                                        "target, recovered trigger")
     p.add_argument("--method", default="ebyd", choices=METHODS, help="ebyd (default) or nc (Neural Cleanse)")
     p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory or CSV/TSV file")
-    src.add_argument("--holdout", type=fraction("--holdout"), help="fraction of the recorded dataset's training split to use "
-                     "as clean data (default: the split held out when the model was trained)")
-    p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not record it")
-    p.add_argument("--data-dir", help="folder of the recorded dataset (default: the usual search)")
+    add_clean_data_args(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="method option, repeatable ('trojanguard list defenses' shows them)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
-    p.add_argument("--device", default="auto")
+    add_run_args(p)
     p.add_argument("--out", required=True, help="folder for inspection.json and the recovered trigger")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def inspect_setup(setup, method: str, options: dict | None = None, seed: int = 0, device: str = "cpu"):
@@ -112,9 +103,7 @@ def run(args) -> int:
     out = Path(args.out)
     check_out(out)  # an unusable --out fails before any work
     options = parse_options(args.options)
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from ..utils import resolve_device
     device = str(resolve_device(args.device))
     setup = _load(args, device)

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import json
 
-from .argtypes import THREADS, fraction
+from .argtypes import add_clean_data_args, add_run_args, set_threads
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("purify", help="purify a suspect model on clean data (fst, ft, pam, wiper, ...)")
     p.add_argument("--method", required=True, help="purifier name (see 'trojanguard list defenses')")
     p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory or CSV/TSV file")
-    src.add_argument("--holdout", type=fraction("--holdout"), help="fraction of the recorded dataset's training split to use "
-                     "as clean data (default: the split held out when the model was trained)")
+    add_clean_data_args(p, dataset=False)
     p.add_argument("--attack", help="attack artifact folder to measure ASR with (default: the model's own)")
-    p.add_argument("--data-dir", help="folder of the recorded dataset (default: the usual search)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="method option, repeatable ('trojanguard list defenses' shows them)")
     p.add_argument("--robustness", action="store_true", help="also run the retuning attack on the purified model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
-    p.add_argument("--device", default="auto")
+    add_run_args(p)
     p.add_argument("--out", required=True, help="folder for the purified checkpoint and purify.json")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
@@ -39,9 +31,7 @@ def run(args) -> int:
     options = parse_options(args.options)
     from ..defenses import DEFENSES
     DEFENSES.get(args.method)  # unknown names fail before loading anything
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from ..purification import load_setup, purify_setup, save_purified
     from ..report import percent_rows, table
     from ..utils import resolve_device

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .argtypes import THREADS, fraction
+from .argtypes import add_clean_data_args, add_run_args, set_threads, fraction
 
 EXIT_NOT_REPAIRED = 3
 
@@ -25,18 +25,8 @@ def add_parser(sub) -> None:
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
         add_model_args(p)
-        src = p.add_mutually_exclusive_group()
-        src.add_argument("--clean-data", help="your clean labelled data: ImageFolder directory (images) or "
-                         "CSV/TSV with sentence,label columns (text)")
-        src.add_argument("--holdout", type=fraction("--holdout"), help="for our checkpoints: this fraction of the recorded "
-                         "dataset's training split as clean data (default: the split held out at training)")
-        p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not say")
-        p.add_argument("--data-dir", help="folder of that dataset (default: the usual search)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_clean_data_args(p)
+        add_run_args(p)
         p.set_defaults(command_module="workflow")
         if name == "scan":
             p.add_argument("--out", help="folder for scan.json, report.html and the recovered trigger")
@@ -62,12 +52,10 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-    import torch
 
     from ..pipeline import defender_data
     from .modelargs import model_from_args
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, meta = model_from_args(args)
     clean, _, source = defender_data(meta, model, args.clean_data, args.holdout, args.data_dir, args.dataset)
     classes = (meta.get("dataset") or {}).get("classes") or list(clean.classes)

@@ -7,7 +7,8 @@ from ..registry import Registry
 from .base import Defense, DefenseConfig, InputDetector, Inspection, Inspector, Purifier, PurifyResult
 from .common import before_after, retuned_asr, retuning_attack
 from .badacts import BadActs, BadActsConfig
-from .beniful import BeniFul, BeniFulConfig, BeniFulRemoval, BeniFulRemovalConfig
+from .beniful import BeniFul, BeniFulConfig
+from .beniful_removal import BeniFulRemoval, BeniFulRemovalConfig
 from .rap import RAP, RAPConfig
 from .strip import STRIP, STRIPConfig
 from .anp import Anp, AnpConfig

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Literal
 
@@ -214,3 +215,25 @@ def retuned_asr(model, clean: Data, test: Data, attack, **kw) -> float:
     """ASR on ``test`` after the retuning attack (see ``retuning_attack``)."""
     tuned = retuning_attack(model, clean, attack, **kw)
     return evaluate(tuned, test, attack.trigger, attack.target_for)["asr"]
+
+
+@contextlib.contextmanager
+def position1_embedding(model, vectors: dict):
+    """Replace the input embedding at position 1 (right after [CLS]) of the rows in
+    ``vectors["rows"]`` by ``vectors["e"]`` (one vector for all, or one per row): a virtual
+    word whose embedding is optimised (BeniFul removal's suspects, RAP's perturbation)."""
+    emb = model.encoder.get_input_embeddings()
+
+    def hook(_m, _inp, out):
+        rows = vectors.get("rows")
+        if rows is None or len(rows) == 0:
+            return out
+        out = out.clone()
+        e = vectors["e"].to(out.dtype)
+        out[rows, 1] = e if e.ndim == 2 else e.expand(len(rows), -1)
+        return out
+    h = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()

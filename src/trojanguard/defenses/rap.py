@@ -42,7 +42,7 @@ from pydantic import Field
 from ..data.base import Data
 from ..errors import UserError
 from .base import DefenseConfig, InputDetector
-from .beniful import _position1_embedding
+from .common import position1_embedding
 
 
 class RAPConfig(DefenseConfig):
@@ -79,7 +79,7 @@ class RAP(InputDetector):
         enc = model.tokenize(self._prefixed(texts))
         dev = enc["input_ids"].device
         slot = {"rows": torch.arange(len(texts), device=dev), "e": vectors[rows_pred.to(vectors.device)]}
-        with _position1_embedding(model, slot):
+        with position1_embedding(model, slot):
             return torch.softmax(model(enc).float(), 1)
 
     def _fit(self, model, clean: Data) -> None:

@@ -327,3 +327,21 @@ def test_cli_detect_text(tiny_encoder_dir, capsys, tmp_path):
     code, _, err = _run(capsys, "detect", "--model", tmp_path / "ck", "--inputs", tmp_path / "inputs.csv",
                         "--input-column", "review", "--clean-data", tmp_path / "clean.tsv", "--out", tmp_path / "s.csv")
     assert code == 2 and "--input-column" in err
+
+
+def test_harness_detect_then_purify_row(backdoored_digits, split):
+    """The detector cell's detect-then-purify numbers: flagged inputs go through the clamped
+    forward pass at the purification FRR, so CA stays near the model's and ASR falls."""
+    from trojanguard.bench.cells import _detect_then_purify
+    model, atk = backdoored_digits
+    fit, fresh = split
+    det = create_defense("badacts", progress=False, epochs=5).fit(model, fit)
+    targets = atk.target_for(fresh.y)
+    keep = (fresh.y != targets).nonzero().flatten()
+    poisoned, tgt = fresh.subset(keep), targets[keep]
+    before_ca = metrics.accuracy(predict(model, fresh), fresh.y)
+    before_asr = float((predict(model, poisoned, trigger=atk.trigger) == tgt).float().mean())
+    out = _detect_then_purify(model, det, fit, fresh, poisoned, atk.trigger, tgt)
+    assert out["guard"] == "detect-then-purify (FRR 0.2)"
+    assert before_asr > 0.9 and out["asr_after"] < 0.5 * before_asr, (before_asr, out)
+    assert out["ca_after"] >= before_ca - 0.1, (before_ca, out)

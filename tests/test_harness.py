@@ -109,6 +109,7 @@ def test_end_to_end_local_store_and_rerun(small_run):
     assert pur.der.between(0, 1).all() and (pur.asr_before > 0.9).all()  # the backdoor implanted
     det = df[df.kind == "detector"].iloc[0]
     assert 0 <= det.auroc <= 1 and len(det.roc["fpr"]) == len(det.roc["tpr"]) >= 2
+    assert det.guard == "reject flagged"  # a detector without a purifier: flagged inputs are rejected
     ins = df[df.kind == "inspector"].set_index("attack")
     assert not ins.loc["none", "is_backdoored"] and ins.loc["badnets", "is_backdoored"]
     assert ins.loc["badnets", "true_target"] == 0 and ins.verdict.isin(["clean", "backdoored"]).all()

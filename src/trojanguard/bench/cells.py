@@ -246,15 +246,46 @@ def _detector(task: dict, out: Path, stages: Stages) -> dict:
         pred_c, pred_p = predict(model, test), predict(model, poisoned, trigger=attack.trigger)
         ok_c = (pred_c == test.y) & ~flag_c
         hit_p = (pred_p == tgt) & ~flag_p
+    after = {"ca_after": float(ok_c.float().mean()), "asr_after": float(hit_p.float().mean()) if len(tgt) else None,
+             "guard": "reject flagged"}
+    if hasattr(det, "fit_purifier"):
+        with stages("detect-then-purify"):
+            after = {**_detect_then_purify(model, det, prep.defense, test, poisoned, attack.trigger, tgt),
+                     "ca_after_reject": after["ca_after"], "asr_after_reject": after["asr_after"]}
     with stages("save"), write_result(out, kind="bench-detector") as tmp:
         save_file({"clean": s_clean.contiguous(), "poisoned": s_pois.contiguous()}, str(tmp / "scores.safetensors"))
     return {**rep, "ca_before": M.accuracy(pred_c, test.y),
-            "asr_before": M.attack_success_rate(pred_p, poisoned.y, tgt) if len(tgt) else None,
-            "ca_after": float(ok_c.float().mean()), "asr_after": float(hit_p.float().mean()) if len(tgt) else None,
+            "asr_before": M.attack_success_rate(pred_p, poisoned.y, tgt) if len(tgt) else None, **after,
             "flagged_clean": float(flag_c.float().mean()), "flagged_poisoned": float(flag_p.float().mean()),
-            "frr_target": getattr(det, "frr", None), "guard": "reject flagged",
+            "frr_target": getattr(det, "frr", None),
             "n_clean": len(s_clean), "n_poisoned": len(s_pois),
             "roc": {"fpr": fpr[pick].tolist(), "tpr": tpr[pick].tolist()}}
+
+
+def _detect_then_purify(model, det, clean, test, poisoned, trigger, tgt) -> dict:
+    """The guard with purification (``trojanguard.guard(..., purify=True)``): the purifier is
+    fitted on the defender's clean data, the threshold moves to the detector's purification
+    FRR (BadActs: 0.2, the official detect-then-purify script), and flagged inputs are
+    predicted by the purified forward pass instead of being rejected."""
+    import torch
+
+    from ..eval import metrics as M
+    from ..guarded import GuardedModel
+    det.fit_purifier(clean)
+    g = GuardedModel(model, det, purify=True)
+    frr = getattr(det.cfg, "purify_frr", None)
+    if frr is not None:
+        g.set_frr(frr)
+
+    def preds(data, trig):
+        out = []
+        for start in range(0, len(data), 256):
+            x, y = data.batch(torch.arange(start, min(start + 256, len(data))))
+            out.append(g(trig(x, y) if trig is not None else x).predictions.cpu())
+        return torch.cat(out)
+    pc, pp = preds(test, None), preds(poisoned, trigger)
+    return {"ca_after": M.accuracy(pc, test.y), "asr_after": float((pp == tgt).float().mean()) if len(tgt) else None,
+            "guard": f"detect-then-purify (FRR {g.frr:g})"}
 
 
 def _inspector(task: dict, out: Path, stages: Stages) -> dict:

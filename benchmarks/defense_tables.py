@@ -1,0 +1,35 @@
+"""The defense tables of the issues from the harness databases: for each dataset, the full
+report (``report.md``, ``report.html``, CSVs) in ``benchmarks/results/<dataset>-defenses/``
+and the named tables ``detect-<dataset>.csv``, ``purify-<dataset>-harness.csv`` (the
+harness's purification rows; ``purify-<dataset>.csv`` is benchmarks/purify_zoo.py's) and
+``inspect-<dataset>.csv`` next to it.
+
+    python benchmarks/defense_tables.py            # every database that exists
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from trojanguard.bench.report import write_report
+
+RESULTS = Path(__file__).parent / "results"
+NAMED = {"detection.csv": "detect-{d}.csv", "purification.csv": "purify-{d}-harness.csv",
+         "inspection.csv": "inspect-{d}.csv"}
+
+
+def main() -> None:
+    for dataset in ("cifar10", "sst2"):
+        db = RESULTS / f"{dataset}-defenses.sqlite"
+        if not db.is_file():
+            continue
+        out = RESULTS / f"{dataset}-defenses"
+        written = write_report(db, out, title=f"Defenses on the {dataset.upper()} reference zoo")
+        for name, target in NAMED.items():
+            if name in written:
+                shutil.copyfile(written[name], RESULTS / target.format(d=dataset))
+        print(f"{dataset}: {', '.join(sorted(written))} in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -65,7 +65,8 @@ def pack(data, members: list[bytes], prefix: str) -> dict[str, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default="zoo/cifar10/badnets-0.1-s0")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10",
+                    help="the CIFAR-10 tar.xz archives (default: this project's shared data folder)")
     ap.add_argument("--clean", type=int, default=2000)
     ap.add_argument("--test", type=int, default=1000)
     args = ap.parse_args()
@@ -74,8 +75,12 @@ def main() -> None:
     clean = balanced(prep.defense, args.clean, 1)
     test = balanced(prep.bundle.test, args.test, 2)
     root = Path(args.data_dir)
-    tensors = {**pack(clean, jpeg_members(next(root.glob("*train*.tar.xz")), classes), "clean"),
-               **pack(test, jpeg_members(next(root.glob("*test*.tar.xz")), classes), "test")}
+    archives = {s: sorted(root.glob(f"*{s}*.tar.xz")) for s in ("train", "test")}
+    if not all(archives.values()):
+        raise SystemExit(f"--data-dir {root}: needs the CIFAR-10 *train*.tar.xz and *test*.tar.xz archives "
+                         "(the JPEG bytes are copied from them)")
+    tensors = {**pack(clean, jpeg_members(archives["train"][0], classes), "clean"),
+               **pack(test, jpeg_members(archives["test"][0], classes), "test")}
     OUT.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "model.json", "attack.json", "attack.safetensors", "metrics.json"):
         shutil.copyfile(Path(args.zoo) / name, OUT / name)

@@ -292,3 +292,8 @@ def test_ebyd_target_is_the_candidate_whose_trigger_transfers(monkeypatch, backd
     tried.clear()
     t = EBYD(**TINY, progress=False, candidates=1)._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1] and t["target"] == 1  # the paper's reading: the most predicted class
+    # text: no masks (one word each), so the word that moves the original model most wins
+    fake.update({1: (0.55, 0.0), 0: (0.99, 0.0), 2: (0.6, 0.0)})
+    tried.clear()
+    t = EBYD(**TINY, progress=False, transfer=1.0)._recover(None, digits.bundle.test, shares, model, feats, ev)
+    assert tried == [1, 0, 2] and t["target"] == 0

@@ -73,7 +73,7 @@ def run_demo(seed: int = 0, device: str = "auto", out: str | None = None, progre
     if rec.get("recovered_trigger_asr_after_retuning") is not None:
         print(f"      robustness: the retuning attack (5 triggered among 1,000 clean images, 5 epochs) brings that ASR "
               f"back to {percent(rec['recovered_trigger_asr_after_retuning'])}"
-              + (": the backdoor is hidden rather than erased (PAM, --method pam, resists this better)"
+              + (": the backdoor is hidden rather than erased (PAM resists this better: trojanguard repair --method pam)"
                  if rec["recovered_trigger_asr_after_retuning"] > 0.5 else ""))
     print(f"[3/3] checked against the attacker's real trigger on {len(test)} test images\n")
     before = evaluate(model, test, attack.trigger, attack.target_for)

@@ -35,7 +35,8 @@ class StageLine:
             return
         self.closed = True
         extra = f" ({self.postfix})" if self.postfix else ""
-        print(f"{self.desc}: {self.n} {self.unit}s in {time.perf_counter() - self.t0:.0f} s{extra}",
+        unit = self.unit if self.n == 1 else f"{self.unit}s"
+        print(f"{self.desc}: {self.n} {unit} in {time.perf_counter() - self.t0:.0f} s{extra}",
               file=sys.stderr, flush=True)
 
 

@@ -241,13 +241,14 @@ def _detector(task: dict, out: Path, stages: Stages) -> dict:
     with stages("guard"):
         # the guard a deployer gets from a detector alone: flagged inputs are rejected, and a
         # rejection counts as a miss for CA and as a failure of the attack for ASR (detectors
-        # that also purify need their own, separately fitted purifier: not measured here)
+        # that also purify: detect-then-purify below, these numbers kept as *_reject)
         flag_c, flag_p = s_clean > det.threshold, s_pois > det.threshold
         pred_c, pred_p = predict(model, test), predict(model, poisoned, trigger=attack.trigger)
         ok_c = (pred_c == test.y) & ~flag_c
         hit_p = (pred_p == tgt) & ~flag_p
     after = {"ca_after": float(ok_c.float().mean()), "asr_after": float(hit_p.float().mean()) if len(tgt) else None,
              "guard": "reject flagged"}
+    frr_target = getattr(det, "frr", None)  # before detect-then-purify moves the threshold
     if hasattr(det, "fit_purifier"):
         with stages("detect-then-purify"):
             after = {**_detect_then_purify(model, det, prep.defense, test, poisoned, attack.trigger, tgt),
@@ -257,7 +258,7 @@ def _detector(task: dict, out: Path, stages: Stages) -> dict:
     return {**rep, "ca_before": M.accuracy(pred_c, test.y),
             "asr_before": M.attack_success_rate(pred_p, poisoned.y, tgt) if len(tgt) else None, **after,
             "flagged_clean": float(flag_c.float().mean()), "flagged_poisoned": float(flag_p.float().mean()),
-            "frr_target": getattr(det, "frr", None),
+            "frr_target": frr_target,
             "n_clean": len(s_clean), "n_poisoned": len(s_pois),
             "roc": {"fpr": fpr[pick].tolist(), "tpr": tpr[pick].tolist()}}
 

@@ -24,7 +24,7 @@ from .store import Store
 PURIFICATION = ["attack", "ratio", "seed", "defense", "ca_before", "asr_before", "ca_after", "asr_after",
                 "asr_after_ra", "seconds", "peak_mb"]
 DETECTION = ["attack", "ratio", "method", "auroc", "auprc", "tpr_at_5fpr", "frr", "far", "ca_after", "asr_after",
-             "seconds"]
+             "seconds", "guard"]
 INSPECTION = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
               "predicted_target", "seconds"]
 RATES = {"ca", "asr", "ra", "ca_before", "asr_before", "ca_after", "asr_after", "asr_after_ra", "auroc", "auprc",
@@ -62,7 +62,7 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
                                         "warning": m.get("warning")})
         elif r["kind"] == "detector":
             out["detection"].append({**base, "method": info.get("defense"), "seed": info.get("seed"),
-                                     **{k: m.get(k) for k in DETECTION[3:10]}, "roc": m.get("roc")})
+                                     **{k: m.get(k) for k in DETECTION[3:10]}, "guard": m.get("guard"), "roc": m.get("roc")})
         elif r["kind"] == "inspector":
             out["inspection"].append({"dataset": info.get("dataset"), "model": info.get("model"),
                                       "is_backdoored": m.get("is_backdoored"), "true_target": m.get("true_target"),

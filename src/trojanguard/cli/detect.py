@@ -14,9 +14,6 @@ import io
 from pathlib import Path
 
 from ..errors import UserError
-
-
-
 from .argtypes import add_run_args, set_threads
 from .argtypes import fraction as _fraction
 

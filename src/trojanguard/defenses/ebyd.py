@@ -4,7 +4,9 @@ code ``bboylyg/Expose-Before-You-Defend``, images only).
 1. **Exposure** (``exposure.py``, Clean Unlearning by default) on a few clean samples.
 2. **Class shares**: the exposed model's predictions on all the clean data. A backdoored
    model collapses onto its target (the backdoor is the last feature standing); a clean
-   one collapses without a preferred class. Target label = the most predicted class.
+   one collapses without a preferred class. The paper's target label = the most predicted
+   class; ours = the best of the ``candidates`` most predicted classes by step 4 (with
+   ``candidates=1``, the paper's).
 3. **Backdoor probability**: a logistic calibration over features of the exposed model
    (``exposure_features``), read from a small JSON with its provenance
    (``calibration/ebyd.json``, or ``calibration=PATH``). The raw statistic of the paper is
@@ -12,7 +14,9 @@ code ``bboylyg/Expose-Before-You-Defend``, images only).
    file is a documented *prior* derived from that rule until it is refitted on the
    reference zoos with ``fit_calibration`` (see ``PRIOR``); benchmarks score each model
    with a calibration that never saw it (``leave_one_out``). Verdict: probability >= 0.5.
-4. **Trigger recovery** on the exposed model, for the detected label only: Neural Cleanse
+4. **Trigger recovery** on the exposed model, for the ``candidates`` (3) most predicted
+   classes (the paper: the detected label only; see ``EBYD._recover`` for why and how the
+   target is chosen among them, by how the trigger moves the ORIGINAL model): Neural Cleanse
    (mask + pattern) for images; for text (our reading: the paper gives no text recovery)
    a first-order token search: the gradient of the target log-probability with respect to
    the embedding of a token inserted after [CLS] ranks the vocabulary (HotFlip's linear
@@ -92,12 +96,14 @@ class EBYDConfig(DefenseConfig):
     recover: Literal["auto", "always", "never"] = Field("auto", description="trigger recovery (auto: when backdoored)")
     nc_rounds: int = Field(60, ge=1, description="Neural Cleanse rounds of 5 steps (see neural_cleanse.py)")
     candidates: int = Field(3, ge=1, description=(
-        "recover a trigger for this many of the most predicted classes after exposure; the target is the one "
-        "whose trigger transfers best to the original model (1 = the paper: the most predicted class)"))
+        "recover a trigger for this many of the most predicted classes after exposure; the target is the "
+        "class with the smallest trigger among those whose trigger moves >= min_transfer of the original "
+        "model's clean inputs (text: the best mover); 1 = the paper: the most predicted class"))
+    min_transfer: float = Field(0.5, gt=0, le=1, description="see candidates")
     transfer: float = Field(0.9, gt=0, le=1, description=(
-        "a candidate's trigger that sends this share of the original model's clean inputs to its class with a "
-        "mask under mask_limit of the image ends the search (the classes after it are not tried)"))
-    mask_limit: float = Field(0.01, gt=0, le=1)
+        "a candidate's trigger that moves this share of the original model's clean inputs with a mask under "
+        "mask_limit ends the search and is the target (the classes after it are not tried)"))
+    mask_limit: float = Field(0.01, gt=0, le=1, description="share of the image (text: always met, no mask)")
     text_candidates: int = Field(64, ge=1)
     text_tokens: int = Field(5, ge=1)
     text_samples: int = Field(64, ge=1)
@@ -326,8 +332,9 @@ def trigger_features(trigger: dict, clean: Data) -> dict:
 # --- the inspector --------------------------------------------------------------------------
 
 class EBYD(Inspector):
-    """EBYD: expose (clean unlearning), target = most predicted class, calibrated backdoor
-    probability, trigger recovery on the exposed model."""
+    """EBYD: expose (clean unlearning), calibrated backdoor probability, trigger recovery on
+    the exposed model for its most predicted classes, target = the class whose trigger is
+    smallest among those that move the original model."""
     name = "ebyd"
     Config = EBYDConfig
     #: shares of predictions over fewer samples move by > 2 points per sample
@@ -389,17 +396,25 @@ class EBYD(Inspector):
         t1 = time.perf_counter()
         order = sorted(range(len(shares)), key=lambda c: -shares[c])
         classes = [c for c in order[:self.cfg.candidates] if shares[c] > 0] or order[:1]
-        found = []
+        cfg = self.cfg
+        found, chosen = [], None
         for c in classes:
             t = self.recover(exposed_model, clean, c, original=original)
             found.append((t, trigger_features(t, clean)))
-            if found[-1][1]["trigger_success"] >= self.cfg.transfer and found[-1][1]["mask_fraction"] <= self.cfg.mask_limit:
-                break  # a small trigger that moves the original model: Neural Cleanse's target
-        # NC's premise: the target needs the smallest trigger; among the triggers that transfer
-        # (>= half the original's inputs moved) the smallest mask wins, else the best transfer
-        # (a large mask, e.g. 8 % of the image, can paste a whole class-1 object and transfer too)
-        trigger, tf = max(found, key=lambda f: (f[1]["trigger_success"] >= 0.5, -f[1]["mask_fraction"]
-                                                if f[1]["trigger_success"] >= 0.5 else f[1]["trigger_success"]))
+            if found[-1][1]["trigger_success"] >= cfg.transfer and found[-1][1]["mask_fraction"] <= cfg.mask_limit:
+                chosen = found[-1]  # a small trigger that moves the original model: Neural Cleanse's target
+                break
+        if chosen is None:
+            # NC's premise: the target needs the smallest trigger. Among the triggers that move
+            # >= min_transfer of the original's inputs the smallest mask wins (a large mask, e.g.
+            # 8 % of the image, can paste a whole class-1 object and transfer too); text triggers
+            # have no mask (one word each), so there and on ties the better mover wins; when
+            # none transfers, the best mover
+            def rank(f):
+                moves = f[1]["trigger_success"] >= cfg.min_transfer
+                return (moves, -f[1]["mask_fraction"] if moves else 0.0, f[1]["trigger_success"])
+            chosen = max(found, key=rank)
+        trigger, tf = chosen
         feats.update(tf)
         evidence["candidates"] = [{"class": t["target"], "share": round(shares[t["target"]], 4),
                                    **{k: round(v, 4) for k, v in f.items()}} for t, f in found]

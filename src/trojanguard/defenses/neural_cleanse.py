@@ -144,7 +144,7 @@ def reverse_engineer(model, data: Data, target: int, cfg: NeuralCleanseConfig | 
                 elif down >= cfg.patience:
                     down, cost, down_flag = 0, cost / cfg.cost_multiplier ** 1.5, True
     finally:
-        bar.set_postfix(mask_l1=f"{best['norm']:.1f}")
+        bar.set_postfix(mask_l1=f"{best['norm']:.1f}" if best["norm"] < math.inf else "not reached")
         bar.close()
         model.train(was)
     reached = best["mask"] is not None

@@ -383,3 +383,28 @@ def test_not_yaml_and_missing_file_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "not valid YAML (line" in err
     assert main(["bench", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_changed_grid_reports_its_current_cells_only(small_run, tmp_path):
+    """Changing a defense's option makes a new cell; the grid's report then shows the new
+    cell, not the old one beside it (which stays in the store)."""
+    import shutil
+
+    from trojanguard.bench.report import collect
+    db = tmp_path / "r.sqlite"
+    shutil.copyfile(small_run["db"], db)
+    before = collect(db, "small")["purification"]
+    assert sorted(r["defense"] for r in before) == ["fst", "ft"]
+    grid = write_grid(tmp_path / "small.yaml", defenses={
+        "purifiers": [{"name": "fst", "options": {"epochs": 1}}, {"name": "ft", "options": {"epochs": 2}}],
+        "detectors": [{"name": "test-zscore"}], "inspectors": [{"name": "test-share"}]})
+    res = run_grid(grid, db=db, artifacts=small_run["root"] / "art", threads=1, stream=io.StringIO(), live=False,
+                   only="*/fst")
+    assert res["computed"] == 1
+    after = collect(db, "small")["purification"]
+    assert sorted(r["defense"] for r in after) == ["fst", "ft"]  # one fst row: the new one
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT COUNT(*) FROM cells WHERE kind = 'purifier'").fetchone()[0] == 3
+    finally:
+        con.close()

@@ -262,10 +262,10 @@ def test_list_defenses_names_the_inspectors(capsys):
     assert isinstance(create_defense("ebyd-removal"), EBYDRemoval)
 
 
-def test_ebyd_target_is_the_candidate_whose_trigger_transfers(monkeypatch, backdoored_digits, digits):
-    """The exposed model's most predicted class is only a candidate: the class whose small
-    trigger moves the original model wins; a large mask that transfers does not; the search
-    stops at a small transferring trigger."""
+def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, backdoored_digits, digits):
+    """The exposed model's most predicted class is only a candidate: the smallest trigger
+    wins (a large mask that moves the original model does not); the search stops at a small
+    trigger that moves the original model; text (no masks): the best mover wins."""
     model, _ = backdoored_digits
     h, w = digits.bundle.test.x.shape[-2:]
     # class -> (transfer to the original, mask pixels)
@@ -283,12 +283,15 @@ def test_ebyd_target_is_the_candidate_whose_trigger_transfers(monkeypatch, backd
     shares = [0.2, 0.7, 0.1] + [0.0] * 7
     feats, ev = {}, {}
     t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
-    assert tried == [1, 0] and t["target"] == 0  # stopped after the transferring small trigger
+    assert tried == [1, 0] and t["target"] == 0  # stopped after the small trigger that moves the original
     tried.clear()
     ins = EBYD(**TINY, progress=False, recover="always", mask_limit=0.001)  # nothing ends the search
     t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
-    assert tried == [1, 0, 2] and t["target"] == 0  # class 2 transfers too, with a 30x larger mask
+    assert tried == [1, 0, 2] and t["target"] == 0  # class 2 moves the original too, with a 30x larger mask
     assert [c["class"] for c in ev["candidates"]] == [1, 0, 2]
+    fake[0] = (0.1, 1.0)  # the smallest trigger wins even when it hardly transfers
+    tried.clear()
+    assert ins._recover(None, digits.bundle.test, shares, model, feats, ev)["target"] == 0
     tried.clear()
     t = EBYD(**TINY, progress=False, candidates=1)._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1] and t["target"] == 1  # the paper's reading: the most predicted class

@@ -89,8 +89,8 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
         how = "Neural Cleanse" if trigger.tokens is None else "a token search"
         tried = ", ".join(str(c["class"]) for c in ins.evidence.get("candidates", []))
         choices.append(f"trigger recovered by {how} on the exposed model for the most predicted classes ({tried}); "
-                       f"target {ins.target}: the smallest of those triggers that moves the original model "
-                       "(text: the word that moves it most)")
+                       f"target {ins.target}: the class with the smallest trigger (text: the word that moves the "
+                       "original model most)")
     opinion = None
     if second_opinion and clean.modality == "image":
         nc = create_defense("nc", **{"seed": seed, "progress": progress, "device": device, **(nc_options or {})})

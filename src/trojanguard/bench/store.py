@@ -121,10 +121,17 @@ class Store:
         return self._commit  # type: ignore[return-value]
 
     # --- writing (the driver only) -----------------------------------------------------
-    def register(self, grid: str, cells) -> None:
-        """Add every cell of a grid as pending (existing rows keep their status)."""
+    def register(self, grid: str, cells, current: set[str] | None = None) -> None:
+        """Add every cell of a grid as pending (existing rows keep their status). ``current``:
+        the hashes of the whole grid as it is now; cells of earlier versions of the grid
+        (a changed option, a removed defense) leave the grid's view, and with it its report,
+        but stay in the store."""
         now = time.time()
         with self._tx() as db:
+            if current is not None:
+                for (h,) in db.execute("SELECT hash FROM grid_cells WHERE grid = ?", (grid,)).fetchall():
+                    if h not in current:
+                        db.execute("DELETE FROM grid_cells WHERE grid = ? AND hash = ?", (grid, h))
             for i, c in enumerate(cells):
                 db.execute("INSERT OR IGNORE INTO cells (hash, kind, name, status, config, info, depends_on, seed, "
                            "artifact, created) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",

@@ -97,12 +97,11 @@ class EBYDConfig(DefenseConfig):
     nc_rounds: int = Field(60, ge=1, description="Neural Cleanse rounds of 5 steps (see neural_cleanse.py)")
     candidates: int = Field(3, ge=1, description=(
         "recover a trigger for this many of the most predicted classes after exposure; the target is the "
-        "class with the smallest trigger among those whose trigger moves >= min_transfer of the original "
-        "model's clean inputs (text: the best mover); 1 = the paper: the most predicted class"))
-    min_transfer: float = Field(0.5, gt=0, le=1, description="see candidates")
+        "class with the smallest trigger (Neural Cleanse's premise; text, where every trigger is one word: the "
+        "word that moves the original model most); 1 = the paper: the most predicted class"))
     transfer: float = Field(0.9, gt=0, le=1, description=(
         "a candidate's trigger that moves this share of the original model's clean inputs with a mask under "
-        "mask_limit ends the search and is the target (the classes after it are not tried)"))
+        "mask_limit ends the search (the classes after it are not tried)"))
     mask_limit: float = Field(0.01, gt=0, le=1, description="share of the image (text: always met, no mask)")
     text_candidates: int = Field(64, ge=1)
     text_tokens: int = Field(5, ge=1)
@@ -333,8 +332,8 @@ def trigger_features(trigger: dict, clean: Data) -> dict:
 
 class EBYD(Inspector):
     """EBYD: expose (clean unlearning), calibrated backdoor probability, trigger recovery on
-    the exposed model for its most predicted classes, target = the class whose trigger is
-    smallest among those that move the original model."""
+    the exposed model for its most predicted classes, target = the class with the smallest
+    trigger (text: the word that moves the original model most)."""
     name = "ebyd"
     Config = EBYDConfig
     #: shares of predictions over fewer samples move by > 2 points per sample
@@ -385,36 +384,32 @@ class EBYD(Inspector):
     def _recover(self, exposed_model, clean: Data, shares: list[float], original, feats: dict,
                  evidence: dict) -> dict:
         """Recover a trigger for each of the ``candidates`` most predicted classes (with a
-        share above zero) and keep the one that transfers best to the original model.
+        share above zero) and keep the smallest (see the comment in the code).
 
         Our extension (the paper recovers for the most predicted class only): on the CPU
         reference zoo the class the exposed model collapses onto is unstable, e.g. the
         BadNets-10 % model (target 0) collapses onto class 2 with 500 clean images, 9 with
         2,000 and 0 with 2,500 (weight perturbation: 9 too), with the true target second;
-        the trigger recovered for a wrong class hardly moves the original model (3.6 % of
-        clean images to class 9) while the true target's does."""
+        with 2,000 images the class-9 trigger needs 2.9 px and the class-0 one 1.4 px.
+        Measured limits (benchmarks/results/inspect-ebyd.md): Blended 1 % collapses onto 2
+        and 8, its target 0 is not among the candidates; the clean model's smallest
+        candidate trigger (8 px) is larger than the backdoored models' (0.6-4.3 px)."""
         t1 = time.perf_counter()
         order = sorted(range(len(shares)), key=lambda c: -shares[c])
         classes = [c for c in order[:self.cfg.candidates] if shares[c] > 0] or order[:1]
         cfg = self.cfg
-        found, chosen = [], None
+        found = []
         for c in classes:
             t = self.recover(exposed_model, clean, c, original=original)
             found.append((t, trigger_features(t, clean)))
             if found[-1][1]["trigger_success"] >= cfg.transfer and found[-1][1]["mask_fraction"] <= cfg.mask_limit:
-                chosen = found[-1]  # a small trigger that moves the original model: Neural Cleanse's target
-                break
-        if chosen is None:
-            # NC's premise: the target needs the smallest trigger. Among the triggers that move
-            # >= min_transfer of the original's inputs the smallest mask wins (a large mask, e.g.
-            # 8 % of the image, can paste a whole class-1 object and transfer too); text triggers
-            # have no mask (one word each), so there and on ties the better mover wins; when
-            # none transfers, the best mover
-            def rank(f):
-                moves = f[1]["trigger_success"] >= cfg.min_transfer
-                return (moves, -f[1]["mask_fraction"] if moves else 0.0, f[1]["trigger_success"])
-            chosen = max(found, key=rank)
-        trigger, tf = chosen
+                break  # a small trigger that also moves the original model: no need to look further
+        # NC's premise: the target needs the smallest trigger. Transfer to the original model
+        # does not decide among images: masks of 5-8 % of the image (universal patches) move
+        # 58-100 % of any zoo model's inputs, clean or not, while the BadNets target's 0.6 px
+        # mask moved 16 % (2,500 images) or 99 % (2,000). Text triggers are one word each (no
+        # mask): there, and on ties, the word that moves the original model most wins.
+        trigger, tf = max(found, key=lambda f: (-f[1]["mask_fraction"], f[1]["trigger_success"]))
         feats.update(tf)
         evidence["candidates"] = [{"class": t["target"], "share": round(shares[t["target"]], 4),
                                    **{k: round(v, 4) for k, v in f.items()}} for t, f in found]

@@ -3,11 +3,16 @@ measure it out of sample (issue: a calibration never scores a model it saw).
 
 Reads the EBYD inspector cells (run with ``recover: always`` so that every model has its
 trigger features) of harness databases, leaves out models whose backdoor did not implant
-(ASR < 50 %: listed, not scored), scores each model with a calibration fitted on all the
-others (leave-one-out), reports AUROC, Brier score and cross-entropy (the TrojAI measures),
-verdict and target accuracy, writes ``benchmarks/results/inspect-ebyd.{csv,md,json}`` and,
-with ``--write``, the calibration fitted on all of them (with its provenance) to the file
-the tool ships (``trojanguard/defenses/calibration/ebyd.json``).
+(ASR < 50 %: listed, not scored), and fits one logistic calibration per modality (images on
+``mask_log``, the size of the smallest candidate trigger; text on ``trigger_success``, how
+many clean sentences the recovered word sends to the target: a text trigger has no mask).
+Each model is scored by a calibration fitted on the other models of its modality
+(leave-one-out); where the others lack a class (e.g. the only clean model of a modality)
+the model cannot be scored out of sample and the table says so. Reports AUROC, Brier score
+and cross-entropy (the TrojAI measures) over the out-of-sample scores, verdict and target
+accuracy, writes ``benchmarks/results/inspect-ebyd.{csv,md,json}`` and, with ``--write``,
+the calibrations fitted on all models (with their provenance) to the file the tool ships
+(``trojanguard/defenses/calibration/ebyd.json``).
 
     python benchmarks/fit_ebyd_calibration.py benchmarks/results/cifar10-defenses.sqlite \\
         benchmarks/results/sst2-defenses.sqlite --write
@@ -18,18 +23,20 @@ import argparse
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from trojanguard.bench.store import Store
-from trojanguard.defenses.ebyd import (DEFAULT_CALIBRATION, calibration_report, fit_calibration, leave_one_out,
-                                       save_calibration)
+from trojanguard.defenses.ebyd import (CALIBRATION_FORMAT, DEFAULT_CALIBRATION, calibration_report, fit_calibration,
+                                       probability, save_calibration)
 from trojanguard.report import table
 from trojanguard.utils import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
-FEATURES = ("max_excess", "trigger_success", "mask_fraction")
-COLUMNS = ["dataset", "model", "asr", "is_backdoored", "true_target", "top_class", "target", "trigger_success",
-           "mask_fraction", "max_excess", "p_prior", "p_loo", "verdict_loo", "target_ok", "seconds"]
+FEATURES = {"image": ("mask_log",), "text": ("trigger_success",)}
+COLUMNS = ["modality", "dataset", "model", "asr", "is_backdoored", "true_target", "top_class", "target",
+           "trigger_success", "mask_fraction", "max_excess", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
+           "seconds"]
 
 
 def inspections(dbs: list[str]) -> list[dict]:
@@ -37,7 +44,8 @@ def inspections(dbs: list[str]) -> list[dict]:
     for db in dbs:
         store = Store(db, readonly=True)
         try:
-            cells = store.rows(status="done")
+            # each grid as it is now (cells of its earlier versions are left out)
+            cells = [c for g in store.grids() for c in store.rows(g) if c["status"] == "done"]
         finally:
             store.close()
         victims = {c["name"]: c for c in cells if c["kind"] == "victim"}
@@ -49,11 +57,15 @@ def inspections(dbs: list[str]) -> list[dict]:
             feats = ev.get("features", {})
             if "trigger_success" not in feats:
                 raise SystemExit(f"{db}: {c['name']} has no trigger features; run EBYD with recover: always")
-            rows.append({"dataset": c["info"].get("dataset"), "model": c["name"].split("/")[0],
+            dataset = c["info"].get("dataset")
+            rows.append({"modality": "text" if dataset in ("sst2", "yelp") else "image",
+                         "dataset": dataset, "model": c["name"].split("/")[0],
                          "asr": (victim or {}).get("metrics", {}).get("asr"),
                          "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],
                          "top_class": ev.get("top_class"), "target": ev.get("target", ev.get("top_class")),
-                         **{k: feats.get(k) for k in FEATURES}, "p_prior": m["probability"],
+                         "trigger_success": feats["trigger_success"], "mask_fraction": feats["mask_fraction"],
+                         "mask_log": math.log10(max(feats["mask_fraction"], 1e-5)) if feats["mask_fraction"] else 0.0,
+                         "max_excess": feats.get("max_excess"), "p_prior": m["probability"],
                          "seconds": round(c.get("seconds") or 0.0, 1)})
     return rows
 
@@ -67,41 +79,59 @@ def main() -> None:
     rows = inspections(args.dbs)
     # a backdoor that did not implant is not a backdoored model to find: listed, not scored
     scored = [r for r in rows if not (r["is_backdoored"] and (r["asr"] or 0) < 0.5)]
-    labels = [int(r["is_backdoored"]) for r in scored]
-    loo = leave_one_out([{k: r[k] for k in FEATURES} for r in scored], labels, names=FEATURES, l2=args.l2)
-    for r, p in zip(scored, loo):
-        r["p_loo"] = round(float(p), 4)
-        r["verdict_loo"] = "backdoored" if p >= 0.5 else "clean"
-        r["target_ok"] = (r["target"] == r["true_target"]) if r["is_backdoored"] else None
-    report = calibration_report(loo, labels)
-    backdoored = [r for r in scored if r["is_backdoored"]]
-    report["target_accuracy"] = sum(bool(r["target_ok"]) for r in backdoored) / max(1, len(backdoored))
-    report["not_implanted"] = [r["model"] for r in rows if r not in scored]
-    report["features"], report["l2"] = list(FEATURES), args.l2
+    sections, reports = {}, {}
+    for modality, names in FEATURES.items():
+        group = [r for r in scored if r["modality"] == modality]
+        labels = [int(r["is_backdoored"]) for r in group]
+        if len(set(labels)) < 2:
+            continue
+        params = fit_calibration([{k: r[k] for k in names} for r in group], labels, names=names, l2=args.l2)
+        sections[modality] = params
+        for i, r in enumerate(group):
+            r["p_fit"] = round(probability(params, r), 4)  # in sample: the shipped fit, which saw r
+            rest = [j for j in range(len(group)) if j != i]
+            if len({labels[j] for j in rest}) < 2:
+                r["p_loo"] = None  # the others lack a class: no out-of-sample score
+                continue
+            p = probability(fit_calibration([{k: group[j][k] for k in names} for j in rest],
+                                            [labels[j] for j in rest], names=names, l2=args.l2), r)
+            r["p_loo"] = round(p, 4)
+            r["verdict_loo"] = "backdoored" if p >= 0.5 else "clean"
+        for r in group:
+            r["target_ok"] = (r["target"] == r["true_target"]) if r["is_backdoored"] else None
+        out = [r for r in group if r.get("p_loo") is not None]
+        reports[modality] = {**(calibration_report([r["p_loo"] for r in out], [int(r["is_backdoored"]) for r in out])
+                                if out else {}),
+                             "not_scored_out_of_sample": [r["model"] for r in group if r.get("p_loo") is None],
+                             "target_accuracy": sum(bool(r["target_ok"]) for r in group if r["is_backdoored"])
+                             / max(1, sum(r["is_backdoored"] for r in group)),
+                             "features": list(names)}
+    report = {"by_modality": reports, "l2": args.l2,
+              "not_implanted": [r["model"] for r in rows if r not in scored]}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in rows:
         w.writerow([r.get(c, "") if r.get(c) is not None else "" for c in COLUMNS])
     atomic_write_text(RESULTS / "inspect-ebyd.csv", buf.getvalue())
-    md = ["# EBYD model inspection, out of sample\n",
-          f"Leave-one-out logistic calibration on {', '.join(FEATURES)} (L2 {args.l2}); {len(scored)} models scored "
-          f"({sum(labels)} backdoored); not implanted (ASR < 50 %, not scored): "
-          f"{', '.join(report['not_implanted']) or 'none'}.\n",
-          table(scored, COLUMNS, markdown=True),
-          "\n" + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in report.items() if k in ("auroc", "brier", "cross_entropy", "accuracy",
-                                                               "target_accuracy")) + "\n"]
+    md = ["# EBYD model inspection: calibration fitted per modality, scored out of sample\n",
+          f"Logistic calibration per modality ({'; '.join(m + ': ' + ', '.join(n) for m, n in FEATURES.items())}; "
+          f"L2 {args.l2}); p_loo = leave-one-out within the modality (empty: the other models lack a class), "
+          "p_fit = the shipped fit (saw the model), p_prior = the probability the inspection printed. "
+          f"Not implanted (ASR < 50 %, not scored): {', '.join(report['not_implanted']) or 'none'}.\n",
+          table(rows, COLUMNS, markdown=True)]
+    for m, rep in reports.items():
+        md.append(f"\n{m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in rep.items()) + "\n")
     atomic_write_text(RESULTS / "inspect-ebyd.md", "\n".join(md))
     atomic_write_text(RESULTS / "inspect-ebyd.json", json.dumps(report, indent=2) + "\n")
     print("\n".join(md))
     if args.write:
-        params = fit_calibration([{k: r[k] for k in FEATURES} for r in scored], labels, names=FEATURES, l2=args.l2,
-                                 provenance={"fitted_on": sorted({f"{r['dataset']}:{r['model']}" for r in scored}),
-                                             "databases": [Path(d).name for d in args.dbs],
-                                             "script": "benchmarks/fit_ebyd_calibration.py",
-                                             "leave_one_out": {k: report[k] for k in
-                                                               ("auroc", "brier", "cross_entropy", "accuracy")}})
+        params = {"format": CALIBRATION_FORMAT, "method": "ebyd", "by_modality": sections,
+                  "provenance": {"kind": "fitted", "fitted_on": sorted(f"{r['dataset']}:{r['model']}" for r in scored),
+                                 "databases": [Path(d).name for d in args.dbs],
+                                 "script": "benchmarks/fit_ebyd_calibration.py",
+                                 "leave_one_out": reports}}
         save_calibration(params, DEFAULT_CALIBRATION)
         print(f"wrote {DEFAULT_CALIBRATION}")
 

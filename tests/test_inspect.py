@@ -300,3 +300,23 @@ def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, bac
     tried.clear()
     t = EBYD(**TINY, progress=False, transfer=1.0)._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1, 0, 2] and t["target"] == 0
+
+
+def test_calibration_per_modality(tmp_path):
+    from trojanguard.defenses.ebyd import PRIOR, for_modality, save_calibration
+    image = fit_calibration([{"mask_log": v} for v in (-3.2, -2.4, -2.9, -2.0)], [1, 0, 1, 0], names=["mask_log"])
+    text = fit_calibration([{"trigger_success": v} for v in (1.0, 0.7, 0.95, 0.6)], [1, 0, 1, 0],
+                           names=["trigger_success"])
+    path = tmp_path / "cal.json"
+    save_calibration({"format": "trojanguard-calibration/1", "method": "ebyd",
+                      "by_modality": {"image": image, "text": text}, "provenance": {"kind": "fitted"}}, path)
+    params = load_calibration(path)
+    assert for_modality(params, "image") == image and for_modality(params, "text") == text
+    assert for_modality(params, "audio") == PRIOR  # a modality the file does not cover: the prior
+    # a smaller trigger is more suspicious on images; a stronger word on text
+    assert probability(params, {"mask_log": -3.3}, "image") > probability(params, {"mask_log": -2.0}, "image")
+    assert probability(params, {"trigger_success": 1.0}, "text") > probability(params, {"trigger_success": 0.6}, "text")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "trojanguard-calibration/1", "by_modality": {"image": {"coef": [1]}}}))
+    with pytest.raises(UserError, match="image"):
+        load_calibration(bad)

@@ -42,7 +42,9 @@ collapse), ``max_excess`` = (max share - 1/K) / (1 - 1/K), ``collapse_ratio`` = 
 clean samples of the other classes predicted as the top class (an ASR without trigger);
 from the recovered trigger: ``trigger_success`` = share of clean inputs of other classes the
 trigger sends to the target on the ORIGINAL model (text: the best token's flip rate),
-``mask_fraction`` = mask L1 / image area (text: 0).
+``mask_fraction`` = mask L1 / image area (text: 0), ``mask_log`` = its log10 (text: 0). A
+calibration file holds one parameter set, or one per modality under ``by_modality`` (the
+shipped one: images on ``mask_log``, text on ``trigger_success``).
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ from .exposure import ExposureConfig, class_shares, expose
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
 
 SHARE_FEATURES = ("var_norm", "max_excess", "collapse_ratio")
-TRIGGER_FEATURES = ("trigger_success", "mask_fraction")
+TRIGGER_FEATURES = ("trigger_success", "mask_fraction", "mask_log")
 FEATURES = SHARE_FEATURES + TRIGGER_FEATURES
 CALIBRATION_FORMAT = "trojanguard-calibration/1"
 DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "ebyd.json"
@@ -124,7 +126,22 @@ def exposure_features(pred: torch.Tensor, labels: torch.Tensor, num_classes: int
             "shares": [round(float(s), 4) for s in shares]}
 
 
+def for_modality(params: dict, modality: str) -> dict:
+    """The parameter set of ``modality`` in a calibration (a file may hold one set for every
+    modality, or one per modality under ``by_modality``: image and text features differ, a
+    text trigger has no mask); a modality the file does not cover gets the prior."""
+    if "by_modality" not in params:
+        return params
+    return params["by_modality"].get(modality) or PRIOR
+
+
 def _check_calibration(params: dict, where: str) -> dict:
+    if "by_modality" in params:
+        if not isinstance(params["by_modality"], dict) or not params["by_modality"]:
+            raise UserError(f"{where}: by_modality must map modalities (image, text) to parameter sets")
+        for m, section in params["by_modality"].items():
+            _check_calibration(section, f"{where} [{m}]")
+        return params
     try:
         names, coef, b = params["features"], params["coef"], float(params["intercept"])
         ok = len(names) == len(coef) and all(n in FEATURES for n in names) and all(map(math.isfinite, coef))
@@ -149,7 +166,9 @@ def load_calibration(path: str | Path | None = None) -> dict:
     return _check_calibration(params, str(p))
 
 
-def probability(params: dict, features: dict) -> float:
+def probability(params: dict, features: dict, modality: str | None = None) -> float:
+    if "by_modality" in params:
+        params = for_modality(params, modality or "image")
     z = float(params["intercept"]) + sum(c * float(features[n]) for n, c in zip(params["features"], params["coef"]))
     return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
@@ -322,10 +341,14 @@ def trigger_features(trigger: dict, clean: Data) -> dict:
     mask's L1 norm over the image area (text: 0, one inserted word)."""
     if "tokens" in trigger:
         best = trigger["candidates"][0] if trigger["candidates"] else {}
-        return {"trigger_success": float(best.get("flip_rate_original", 0.0)), "mask_fraction": 0.0}
+        return {"trigger_success": float(best.get("flip_rate_original", 0.0)), "mask_fraction": 0.0,
+                "mask_log": 0.0}
     h, w = clean.x.shape[-2:]
-    return {"trigger_success": float(trigger.get("success_original", 0.0)),
-            "mask_fraction": float(trigger["norm"]) / (h * w)}
+    frac = float(trigger["norm"]) / (h * w)
+    # log10 of the mask's share of the image: the sizes that matter span 0.5-10 px on 32x32
+    # (1e-3.3 to 1e-2), a range a logistic calibration sees better on a log scale
+    return {"trigger_success": float(trigger.get("success_original", 0.0)), "mask_fraction": frac,
+            "mask_log": math.log10(max(frac, 1e-5))}
 
 
 # --- the inspector --------------------------------------------------------------------------
@@ -352,7 +375,7 @@ class EBYD(Inspector):
         k = model.head.out_features
         if k < 2:
             raise UserError(f"the model has {k} class; inspection needs a classifier with at least 2 classes")
-        params = load_calibration(cfg.calibration)
+        params = for_modality(load_calibration(cfg.calibration), clean.modality)
         if cfg.recover == "never" and set(params["features"]) & set(TRIGGER_FEATURES):
             raise UserError("this calibration uses the recovered trigger's features; recover=never cannot "
                             "compute them: use recover=auto or a calibration on share features only")

@@ -23,7 +23,20 @@ from trojanguard.defenses.neural_cleanse import NeuralCleanseConfig, anomaly_ind
 from trojanguard.errors import UserError
 from trojanguard.eval.evaluate import evaluate
 
+def _prior_file() -> str:
+    # the tiny digits models are judged by the paper's share rule (the prior): the shipped
+    # calibration is fitted on the CIFAR-10 / SST-2 zoos, whose trigger sizes 8x8 digits do not share
+    import tempfile
+
+    from trojanguard.defenses.ebyd import PRIOR
+    f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    json.dump(PRIOR, f)
+    f.close()
+    return f.name
+
+
 TINY = {"train_mode": True, "lr": 1e-3}
+PRIOR_FILE = _prior_file()
 
 
 def patch_share(mask: torch.Tensor) -> float:
@@ -61,7 +74,7 @@ def test_exposure_options_run_and_stop(backdoored_digits, digits):
 
 def test_ebyd_backdoored_collapses_onto_target_and_recovers_the_patch(backdoored_digits, digits):
     model, attack = backdoored_digits
-    inspector = EBYD(**TINY, progress=False)
+    inspector = EBYD(**TINY, calibration=PRIOR_FILE, progress=False)
     res = inspector.inspect(model, digits.bundle.test)
     ev = res.evidence
     assert ev["top_class"] == 0 and max(ev["shares"]) == ev["shares"][0]
@@ -75,14 +88,16 @@ def test_ebyd_backdoored_collapses_onto_target_and_recovers_the_patch(backdoored
 
 
 def test_ebyd_clean_model_is_clean(clean_digits_model, digits):
-    res = EBYD(**TINY, progress=False).inspect(clean_digits_model, digits.bundle.test)
+    res = EBYD(**TINY, calibration=PRIOR_FILE, progress=False).inspect(clean_digits_model, digits.bundle.test)
     assert res.verdict == "clean" and res.target is None and res.probability < 0.5
     assert res.trigger is None  # recovery only runs for a backdoored verdict by default
 
 
 def test_calibration_prior_fit_and_leave_one_out():
-    prior = load_calibration()
+    from trojanguard.defenses.ebyd import PRIOR
+    prior = PRIOR
     assert prior["provenance"]["kind"] == "prior"
+    assert load_calibration()["provenance"]["kind"] == "fitted"  # the shipped one: fitted on the zoos
     # the paper's rule: share variance 0.01 at 10 classes is the 0.5 point
     assert probability(prior, {"var_norm": 0.01 / 0.09}) == pytest.approx(0.5, abs=1e-3)
     assert probability(prior, {"var_norm": 0.0}) == pytest.approx(0.1, abs=1e-3)
@@ -279,13 +294,13 @@ def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, bac
                 "norm": pixels, "success_original": success}
 
     monkeypatch.setattr(EBYD, "recover", recover)
-    ins = EBYD(**TINY, progress=False, recover="always", mask_limit=0.5)
+    ins = EBYD(**TINY, calibration=PRIOR_FILE, progress=False, recover="always", mask_limit=0.5)
     shares = [0.2, 0.7, 0.1] + [0.0] * 7
     feats, ev = {}, {}
     t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1, 0] and t["target"] == 0  # stopped after the small trigger that moves the original
     tried.clear()
-    ins = EBYD(**TINY, progress=False, recover="always", mask_limit=0.001)  # nothing ends the search
+    ins = EBYD(**TINY, calibration=PRIOR_FILE, progress=False, recover="always", mask_limit=0.001)  # nothing ends the search
     t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1, 0, 2] and t["target"] == 0  # class 2 moves the original too, with a 30x larger mask
     assert [c["class"] for c in ev["candidates"]] == [1, 0, 2]
@@ -293,12 +308,12 @@ def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, bac
     tried.clear()
     assert ins._recover(None, digits.bundle.test, shares, model, feats, ev)["target"] == 0
     tried.clear()
-    t = EBYD(**TINY, progress=False, candidates=1)._recover(None, digits.bundle.test, shares, model, feats, ev)
+    t = EBYD(**TINY, calibration=PRIOR_FILE, progress=False, candidates=1)._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1] and t["target"] == 1  # the paper's reading: the most predicted class
     # text: no masks (one word each), so the word that moves the original model most wins
     fake.update({1: (0.55, 0.0), 0: (0.99, 0.0), 2: (0.6, 0.0)})
     tried.clear()
-    t = EBYD(**TINY, progress=False, transfer=1.0)._recover(None, digits.bundle.test, shares, model, feats, ev)
+    t = EBYD(**TINY, calibration=PRIOR_FILE, progress=False, transfer=1.0)._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1, 0, 2] and t["target"] == 0
 
 

@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 from trojanguard.bench.store import Store
-from trojanguard.defenses.ebyd import (CALIBRATION_FORMAT, DEFAULT_CALIBRATION, calibration_report, fit_calibration,
+from trojanguard.defenses.ebyd_calibration import (CALIBRATION_FORMAT, DEFAULT_CALIBRATION, calibration_report, fit_calibration,
                                        probability, save_calibration)
 from trojanguard.report import table
 from trojanguard.utils import atomic_write_text

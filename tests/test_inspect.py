@@ -16,7 +16,7 @@ import torch
 
 from trojanguard.cli.main import main
 from trojanguard.defenses import EBYD, EBYDRemoval, NeuralCleanse, create_defense
-from trojanguard.defenses.ebyd import (FEATURES, calibration_report, fit_calibration, leave_one_out,
+from trojanguard.defenses.ebyd_calibration import (FEATURES, calibration_report, fit_calibration, leave_one_out,
                                        load_calibration, probability)
 from trojanguard.defenses.exposure import ExposureConfig, expose
 from trojanguard.defenses.neural_cleanse import NeuralCleanseConfig, anomaly_indices, reverse_engineer
@@ -28,7 +28,7 @@ def _prior_file() -> str:
     # calibration is fitted on the CIFAR-10 / SST-2 zoos, whose trigger sizes 8x8 digits do not share
     import tempfile
 
-    from trojanguard.defenses.ebyd import PRIOR
+    from trojanguard.defenses.ebyd_calibration import PRIOR
     f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     json.dump(PRIOR, f)
     f.close()
@@ -94,7 +94,7 @@ def test_ebyd_clean_model_is_clean(clean_digits_model, digits):
 
 
 def test_calibration_prior_fit_and_leave_one_out():
-    from trojanguard.defenses.ebyd import PRIOR
+    from trojanguard.defenses.ebyd_calibration import PRIOR
     prior = PRIOR
     assert prior["provenance"]["kind"] == "prior"
     assert load_calibration()["provenance"]["kind"] == "fitted"  # the shipped one: fitted on the zoos
@@ -318,7 +318,7 @@ def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, bac
 
 
 def test_calibration_per_modality(tmp_path):
-    from trojanguard.defenses.ebyd import PRIOR, for_modality, save_calibration
+    from trojanguard.defenses.ebyd_calibration import PRIOR, for_modality, save_calibration
     image = fit_calibration([{"mask_log": v} for v in (-3.2, -2.4, -2.9, -2.0)], [1, 0, 1, 0], names=["mask_log"])
     text = fit_calibration([{"trigger_success": v} for v in (1.0, 0.7, 0.95, 0.6)], [1, 0, 1, 0],
                            names=["trigger_success"])

@@ -8,12 +8,13 @@ code ``bboylyg/Expose-Before-You-Defend``, images only).
    class; ours = the best of the ``candidates`` most predicted classes by step 4 (with
    ``candidates=1``, the paper's).
 3. **Backdoor probability**: a logistic calibration over features of the exposed model
-   (``exposure_features``), read from a small JSON with its provenance
+   (``ebyd_calibration.py``), read from a small JSON with its provenance
    (``calibration/ebyd.json``, or ``calibration=PATH``). The raw statistic of the paper is
-   the variance of the class shares (backdoored when > 0.01 on CIFAR-10). The shipped
-   file is a documented *prior* derived from that rule until it is refitted on the
-   reference zoos with ``fit_calibration`` (see ``PRIOR``); benchmarks score each model
-   with a calibration that never saw it (``leave_one_out``). Verdict: probability >= 0.5.
+   the variance of the class shares (backdoored when > 0.01 on CIFAR-10): ``PRIOR``. The
+   shipped file is fitted per modality on the reference zoos by
+   ``benchmarks/fit_ebyd_calibration.py`` (one clean model per modality so far: see
+   ``benchmarks/results/inspect-ebyd.md``); benchmarks score each model with a calibration
+   that never saw it (``leave_one_out``) where that is possible. Verdict: probability >= 0.5.
 4. **Trigger recovery** on the exposed model, for the ``candidates`` (3) most predicted
    classes (the paper: the detected label only; see ``EBYD._recover`` for why and how the
    target is chosen among them, by how the trigger moves the ORIGINAL model): Neural Cleanse
@@ -48,13 +49,10 @@ shipped one: images on ``mask_log``, text on ``trigger_success``).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -63,25 +61,10 @@ from ..data.base import Data
 from ..errors import UserError
 from ..eval.evaluate import predict
 from .base import DefenseConfig, Inspection, Inspector
-from .exposure import ExposureConfig, class_shares, expose
+from .ebyd_calibration import (FEATURES, TRIGGER_FEATURES, exposure_features, for_modality, load_calibration,
+                               probability)
+from .exposure import ExposureConfig, expose
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
-
-SHARE_FEATURES = ("var_norm", "max_excess", "collapse_ratio")
-TRIGGER_FEATURES = ("trigger_success", "mask_fraction", "mask_log")
-FEATURES = SHARE_FEATURES + TRIGGER_FEATURES
-CALIBRATION_FORMAT = "trojanguard-calibration/1"
-DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "ebyd.json"
-
-# The paper's rule, variance of the shares > 0.01 on CIFAR-10 (K = 10), is var_norm > 1/9;
-# the prior puts p = 0.5 there and p = 0.1 at perfectly even shares: coef * (1/9) = ln 9.
-_PRIOR_COEF = 9 * math.log(9)
-PRIOR = {"format": CALIBRATION_FORMAT, "method": "ebyd", "features": ["var_norm"],
-         "coef": [round(_PRIOR_COEF, 4)], "intercept": round(-math.log(9), 4),
-         "provenance": {"kind": "prior", "fitted_on": None, "n_models": 0,
-                        "derived_from": "EBYD paper rule: variance of predicted-class shares > 0.01 on CIFAR-10 "
-                                        "(K=10) is backdoored, i.e. var_norm > 1/9 -> p = 0.5; even shares -> p = 0.1",
-                        "note": "replace by fit_calibration() on the reference zoos"}}
-
 
 class EBYDConfig(DefenseConfig):
     exposure: Literal["cul", "random-labels", "act-prune", "weight-perturb"] = "cul"
@@ -108,130 +91,6 @@ class EBYDConfig(DefenseConfig):
     text_candidates: int = Field(64, ge=1)
     text_tokens: int = Field(5, ge=1)
     text_samples: int = Field(64, ge=1)
-
-
-# --- features and calibration ----------------------------------------------------------
-
-def exposure_features(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """The calibration features of an exposed model's predictions ``pred`` on clean data."""
-    k = num_classes
-    shares = class_shares(pred, k)
-    top = int(shares.argmax())
-    var = float(((shares - 1.0 / k) ** 2).mean())
-    other = labels != top
-    collapse = float((pred[other] == top).double().mean()) if other.any() else 0.0
-    return {"var_norm": var / ((1.0 / k) * (1 - 1.0 / k)),
-            "max_excess": float((shares[top] - 1.0 / k) / (1 - 1.0 / k)),
-            "collapse_ratio": collapse, "share_variance": var, "top_class": top,
-            "shares": [round(float(s), 4) for s in shares]}
-
-
-def for_modality(params: dict, modality: str) -> dict:
-    """The parameter set of ``modality`` in a calibration (a file may hold one set for every
-    modality, or one per modality under ``by_modality``: image and text features differ, a
-    text trigger has no mask); a modality the file does not cover gets the prior."""
-    if "by_modality" not in params:
-        return params
-    return params["by_modality"].get(modality) or PRIOR
-
-
-def _check_calibration(params: dict, where: str) -> dict:
-    if "by_modality" in params:
-        if not isinstance(params["by_modality"], dict) or not params["by_modality"]:
-            raise UserError(f"{where}: by_modality must map modalities (image, text) to parameter sets")
-        for m, section in params["by_modality"].items():
-            _check_calibration(section, f"{where} [{m}]")
-        return params
-    try:
-        names, coef, b = params["features"], params["coef"], float(params["intercept"])
-        ok = len(names) == len(coef) and all(n in FEATURES for n in names) and all(map(math.isfinite, coef))
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok or not math.isfinite(b):
-        raise UserError(f"{where} is not an EBYD calibration (needs features from {list(FEATURES)}, "
-                        "matching coef and an intercept); refit it with fit_calibration()")
-    return params
-
-
-def load_calibration(path: str | Path | None = None) -> dict:
-    p = Path(path) if path is not None else DEFAULT_CALIBRATION
-    try:
-        params = json.loads(p.read_text())
-    except FileNotFoundError:
-        if path is None:  # an installation without the data file still has the prior
-            return dict(PRIOR)
-        raise UserError(f"calibration file {p} does not exist") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the calibration {p}: {e}") from None
-    return _check_calibration(params, str(p))
-
-
-def probability(params: dict, features: dict, modality: str | None = None) -> float:
-    if "by_modality" in params:
-        params = for_modality(params, modality or "image")
-    z = float(params["intercept"]) + sum(c * float(features[n]) for n, c in zip(params["features"], params["coef"]))
-    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-
-
-def fit_calibration(features, labels, names: tuple[str, ...] | list[str] = FEATURES, l2: float = 0.1,
-                    provenance: dict | None = None, max_iter: int = 100) -> dict:
-    """Logistic regression of ``labels`` (1 = backdoored) on ``features`` (an [N, F] array in
-    the order of ``names``, or a list of feature dicts), L2 penalty ``l2`` on the weights
-    (not the intercept; it keeps the fit finite on separable zoos), by Newton's method.
-    Returns the parameters as ``load_calibration`` reads them."""
-    names = list(names)
-    if features and isinstance(features[0], dict):
-        features = [[f[n] for n in names] for f in features]
-    x = np.asarray(features, dtype=np.float64).reshape(len(features), len(names))
-    y = np.asarray(labels, dtype=np.float64)
-    if len(x) != len(y) or len(y) < 2 or len(set(y.tolist())) != 2:
-        raise UserError("fit_calibration needs features and labels of the same length with both classes present")
-    xb = np.hstack([x, np.ones((len(x), 1))])
-    reg = np.diag([l2] * len(names) + [0.0])
-    w = np.zeros(xb.shape[1])
-    for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -500, 500)))
-        grad = xb.T @ (p - y) + reg @ w
-        hess = xb.T @ (xb * (p * (1 - p))[:, None]) + reg + 1e-9 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    prov = {"kind": "fitted", "n_models": int(len(y)), "n_backdoored": int(y.sum()), "l2": l2}
-    prov.update(provenance or {})
-    return {"format": CALIBRATION_FORMAT, "method": "ebyd", "features": names,
-            "coef": [float(c) for c in w[:-1]], "intercept": float(w[-1]), "provenance": prov}
-
-
-def leave_one_out(features, labels, **kw) -> np.ndarray:
-    """Out-of-sample probabilities: model i is scored by a calibration fitted on all the
-    others (never on itself). ``kw`` goes to ``fit_calibration``."""
-    names = list(kw.get("names", FEATURES))
-    rows = [[f[n] for n in names] for f in features] if features and isinstance(features[0], dict) else features
-    x = np.asarray(rows, dtype=np.float64)
-    y = np.asarray(labels)
-    out = np.empty(len(y))
-    for i in range(len(y)):
-        keep = np.arange(len(y)) != i
-        params = fit_calibration(x[keep].tolist(), y[keep].tolist(), **kw)
-        out[i] = probability(params, dict(zip(names, x[i])))
-    return out
-
-
-def calibration_report(probs, labels) -> dict:
-    """AUROC, Brier score and cross-entropy (the TrojAI measures) and accuracy at 0.5."""
-    from ..eval import metrics
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-6, 1 - 1e-6)
-    y = np.asarray(labels, dtype=np.float64)
-    return {"n": int(len(y)), "auroc": metrics.auroc(p, y.astype(bool)) if 0 < y.sum() < len(y) else None,
-            "brier": float(((p - y) ** 2).mean()),
-            "cross_entropy": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
-            "accuracy": float(((p >= 0.5) == (y == 1)).mean())}
-
-
-def save_calibration(params: dict, path: str | Path) -> None:
-    from ..utils import atomic_write_json
-    atomic_write_json(path, _check_calibration(params, "these parameters"))
 
 
 # --- text trigger recovery ----------------------------------------------------------------

@@ -10,7 +10,8 @@ Each model is scored by a calibration fitted on the other models of its modality
 (leave-one-out); where the others lack a class (e.g. the only clean model of a modality)
 the model cannot be scored out of sample and the table says so. Reports AUROC, Brier score
 and cross-entropy (the TrojAI measures) over the out-of-sample scores, verdict and target
-accuracy, writes ``benchmarks/results/inspect-ebyd.{csv,md,json}`` and, with ``--write``,
+accuracy, writes ``benchmarks/results/inspect-ebyd.{csv,md,json}``, the issue's table
+``inspect-models.csv`` (out-of-sample EBYD beside Neural Cleanse) and, with ``--write``,
 the calibrations fitted on all models (with their provenance) to the file the tool ships
 (``trojanguard/defenses/calibration/ebyd.json``).
 
@@ -37,6 +38,8 @@ FEATURES = {"image": ("mask_log",), "text": ("trigger_success",)}
 COLUMNS = ["modality", "dataset", "model", "asr", "is_backdoored", "true_target", "top_class", "target",
            "trigger_success", "mask_fraction", "max_excess", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
            "seconds"]
+MODEL_COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
+                 "predicted_target", "seconds"]
 
 
 def inspections(dbs: list[str]) -> list[dict]:
@@ -68,6 +71,49 @@ def inspections(dbs: list[str]) -> list[dict]:
                          "max_excess": feats.get("max_excess"), "p_prior": m["probability"],
                          "seconds": round(c.get("seconds") or 0.0, 1)})
     return rows
+
+
+def nc_rows(dbs: list[str]) -> list[dict]:
+    """Neural Cleanse on the original models (the baseline inspector), as the harness ran it:
+    its probability is a documented monotone map of the anomaly index, not a calibration."""
+    out = []
+    for db in dbs:
+        store = Store(db, readonly=True)
+        try:
+            cells = [c for g in store.grids() for c in store.rows(g) if c["status"] == "done"]
+        finally:
+            store.close()
+        for c in cells:
+            if c["kind"] == "inspector" and c["info"].get("defense") == "nc":
+                m = c["metrics"]
+                out.append({"dataset": c["info"].get("dataset"), "model": c["name"].split("/")[0],
+                            "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],
+                            "method": "nc", "verdict": m["verdict"], "probability": m["probability"],
+                            "predicted_target": m.get("predicted_target"),
+                            "seconds": round(c.get("seconds") or 0.0, 1)})
+    return out
+
+
+def models_table(rows: list[dict], dbs: list[str]) -> str:
+    """``inspect-models.csv``, the issue's table: EBYD with its out-of-sample (leave-one-out)
+    probability and verdict, Neural Cleanse beside it; a model whose backdoor did not implant
+    says so instead of a verdict; one the calibration cannot score out of sample (the others
+    of its modality lack a class) has no probability."""
+    table_rows = []
+    for r in rows:
+        not_implanted = r["is_backdoored"] and (r["asr"] or 0) < 0.5
+        verdict = "not implanted" if not_implanted else (r.get("verdict_loo") or "not scored out of sample")
+        table_rows.append({"dataset": r["dataset"], "model": r["model"], "is_backdoored": r["is_backdoored"],
+                           "true_target": r["true_target"], "method": "ebyd", "verdict": verdict,
+                           "probability": r.get("p_loo"), "predicted_target": r["target"], "seconds": r["seconds"]})
+    table_rows += nc_rows(dbs)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MODEL_COLUMNS)
+    for r in sorted(table_rows, key=lambda r: (r["dataset"], r["model"], r["method"])):
+        w.writerow(["" if r.get(c) is None else (str(r[c]).lower() if isinstance(r[c], bool) else r[c])
+                    for c in MODEL_COLUMNS])
+    return buf.getvalue()
 
 
 def main() -> None:
@@ -114,6 +160,7 @@ def main() -> None:
     for r in rows:
         w.writerow([r.get(c, "") if r.get(c) is not None else "" for c in COLUMNS])
     atomic_write_text(RESULTS / "inspect-ebyd.csv", buf.getvalue())
+    atomic_write_text(RESULTS / "inspect-models.csv", models_table(rows, args.dbs))
     md = ["# EBYD model inspection: calibration fitted per modality, scored out of sample\n",
           f"Logistic calibration per modality ({'; '.join(m + ': ' + ', '.join(n) for m, n in FEATURES.items())}; "
           f"L2 {args.l2}); p_loo = leave-one-out within the modality (empty: the other models lack a class), "

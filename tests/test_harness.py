@@ -301,6 +301,11 @@ def test_report_html_csv_and_cli(small_run, tmp_path):
         lines = (rep / f"{name}.csv").read_text().splitlines()
         assert lines[0] == ",".join(cols) and len(lines) > 1
     assert (rep / "zoo.csv").read_text().splitlines()[0] == "attack,ratio,seed,ca,asr,ra,seconds"
+    # an inspection row names the model it inspected (its victim cell), not the architecture
+    from trojanguard.bench.report import collect
+    victims = {r["name"] for r in collect(small_run["db"], "small")["cells"] if r["kind"] == "victim"}
+    inspected = {line.split(",")[1] for line in (rep / "inspection.csv").read_text().splitlines()[1:]}
+    assert inspected and inspected <= victims, (inspected, victims)
     page = (rep / "report.html").read_text()
 
     class Parser(html.parser.HTMLParser):

@@ -42,6 +42,7 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
         store.close()
     out: dict[str, list[dict]] = {"purification": [], "detection": [], "inspection": [], "zoo": [], "failed": [],
                                   "cells": rows}
+    victim_names = {r["hash"]: r["name"] for r in rows if r["kind"] == "victim"}
     for r in rows:
         info, m = r["info"], r.get("metrics") or {}
         if r["status"] == "failed":
@@ -64,7 +65,9 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
             out["detection"].append({**base, "method": info.get("defense"), "seed": info.get("seed"),
                                      **{k: m.get(k) for k in DETECTION[3:10]}, "guard": m.get("guard"), "roc": m.get("roc")})
         elif r["kind"] == "inspector":
-            out["inspection"].append({"dataset": info.get("dataset"), "model": info.get("model"),
+            # "model" names the inspected model (its zoo folder), not the architecture every row shares
+            victim = victim_names.get((r.get("depends_on") or [None])[0], r["name"].split("/")[0])
+            out["inspection"].append({"dataset": info.get("dataset"), "model": victim,
                                       "is_backdoored": m.get("is_backdoored"), "true_target": m.get("true_target"),
                                       "method": info.get("defense"), "verdict": m.get("verdict"),
                                       "probability": m.get("probability"), "predicted_target": m.get("predicted_target"),

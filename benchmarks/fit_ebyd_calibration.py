@@ -42,15 +42,20 @@ MODEL_COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "method", "
                  "predicted_target", "seconds"]
 
 
-def inspections(dbs: list[str]) -> list[dict]:
-    rows = []
+def done_cells(dbs: list[str]):
+    """(database, its finished cells) for each database: every grid as it is now (cells of
+    a grid's earlier versions are left out)."""
     for db in dbs:
         store = Store(db, readonly=True)
         try:
-            # each grid as it is now (cells of its earlier versions are left out)
-            cells = [c for g in store.grids() for c in store.rows(g) if c["status"] == "done"]
+            yield db, [c for g in store.grids() for c in store.rows(g) if c["status"] == "done"]
         finally:
             store.close()
+
+
+def inspections(dbs: list[str]) -> list[dict]:
+    rows = []
+    for db, cells in done_cells(dbs):
         victims = {c["name"]: c for c in cells if c["kind"] == "victim"}
         for c in cells:
             if c["kind"] != "inspector" or c["info"].get("defense") != "ebyd":
@@ -77,12 +82,7 @@ def nc_rows(dbs: list[str]) -> list[dict]:
     """Neural Cleanse on the original models (the baseline inspector), as the harness ran it:
     its probability is a documented monotone map of the anomaly index, not a calibration."""
     out = []
-    for db in dbs:
-        store = Store(db, readonly=True)
-        try:
-            cells = [c for g in store.grids() for c in store.rows(g) if c["status"] == "done"]
-        finally:
-            store.close()
+    for _, cells in done_cells(dbs):
         for c in cells:
             if c["kind"] == "inspector" and c["info"].get("defense") == "nc":
                 m = c["metrics"]

@@ -100,12 +100,15 @@ def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
 
 
 def _shown(rows: list[dict], columns: list[str]) -> list[dict]:
-    """Rows for people: rates in %, ratios as %, missing as '-'."""
+    """Rows for people: rates in %, ratios as %, probabilities as such, missing as '-'."""
     out = []
     for r in rows:
         d = {}
         for c in columns:
             v = r.get(c)
+            if c == "probability" and isinstance(v, (int, float)):
+                d[c] = f"{v:.2f}"  # a probability reads as one, not as a percentage
+                continue
             d[c] = percent(v, 1) if c in RATES and isinstance(v, (int, float)) and not isinstance(v, bool) else \
                 (percent(v, 2, "%") if c == "ratio" and v else ("-" if c == "ratio" else v))
         out.append(d)

@@ -220,3 +220,56 @@ def test_baseline_runs_on_a_text_model(method, tiny_text):
         from trojanguard.defenses.fine_pruning import ffn_output_projection
         cols = ffn_output_projection(res.model).weight.detach().abs().sum(0)
         assert int((cols == 0).sum()) == res.info["pruned"] > 0
+
+
+# --- TEMP exploration (to be removed) ---
+import time as _time
+
+_GRID = [
+    ("anp", {"iterations": 500}),
+    ("anp", {"iterations": 500, "prune_by": "fraction", "fraction": 0.1}),
+    ("anp", {"iterations": 500, "prune_by": "fraction", "fraction": 0.2}),
+    ("anp", {"iterations": 500, "eps": 0.2, "prune_by": "fraction", "fraction": 0.1}),
+    ("anp", {"iterations": 500, "eps": 0.6, "prune_by": "fraction", "fraction": 0.1}),
+    ("anp", {"iterations": 500, "augment": False, "prune_by": "fraction", "fraction": 0.1}),
+    ("anp", {"iterations": 1000, "batch_size": 64}),
+    ("i-bau", {"rounds": 5, "batch_size": 32, "lr": 1e-3}),
+    ("i-bau", {"rounds": 10, "batch_size": 32, "lr": 1e-3}),
+    ("i-bau", {"rounds": 5, "batch_size": 32, "lr": 1e-3, "portion": 0.2}),
+    ("i-bau", {"rounds": 5, "batch_size": 32, "lr": 1e-4, "portion": 0.2}),
+    ("i-bau", {"rounds": 10, "batch_size": 32, "lr": 1e-4}),
+    ("i-bau", {"rounds": 20, "batch_size": 64, "lr": 1e-4}),
+]
+
+
+@pytest.mark.parametrize("i", range(len(_GRID)))
+def test_zz_explore(i, backdoored_digits, digits):
+    method, opts = _GRID[i]
+    model, atk = backdoored_digits
+    test = digits.bundle.test
+    before = evaluate(model, test, atk.trigger, atk.target_for)
+    t = _time.perf_counter()
+    res = create_defense(method, progress=False, **opts).purify(model, digits.defense)
+    dt = _time.perf_counter() - t
+    after = evaluate(res.model, test, atk.trigger, atk.target_for)
+    print(f"\nEXPLORE {method} {opts}: before asr={before['asr']:.3f} ca={before['ca']:.3f} | "
+          f"after asr={after['asr']:.3f} ca={after['ca']:.3f} | verify {res.ca_before:.2f}->{res.ca_after:.2f} | {dt:.1f}s "
+          f"at={ {k: round(v, 4) for k, v in res.info.get('last_at_losses', {}).items()} } loss={res.info.get('student_final_loss')} "
+          f"{ {k: res.info.get(k) for k in ('pruned', 'pruned_per_layer', 'mask_min', 'mask_mean', 'masks_below_threshold', 'threshold')} } "
+          f"{[(h['round'], round(h['uap_l2'], 2), round(h['outer_loss'], 3)) for h in res.info.get('rounds', [])]}")
+
+
+def test_zz_teacher(backdoored_digits, digits):
+    from trojanguard.training import train
+    import torch.nn.functional as F
+    from trojanguard.defenses.common import text_aware_recipe
+    from trojanguard.defenses.nad import NadConfig
+    from trojanguard.defenses.base import Purifier
+    model, atk = backdoored_digits
+    test = digits.bundle.test
+    for ep in (2, 5, 10, 20):
+        t = copy.deepcopy(model)
+        cfg = NadConfig(progress=False)
+        train(t, digits.defense, None, text_aware_recipe(digits.defense, cfg, "t", ep, "constant", 0),
+              loss_fn=lambda lo, y: F.cross_entropy(lo, y))
+        print("\nTEACHER", ep, evaluate(t.eval(), test, atk.trigger, atk.target_for))

@@ -133,3 +133,7 @@ def test_pam_unlearns_an_inverted_trigger(backdoored_digits, digits):
     after = evaluate(res.model, digits.bundle.test, atk.trigger, atk.target_for)
     assert after["asr"] < 0.1 and after["ca"] > 0.9, after
     assert res.info["distance_to_original"] > 0
+    # round 1's inverted trigger sends clean images to the planted target; round 2 inverts
+    # towards that label
+    first, second = [h for h in res.info["rounds"] if "inverted_mask_mean" in h]
+    assert first["target"] == second["target"] == atk.target_for(torch.tensor([1]))[0].item(), res.info

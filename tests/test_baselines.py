@@ -10,6 +10,7 @@ import torch
 from trojanguard.checkpoint import load_checkpoint, save_checkpoint
 from trojanguard.data.base import TextData
 from trojanguard.defenses import create_defense
+from trojanguard.defenses.common import split_clean
 from trojanguard.eval.evaluate import evaluate, predict
 
 # Short runs: these tests check what each method returns and how, not how well it does.
@@ -54,6 +55,40 @@ def test_fine_pruning_removes_the_digits_backdoor_by_pruning(backdoored_digits, 
     assert after["ca"] > 0.7
 
 
+# Settings under which each method removes the fixture's BadNets backdoor in a few seconds at
+# 1 thread, with the largest ASR and the smallest CA accepted after purification. Measured at
+# seed 0 (ASR 1.00, CA 0.98 before): NAD ASR 0.015 / CA 0.91, ANP 0.007 / 0.82, i-BAU 0.055 /
+# 0.75; seeds 0-2 (NAD), 0-3 (ANP) and 9 of 0-9 (i-BAU) stay within the bounds.
+# * NAD: at its defaults (lr 0.01, betas 500/1000/1000) the fine-tuned teacher keeps the
+#   backdoor (clean fine-tuning leaves ASR at 100 % here) and the attention loss on these
+#   2x2-4x4 maps blows up (CA -> 0.4); lr 0.05, batch 32 and betas / 10 distil. The distillation
+#   matters: the same run with betas 0 (plain fine-tuning) ends at ASR 0.26-0.32, above 0.2.
+# * ANP: prunes at the paper's threshold 0.2; with the 1-pixel crop augmentation the masks
+#   miss the backdoor neurons on 8x8 digits (ASR stays 1.0), without it 8 neurons go.
+# * i-BAU: the default Adam lr 1e-4 (BackdoorBench) barely moves the model in the few outer
+#   steps that 120 images give; the authors' 1e-3 with batch 32 unlearns it, at a clear cost in
+#   CA (0.71-0.86 over seeds 0-9).
+REMOVAL = {
+    "nad": ({"lr": 0.05, "batch_size": 32, "teacher_epochs": 10, "epochs": 10, "betas": [50.0, 100.0, 100.0]},
+            0.2, 0.85),
+    "anp": ({"iterations": 500, "augment": False}, 0.2, 0.7),
+    "i-bau": ({"rounds": 5, "batch_size": 32, "lr": 1e-3}, 0.5, 0.6),
+}
+
+
+@pytest.mark.parametrize("method", list(REMOVAL))
+def test_baseline_lowers_the_digits_backdoor(method, backdoored_digits, digits):
+    opts, max_asr, min_ca = REMOVAL[method]
+    model, atk = backdoored_digits
+    test = digits.bundle.test
+    before = evaluate(model, test, atk.trigger, atk.target_for)
+    assert before["asr"] > 0.9 and before["ca"] > 0.95, before
+    res = create_defense(method, progress=False, **opts).purify(model, digits.defense)
+    after = evaluate(res.model, test, atk.trigger, atk.target_for)
+    assert after["asr"] <= max_asr and after["asr"] <= before["asr"] / 2, (method, before, after, res.info)
+    assert after["ca"] >= min_ca, (method, before, after)
+
+
 def _dormant_model(model, channels):
     """A copy whose last block's BN silences ``channels`` for every input (scale 0, bias < 0
     before the ReLU): their pooled activation is exactly 0 on any data."""
@@ -83,11 +118,13 @@ def test_fine_pruning_prunes_the_dormant_channels(backdoored_digits, digits):
     assert torch.all(w[:, pruned] == 0)
     kept = sorted(set(range(w.shape[1])) - set(pruned))
     assert torch.all(w[:, kept].abs().sum(0) > 0)
+    # everything pruned is at most as active as everything kept, on the data the rule ranks
+    # on: the clean data less the verification part (base) less the stopping rule's part
+    fit, _ = split_clean(digits.defense, fp.cfg.verify_fraction, fp.cfg.seed)
+    rank_part, _ = split_clean(fit, fp.cfg.check_fraction, fp.cfg.seed)
     with torch.no_grad():
-        feats = m.features(digits.defense.batch(torch.arange(len(digits.defense)))[0]).mean(0)
-    # everything pruned is at most as active as everything kept (tolerance: the rule ranks
-    # on 80 % of the clean data, this check uses all of it)
-    assert feats[pruned].max() <= feats[kept].min() + 0.05
+        feats = m.features(rank_part.batch(torch.arange(len(rank_part)))[0]).mean(0)
+    assert feats[pruned].max() <= feats[kept].min() + 1e-6
 
 
 def test_pruned_models_survive_a_checkpoint_round_trip(tmp_path, backdoored_digits, digits):
@@ -220,56 +257,3 @@ def test_baseline_runs_on_a_text_model(method, tiny_text):
         from trojanguard.defenses.fine_pruning import ffn_output_projection
         cols = ffn_output_projection(res.model).weight.detach().abs().sum(0)
         assert int((cols == 0).sum()) == res.info["pruned"] > 0
-
-
-# --- TEMP exploration (to be removed) ---
-import time as _time
-
-_GRID = [
-    ("anp", {"iterations": 500}),
-    ("anp", {"iterations": 500, "prune_by": "fraction", "fraction": 0.1}),
-    ("anp", {"iterations": 500, "prune_by": "fraction", "fraction": 0.2}),
-    ("anp", {"iterations": 500, "eps": 0.2, "prune_by": "fraction", "fraction": 0.1}),
-    ("anp", {"iterations": 500, "eps": 0.6, "prune_by": "fraction", "fraction": 0.1}),
-    ("anp", {"iterations": 500, "augment": False, "prune_by": "fraction", "fraction": 0.1}),
-    ("anp", {"iterations": 1000, "batch_size": 64}),
-    ("i-bau", {"rounds": 5, "batch_size": 32, "lr": 1e-3}),
-    ("i-bau", {"rounds": 10, "batch_size": 32, "lr": 1e-3}),
-    ("i-bau", {"rounds": 5, "batch_size": 32, "lr": 1e-3, "portion": 0.2}),
-    ("i-bau", {"rounds": 5, "batch_size": 32, "lr": 1e-4, "portion": 0.2}),
-    ("i-bau", {"rounds": 10, "batch_size": 32, "lr": 1e-4}),
-    ("i-bau", {"rounds": 20, "batch_size": 64, "lr": 1e-4}),
-]
-
-
-@pytest.mark.parametrize("i", range(len(_GRID)))
-def test_zz_explore(i, backdoored_digits, digits):
-    method, opts = _GRID[i]
-    model, atk = backdoored_digits
-    test = digits.bundle.test
-    before = evaluate(model, test, atk.trigger, atk.target_for)
-    t = _time.perf_counter()
-    res = create_defense(method, progress=False, **opts).purify(model, digits.defense)
-    dt = _time.perf_counter() - t
-    after = evaluate(res.model, test, atk.trigger, atk.target_for)
-    print(f"\nEXPLORE {method} {opts}: before asr={before['asr']:.3f} ca={before['ca']:.3f} | "
-          f"after asr={after['asr']:.3f} ca={after['ca']:.3f} | verify {res.ca_before:.2f}->{res.ca_after:.2f} | {dt:.1f}s "
-          f"at={ {k: round(v, 4) for k, v in res.info.get('last_at_losses', {}).items()} } loss={res.info.get('student_final_loss')} "
-          f"{ {k: res.info.get(k) for k in ('pruned', 'pruned_per_layer', 'mask_min', 'mask_mean', 'masks_below_threshold', 'threshold')} } "
-          f"{[(h['round'], round(h['uap_l2'], 2), round(h['outer_loss'], 3)) for h in res.info.get('rounds', [])]}")
-
-
-def test_zz_teacher(backdoored_digits, digits):
-    from trojanguard.training import train
-    import torch.nn.functional as F
-    from trojanguard.defenses.common import text_aware_recipe
-    from trojanguard.defenses.nad import NadConfig
-    from trojanguard.defenses.base import Purifier
-    model, atk = backdoored_digits
-    test = digits.bundle.test
-    for ep in (2, 5, 10, 20):
-        t = copy.deepcopy(model)
-        cfg = NadConfig(progress=False)
-        train(t, digits.defense, None, text_aware_recipe(digits.defense, cfg, "t", ep, "constant", 0),
-              loss_fn=lambda lo, y: F.cross_entropy(lo, y))
-        print("\nTEACHER", ep, evaluate(t.eval(), test, atk.trigger, atk.target_for))

@@ -72,6 +72,21 @@ def test_exposure_options_run_and_stop(backdoored_digits, digits):
         assert abs(sum(res.shares) - 1) < 1e-6 and res.history
 
 
+def test_detection_script_recipe_runs_its_budget_with_its_schedule(backdoored_digits, digits):
+    """The official detection script's unlearning: no stopping rule (all 21 epochs run), SGD
+    whose lr drops x0.1 after epochs 10 and 20, train mode, augmented."""
+    from trojanguard.defenses.exposure import EBYD_DETECT_PRESET
+    model, _ = backdoored_digits
+    cfg = ExposureConfig(**{**EBYD_DETECT_PRESET, "epochs": 3, "milestones": [1, 2], "samples": 128})
+    res = expose(model, digits.bundle.test, cfg)
+    assert res.stopped_by == "budget" and res.steps == 3 * 2  # 128 samples / batch 64, no early stop
+    ebyd = create_defense("ebyd", recipe="detection-script", progress=False)
+    assert ebyd.exposure_config("image").milestones == [10, 20]
+    assert ebyd.exposure_config("text").augment is False
+    with pytest.raises(UserError, match="exposure=cul"):
+        create_defense("ebyd", recipe="detection-script", exposure="act-prune").exposure_config("image")
+
+
 def test_ebyd_backdoored_collapses_onto_target_and_recovers_the_patch(backdoored_digits, digits):
     model, attack = backdoored_digits
     inspector = EBYD(**TINY, calibration=PRIOR_FILE, progress=False)

@@ -36,6 +36,10 @@ Blended 1 % collapses onto class 2, not its target 0. With ``train_mode=True`` a
 8x8 digits CNN eval mode collapses onto arbitrary classes and train mode at 1e-3 finds the
 target. So the share features alone do not separate clean from backdoored models here:
 the trigger features (``recover="always"``) are there for the calibration the lead fits.
+The repository's detection script unlearns differently (SGD 5e-3, train mode, crop + flip,
+21 epochs, no stopping rule; ``recipe="detection-script"``): the stopping rule on accuracy
+turns any model's ascent into a collapse, while a fixed budget in train mode leaves a clean
+model spread out; the grid runs both.
 
 Features (all in [0, 1] whatever the class count K, so that one calibration serves CIFAR-10
 and SST-2): ``var_norm`` = variance of the shares / (1/K (1 - 1/K)) (1 for a one-hot
@@ -63,7 +67,7 @@ from ..eval.evaluate import predict
 from .base import DefenseConfig, Inspection, Inspector
 from .ebyd_calibration import (FEATURES, TRIGGER_FEATURES, exposure_features, for_modality, load_calibration,
                                probability)
-from .exposure import ExposureConfig, expose
+from .exposure import EBYD_DETECT_PRESET, ExposureConfig, expose
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
 
 class EBYDConfig(DefenseConfig):
@@ -76,6 +80,9 @@ class EBYDConfig(DefenseConfig):
     check_every: int = Field(2, ge=1)
     stop_accuracy: float = Field(0.2, ge=0, le=1)
     stop_share: float = Field(0.9, gt=0, le=1)
+    recipe: Literal["exposure-script", "detection-script"] = Field("exposure-script", description=(
+        "unlearning of the official exposure script (Adam 1e-5, eval mode, the options above) or of its "
+        "detection script (SGD 5e-3, train mode, augmented, 21 epochs, no stopping rule; overrides them)"))
     calibration: str | None = Field(None, description="calibration JSON (None: the shipped one)")
     threshold: float = Field(0.5, gt=0, lt=1, description="verdict: backdoored when probability >= threshold")
     recover: Literal["auto", "always", "never"] = Field("auto", description="trigger recovery (auto: when backdoored)")
@@ -223,10 +230,16 @@ class EBYD(Inspector):
 
     def exposure_config(self, modality: str) -> ExposureConfig:
         c = self.cfg
-        return ExposureConfig(method=c.exposure, samples=c.samples, epochs=c.epochs, lr=c.lr,
-                              batch_size=c.batch_size, train_mode=c.train_mode, check_every=c.check_every,
-                              stop_accuracy=c.stop_accuracy, stop_share=c.stop_share, seed=c.seed,
-                              progress=c.progress)
+        opts = dict(method=c.exposure, samples=c.samples, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
+                    train_mode=c.train_mode, check_every=c.check_every, stop_accuracy=c.stop_accuracy,
+                    stop_share=c.stop_share, seed=c.seed, progress=c.progress)
+        if c.recipe == "detection-script":
+            if c.exposure != "cul":
+                raise UserError("recipe=detection-script is clean unlearning; use it with exposure=cul")
+            opts.update(EBYD_DETECT_PRESET)
+            if modality == "text":  # no crop / flip for sentences; a transformer's ascent lr
+                opts.update(augment=False, optimizer="adam", lr=c.lr or 2e-5)
+        return ExposureConfig(**opts)
 
     def inspect(self, model, clean: Data) -> Inspection:
         cfg = self.cfg

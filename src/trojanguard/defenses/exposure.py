@@ -28,6 +28,12 @@ measured in eval mode on ``check_samples`` (256) of the exposure samples every
 ``check_every`` (2) optimiser steps (the official code checks once per epoch, i.e. every 4
 steps on 500 images) or after every pruning rate / noise level. The official code has no
 stopping rule at all (it logs 20 epochs); the rule is methods.md's.
+
+The repository's *detection* script (``detections/Unlearning.py``) unlearns differently
+from its exposure script: SGD lr 5e-3, momentum 0.9, weight decay 5e-4, batch 64, 21
+epochs, lr x0.1 after epochs 10 and 20, train mode, crop + flip, no stopping rule, then
+"backdoored" when the variance of the class shares > 0.01. ``EBYD_DETECT_PRESET`` holds
+those settings (``stop_accuracy=0, stop_share=None``: no rule).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..data.augment import random_crop_flip
 from ..data.base import Data
 from ..errors import UserError
 from ..eval.evaluate import predict
@@ -61,17 +68,26 @@ class ExposureConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     weight_decay: float = Field(5e-4, ge=0)
     train_mode: bool = Field(False, description="update in train mode (RNP's unlearning) instead of eval mode")
+    augment: bool = Field(False, description="random crop + flip on the exposure images (the detection script)")
+    milestones: list[int] = Field(default_factory=list, description=(
+        "epochs after which the lr is multiplied by 0.1 (the detection script: [10, 20])"))
     check_every: int = Field(2, ge=1, description="optimiser steps between two checks of the stopping rule")
     check_samples: int = Field(256, ge=10, description=(
         "the rule is measured on this many of the exposure samples (a check then costs about "
         "two forward batches, a third of an ascent step every 2 steps)"))
-    stop_accuracy: float = Field(0.2, ge=0, le=1)
+    stop_accuracy: float = Field(0.2, ge=0, le=1, description="0: no accuracy rule")
     stop_share: float | None = Field(0.9, gt=0, le=1, description="None: stop on accuracy only (RNP)")
     rates: list[float] = Field(default_factory=lambda: list(DEFAULT_RATES),
                                description="act-prune: pruning rates; weight-perturb: noise levels eps")
     perturb_step: float = Field(0.2, gt=0)
     seed: int = 0
     progress: bool = False
+
+
+# detections/Unlearning.py's unlearning (see the module docstring)
+EBYD_DETECT_PRESET = dict(optimizer="sgd", lr=5e-3, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=21,
+                          milestones=[10, 20], train_mode=True, augment=True, stop_accuracy=0.0, stop_share=None,
+                          check_every=8)
 
 
 @dataclass
@@ -117,7 +133,7 @@ class _Rule:
                              "top_share": round(float(shares[top]), 4)})
         self.bar.update(1)
         self.bar.set_postfix(accuracy=f"{acc:.3f}", top=f"{top}:{float(shares[top]):.2f}")
-        if acc <= self.cfg.stop_accuracy:
+        if self.cfg.stop_accuracy > 0 and acc <= self.cfg.stop_accuracy:  # 0: no accuracy rule
             return "accuracy"
         if self.cfg.stop_share is not None and shares[top] >= self.cfg.stop_share:
             return "share"
@@ -165,6 +181,7 @@ def _optimise(model, data: Data, cfg: ExposureConfig, rule: _Rule, k: int) -> tu
         opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestones, 0.1) if cfg.milestones else None
     g = torch.Generator().manual_seed(cfg.seed)
     sign = -1.0 if cfg.method == "cul" else 1.0
     step = 0
@@ -174,6 +191,8 @@ def _optimise(model, data: Data, cfg: ExposureConfig, rule: _Rule, k: int) -> tu
         for idx in torch.randperm(len(data), generator=g).split(cfg.batch_size):
             model.train(cfg.train_mode)
             x, y = data.batch(idx)
+            if cfg.augment and data.modality == "image":
+                x = random_crop_flip(x, 4, flip=x.shape[-1] > 8, generator=g)
             if cfg.method == "random-labels":
                 y = torch.randint(0, k, (len(y),), generator=g)
             inputs, _ = model_inputs(model, x)
@@ -185,6 +204,8 @@ def _optimise(model, data: Data, cfg: ExposureConfig, rule: _Rule, k: int) -> tu
             step += 1
             if step % cfg.check_every == 0 and (why := rule.check(model, step, epoch=epoch)) is not None:
                 return why, step
+        if sched is not None:
+            sched.step()
     # the last steps since the previous check
     return (rule.check(model, step, epoch=cfg.epochs) if step % cfg.check_every else None), step
 

@@ -2,7 +2,8 @@
 code ``bboylyg/Expose-Before-You-Defend``, images only).
 
 1. **Exposure** (``exposure.py``, Clean Unlearning by default) on a few clean samples.
-2. **Class shares**: the exposed model's predictions on all the clean data. A backdoored
+2. **Class shares**: the exposed model's predictions on the clean data the exposure did
+   not use (all of it when fewer than 200 would remain). A backdoored
    model collapses onto its target (the backdoor is the last feature standing); a clean
    one collapses without a preferred class. The paper's target label = the most predicted
    class; ours = the best of the ``candidates`` most predicted classes by step 4 (with
@@ -67,7 +68,7 @@ from ..eval.evaluate import predict
 from .base import DefenseConfig, Inspection, Inspector
 from .ebyd_calibration import (FEATURES, TRIGGER_FEATURES, exposure_features, for_modality, load_calibration,
                                probability)
-from .exposure import EBYD_DETECT_PRESET, ExposureConfig, expose
+from .exposure import EBYD_DETECT_PRESET, ExposureConfig, expose, unexposed
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
 
 class EBYDConfig(DefenseConfig):
@@ -252,13 +253,16 @@ class EBYD(Inspector):
             raise UserError("this calibration uses the recovered trigger's features; recover=never cannot "
                             "compute them: use recover=auto or a calibration on share features only")
         t0 = time.perf_counter()
-        exposed = expose(model, clean, self.exposure_config(clean.modality))
+        ecfg = self.exposure_config(clean.modality)
+        exposed = expose(model, clean, ecfg)
         self.exposed = exposed  # for callers that evaluate the exposed model (the benchmarks)
-        pred = predict(exposed.model, clean)
-        feats = exposure_features(pred, clean.y, k)
+        read_on = unexposed(clean, ecfg)
+        pred = predict(exposed.model, read_on)
+        feats = exposure_features(pred, read_on.y, k)
         top = feats["top_class"]
         evidence = {"shares": feats.pop("shares"), "top_class": top, **exposed.summary(),
                     "exposure_seconds": round(time.perf_counter() - t0, 2), "clean_samples": len(clean),
+                    "shares_read_on": len(read_on),
                     "calibration": params.get("provenance", {}).get("kind", "unknown")}
         trigger = None
         # the trigger features are computed before the verdict when the calibration uses them

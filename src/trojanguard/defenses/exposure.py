@@ -147,6 +147,17 @@ def _subset(data: Data, n: int, seed: int) -> Data:
     return data.subset(torch.randperm(len(data), generator=g)[:n].sort().values)
 
 
+def unexposed(data: Data, cfg: ExposureConfig, minimum: int = 200) -> Data:
+    """The clean samples the exposure did not use (as ``expose`` picks them), or all of
+    ``data`` when fewer than ``minimum`` would remain: the class shares of an exposed model
+    are read on data it was not unlearned on (the official detection script reads them on
+    the test set)."""
+    if cfg.samples + minimum > len(data):
+        return data
+    g = torch.Generator().manual_seed(cfg.seed)
+    return data.subset(torch.randperm(len(data), generator=g)[cfg.samples:].sort().values)
+
+
 def expose(model, clean: Data, cfg: ExposureConfig | None = None, **kwargs) -> ExposureResult:
     """Return an exposed copy of ``model`` (the input is left untouched)."""
     cfg = cfg or ExposureConfig(**kwargs)

@@ -408,6 +408,11 @@ def test_a_changed_grid_reports_its_current_cells_only(small_run, tmp_path):
     assert res["computed"] == 1
     after = collect(db, "small")["purification"]
     assert sorted(r["defense"] for r in after) == ["fst", "ft"]  # one fst row: the new one
+    # a run of some cells (--only) keeps the whole grid's order in the store's view
+    from trojanguard.bench.grid import plan_grid
+    order = [c.name for c in plan_grid(grid, small_run["root"] / "art").cells]
+    shown = [r["name"] for r in collect(db, "small")["cells"]]
+    assert shown == [n for n in order if n in shown], (shown, order)
     con = sqlite3.connect(db)
     try:
         assert con.execute("SELECT COUNT(*) FROM cells WHERE kind = 'purifier'").fetchone()[0] == 3

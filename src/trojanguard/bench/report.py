@@ -37,6 +37,8 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
     try:
         if grid and grid not in store.grids():
             raise UserError(f"grid {grid!r} is not in {db}; it has: {', '.join(store.grids()) or 'no grid'}")
+        if grid is None and len(store.grids()) == 1:
+            grid = store.grids()[0]  # one grid: its current view, in its order
         rows = store.rows(grid)
     finally:
         store.close()
@@ -56,7 +58,8 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
                                "ca": m.get("ca"), "asr": m.get("asr"), "ra": m.get("ra"),
                                "seconds": round(m.get("seconds") or r.get("seconds") or 0.0, 1),
                                "poisoned": m.get("poisoned_count", info.get("count")), "folder": r["name"],
-                               "setting": info.get("setting", ""), "peak_mb": base["peak_mb"]})
+                               "setting": info.get("setting", ""), "peak_mb": base["peak_mb"],
+                               "source": "adopted" if m.get("adopted_from") else "trained here"})
         elif r["kind"] == "purifier":
             out["purification"].append({**base, "seed": info.get("seed"), "defense": info.get("defense"),
                                         **{k: m.get(k) for k in PURIFICATION[4:9]}, "der": m.get("der"),
@@ -312,7 +315,7 @@ def render_html(data: dict, title: str, db) -> str:
     if zoo:
         nav.append("victims")
         parts.append('<section id="victims"><h2>Victims (zoo)</h2>'
-                     + _html_table(zoo, ["attack", "ratio", "poisoned", "seed", "ca", "asr", "ra", "seconds"])
+                     + _html_table(zoo, ["attack", "ratio", "poisoned", "seed", "ca", "asr", "ra", "seconds", "source"])
                      + "</section>")
     cost = _cost(data)
     if cost:

@@ -103,7 +103,8 @@ def run_grid(grid: str | Path, db: str | Path | None = None, artifacts: str | Pa
     counts = {"computed": 0, "adopted": 0, "reused": 0, "skipped": 0, "failed": 0, "busy": 0}
     ex = None
     try:
-        store.register(plan.name, cells, current={c.hash for c in plan.cells})
+        store.register(plan.name, cells, current={c.hash for c in plan.cells},
+                       positions={c.hash: i for i, c in enumerate(plan.cells)})
         for note in plan.notes:
             print(f"note: {note}", file=out, flush=True)
         rows = store.get([c.hash for c in cells])

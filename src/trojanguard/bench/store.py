@@ -121,12 +121,15 @@ class Store:
         return self._commit  # type: ignore[return-value]
 
     # --- writing (the driver only) -----------------------------------------------------
-    def register(self, grid: str, cells, current: set[str] | None = None) -> None:
+    def register(self, grid: str, cells, current: set[str] | None = None,
+                 positions: dict[str, int] | None = None) -> None:
         """Add every cell of a grid as pending (existing rows keep their status). ``current``:
         the hashes of the whole grid as it is now; cells of earlier versions of the grid
         (a changed option, a removed defense) leave the grid's view, and with it its report,
-        but stay in the store."""
+        but stay in the store. ``positions``: each cell's place in the whole grid (a run of
+        some cells, ``--only``, keeps the grid's order for the report)."""
         now = time.time()
+        positions = positions or {}
         with self._tx() as db:
             if current is not None:
                 for (h,) in db.execute("SELECT hash FROM grid_cells WHERE grid = ?", (grid,)).fetchall():
@@ -139,7 +142,9 @@ class Store:
                 # the labels are the latest grid's (they are not part of the hash)
                 db.execute("UPDATE cells SET name = ?, info = ? WHERE hash = ?", (c.name, _j(c.info), c.hash))
                 db.execute("INSERT OR REPLACE INTO grid_cells (grid, hash, position) VALUES (?, ?, ?)",
-                           (grid, c.hash, i))
+                           (grid, c.hash, positions.get(c.hash, i)))
+            for h, pos in positions.items():  # cells registered by earlier runs move to their place
+                db.execute("UPDATE grid_cells SET position = ? WHERE grid = ? AND hash = ?", (pos, grid, h))
 
     def start(self, h: str, executor: str) -> None:
         with self._tx() as db:

@@ -53,12 +53,12 @@ def done_cells(dbs: list[str]):
             store.close()
 
 
-def inspections(dbs: list[str]) -> list[dict]:
+def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
     rows = []
     for db, cells in done_cells(dbs):
         victims = {c["name"]: c for c in cells if c["kind"] == "victim"}
         for c in cells:
-            if c["kind"] != "inspector" or c["info"].get("defense") != "ebyd":
+            if c["kind"] != "inspector" or c["info"].get("defense") != label:
                 continue
             m, victim = c["metrics"], victims.get(c["name"].split("/")[0])
             ev = m["evidence"]
@@ -94,7 +94,7 @@ def nc_rows(dbs: list[str]) -> list[dict]:
     return out
 
 
-def models_table(rows: list[dict], dbs: list[str]) -> str:
+def models_table(rows: list[dict], dbs: list[str], label: str = "ebyd") -> str:
     """``inspect-models.csv``, the issue's table: EBYD with its out-of-sample (leave-one-out)
     probability and verdict, Neural Cleanse beside it; a model whose backdoor did not implant
     says so instead of a verdict; one the calibration cannot score out of sample (the others
@@ -104,7 +104,7 @@ def models_table(rows: list[dict], dbs: list[str]) -> str:
         not_implanted = r["is_backdoored"] and (r["asr"] or 0) < 0.5
         verdict = "not implanted" if not_implanted else (r.get("verdict_loo") or "not scored out of sample")
         table_rows.append({"dataset": r["dataset"], "model": r["model"], "is_backdoored": r["is_backdoored"],
-                           "true_target": r["true_target"], "method": "ebyd", "verdict": verdict,
+                           "true_target": r["true_target"], "method": label, "verdict": verdict,
                            "probability": r.get("p_loo"), "predicted_target": r["target"], "seconds": r["seconds"]})
     table_rows += nc_rows(dbs)
     buf = io.StringIO()
@@ -121,8 +121,15 @@ def main() -> None:
     ap.add_argument("dbs", nargs="+")
     ap.add_argument("--write", action="store_true", help="also write the shipped calibration")
     ap.add_argument("--l2", type=float, default=0.1)
+    ap.add_argument("--defense", default="ebyd", help=(
+        "the grid label of the EBYD cells to fit (e.g. ebyd-detect: outputs inspect-ebyd-detect.*, "
+        "inspect-models-ebyd-detect.csv; --write only for the default)"))
     args = ap.parse_args()
-    rows = inspections(args.dbs)
+    if args.write and args.defense != "ebyd":
+        raise SystemExit("--write fits the shipped calibration on the default EBYD cells only")
+    rows = inspections(args.dbs, args.defense)
+    stem = f"inspect-{args.defense}"
+    models_csv = "inspect-models.csv" if args.defense == "ebyd" else f"inspect-models-{args.defense}.csv"
     # a backdoor that did not implant is not a backdoored model to find: listed, not scored
     scored = [r for r in rows if not (r["is_backdoored"] and (r["asr"] or 0) < 0.5)]
     sections, reports = {}, {}
@@ -159,8 +166,8 @@ def main() -> None:
     w.writerow(COLUMNS)
     for r in rows:
         w.writerow([r.get(c, "") if r.get(c) is not None else "" for c in COLUMNS])
-    atomic_write_text(RESULTS / "inspect-ebyd.csv", buf.getvalue())
-    atomic_write_text(RESULTS / "inspect-models.csv", models_table(rows, args.dbs))
+    atomic_write_text(RESULTS / f"{stem}.csv", buf.getvalue())
+    atomic_write_text(RESULTS / models_csv, models_table(rows, args.dbs, args.defense))
     md = ["# EBYD model inspection: calibration fitted per modality, scored out of sample\n",
           f"Logistic calibration per modality ({'; '.join(m + ': ' + ', '.join(n) for m, n in FEATURES.items())}; "
           f"L2 {args.l2}); p_loo = leave-one-out within the modality (empty: the other models lack a class), "
@@ -170,8 +177,8 @@ def main() -> None:
     for m, rep in reports.items():
         md.append(f"\n{m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in rep.items()) + "\n")
-    atomic_write_text(RESULTS / "inspect-ebyd.md", "\n".join(md))
-    atomic_write_text(RESULTS / "inspect-ebyd.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(md))
+    atomic_write_text(RESULTS / f"{stem}.json", json.dumps(report, indent=2) + "\n")
     print("\n".join(md))
     if args.write:
         params = {"format": CALIBRATION_FORMAT, "method": "ebyd", "by_modality": sections,

@@ -192,7 +192,7 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
                                          "(a backdoored model collapses onto its target)"))
         if s.trigger is not None and s.trigger.mask is not None:
             parts.append(htmlpage.image_tag(htmlpage.png_of_image(_trigger_image(s.trigger)),
-                                            "Recovered trigger: mask, pattern, mask x pattern"))
+                                            "Recovered trigger: mask (scaled to its maximum), pattern, the pattern where the mask is"))
         elif s.trigger is not None:
             parts.append(f"<p>Recovered trigger tokens: <code>{_html.escape(' '.join(s.trigger.tokens))}</code></p>")
         ev = {k: v for k, v in s.evidence.items() if not isinstance(v, (list, dict))}
@@ -262,7 +262,10 @@ def _trigger_image(t: RecoveredTrigger, scale: int = 6):
         m = m[None]
     if m.shape[0] == 1 and p.shape[0] == 3:
         m = m.expand(3, -1, -1)
-    tiles = [m / m.max().clamp_min(1e-8), p, m * p]
+    # a recovered mask is often a fraction of a pixel in all: scaled to its maximum so that
+    # where it sits is visible, in the first and the last tile
+    mn = m / m.max().clamp_min(1e-8)
+    tiles = [mn, p, mn * p]
     row = torch.cat([tile.expand(3, -1, -1) if tile.shape[0] == 1 else tile for tile in tiles], dim=2)
     arr = (row.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     img = Image.fromarray(arr)

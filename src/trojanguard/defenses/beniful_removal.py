@@ -54,6 +54,9 @@ class BeniFulRemovalConfig(PurifierConfig, VAEOptions):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     augment: bool = Field(True, description="crop+flip of the clean batches (images)")
+    grad_clip: float | None = Field(5.0, gt=0, description=(
+        "gradient-norm clip for images (text keeps the text recipe's 1.0): the suspects are built to maximise the feature distance, so its first "
+        "gradients are large (unclipped, the CIFAR-10 BadNets run diverged to nan in epoch 1)"))
 
 
 _VIRTUAL_WORD = "jj"  # any single-token word: its embedding is replaced by the optimised vector
@@ -180,7 +183,8 @@ class BeniFulRemoval(Purifier):
         tcfg = defense_train_config(clean, cfg, "beniful removal", epochs=cfg.epochs, schedule="cosine",
                                     batch_size=cfg.batch_size if not text else min(cfg.batch_size, 32),
                                     optimizer="adamw" if text else "sgd", lr=cfg.lr or (2e-5 if text else 0.01),
-                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay, augment=cfg.augment)
+                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay, augment=cfg.augment,
+                                    grad_clip=1.0 if text else cfg.grad_clip)  # text: the recipe's 1.0
         with contextlib.ExitStack() as ctx:
             if text:
                 ctx.enter_context(position1_embedding(model, virt))

@@ -218,7 +218,7 @@ def read_sidecar(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 def check_attack_agrees(res: Result, meta: dict[str, Any]) -> None:
     """The attack recorded in ``model.json`` is the one in ``attack.json`` (both or neither)."""
-    from .attacks.base import ARTIFACT_JSON, MAX_ARTIFACT_JSON, validate_artifact
+    from .attacks.artifact import ARTIFACT_JSON, MAX_ARTIFACT_JSON, validate_artifact
     recorded = meta.get("attack")
     if not res.has(ARTIFACT_JSON):
         if recorded:

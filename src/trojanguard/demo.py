@@ -24,7 +24,7 @@ def load_embedded():
     import torch
     from safetensors.torch import load_file
 
-    from .attacks.base import load_attack
+    from .attacks.artifact import load_attack
     from .checkpoint import load_checkpoint
     from .data.base import ImageData
     from .data.images import decode_image

@@ -32,7 +32,7 @@ def load_setup(model_path: str | Path, clean_data: str | Path | None = None, hol
     """The model from its checkpoint folder; the clean data from ``clean_data`` (a folder or
     table of the user's), else ``holdout`` of the recorded dataset's training split, else the
     recorded held-out split itself; the attack from ``attack_path`` or the checkpoint folder."""
-    from .attacks.base import ARTIFACT_JSON, load_attack
+    from .attacks.artifact import ARTIFACT_JSON, load_attack
     from .checkpoint import load_checkpoint
     from .pipeline import defender_data
     model, meta = load_checkpoint(model_path, device=device, verify=verify)

@@ -23,8 +23,7 @@ returns them with ``legacy=True`` and the caller decides with its own cross-chec
 checkpoint loader accepts them when the weights' sha256 and the attack names agree).
 
 Bounded reads of untrusted files (``regular_file``, ``read_bounded``, ``read_json_file``)
-live here too: every reader checks that a path is a regular file (not a folder, a device
-such as /dev/zero, or a pipe) and that its size is below a cap before reading it.
+and the checks of single output files live in ``safeio.py`` (re-exported here).
 
 API: ``write_result`` (+ ``write_bytes``/``write_json`` for files inside it, ``writing`` to
 ask whether a path is an open result), ``read_result``/``check_result`` -> ``Result``
@@ -49,18 +48,18 @@ import re
 import shutil
 import secrets
 import signal
-import stat
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import UserError
+from .safeio import (MAX_JSON_BYTES, check_file_out, parse_json, probe_writable, read_bounded,  # noqa: F401
+                     read_json_file, regular_file)
 
 MARKER = "COMPLETE.json"
 FORMAT = "trojanguard-result/1"
 KILL_ENV = "TROJANGUARD_TEST_KILL_AT"
-MAX_JSON_BYTES = 256 * 2**20  # text attacks keep paraphrase tables in attack.json (SST-2: ~5 MB)
 # Files a result folder from before COMPLETE.json could hold: such a folder may be replaced.
 LEGACY_FILES = frozenset({"model.safetensors", "model.json", "attack.json", "attack.safetensors",
                           "metrics.json", "trigger.png"})
@@ -155,17 +154,7 @@ def check_out(folder: str | Path, what: str = "--out") -> None:
         if stray:
             raise UserError(f"{what} {p} already holds files that are not a trojanguard result "
                             f"(e.g. {stray}); they would be deleted: give a new folder or move them")
-    _probe_writable(p.parent if p.parent != p else p, p, what)
-
-
-def check_file_out(path: str | Path, what: str = "--out") -> None:
-    """Fail early when a single output file (a PNG, a JSON report) cannot be written."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{what} {p} is a folder; give a file name (e.g. {p / 'out'}.png)")
-    if p.exists() and not p.is_file():
-        raise UserError(f"{what} {p} is not a regular file; give a file name")
-    _probe_writable(p.parent, p, what)
+    probe_writable(p.parent if p.parent != p else p, p, what)
 
 
 # --------------------------------------------------------------------------- reading --
@@ -270,51 +259,6 @@ def incomplete(folder: str | Path, detail: str) -> UserError:
     return UserError(f"{folder} is an incomplete result (interrupted run?): {detail}; delete it or re-run")
 
 
-# ------------------------------------------------------------------ bounded input --
-def regular_file(path: str | Path, max_bytes: int, what: str = "file") -> int:
-    """Size of ``path`` after checking it is a regular file of at most ``max_bytes``
-    (symlinks are followed: a link to /dev/zero is a device, and refused)."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise UserError(f"{p} does not exist") from None
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device or a pipe)"
-        raise UserError(f"{p} is {kind}; the {what} must be a regular file")
-    if st.st_size > max_bytes:
-        raise UserError(f"{p} is {st.st_size:,} bytes, more than the {max_bytes:,} a {what} may have; "
-                        "is it the right file?")
-    return st.st_size
-
-
-def read_bounded(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
-    size = regular_file(path, max_bytes, what)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(size + 1)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > size:
-        raise UserError(f"{path} grew while it was read; read it again when it is finished")
-    return data
-
-
-def parse_json(data: bytes, where: str | Path, fix: str = "re-create it") -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UserError(f"{where} is not valid JSON ({msg}); {fix}") from None
-
-
-def read_json_file(path: str | Path, max_bytes: int = MAX_JSON_BYTES, what: str = "JSON file",
-                   fix: str = "re-create it") -> Any:
-    return parse_json(read_bounded(path, max_bytes, what), path, fix)
-
-
 # --------------------------------------------------------------------------- internals --
 def _kill_point(point: str) -> None:
     if os.environ.get(KILL_ENV) == point:
@@ -416,28 +360,6 @@ def _not_a_result(p: Path) -> str | None:
         if not ours or not e.is_file(follow_symlinks=False):
             return e.name
     return None
-
-
-def _probe_writable(start: Path, target: Path, what: str) -> None:
-    anc = start.absolute()
-    while True:
-        try:
-            st = anc.stat()
-        except FileNotFoundError:
-            anc = anc.parent
-            continue
-        except NotADirectoryError:
-            anc = anc.parent
-            continue
-        except OSError as e:
-            raise UserError(f"{what} {target}: cannot use {anc} ({e.strerror})") from None
-        break
-    if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{what} {target}: {anc} is a file, so nothing can be written under it; give another path")
-    try:  # the only reliable test (root ignores permission bits; read-only mounts do not)
-        os.rmdir(tempfile.mkdtemp(dir=anc, prefix=".trojanguard-probe-"))
-    except OSError as e:
-        raise UserError(f"{what} {target}: cannot write in {anc} ({e.strerror}); choose a writable place") from None
 
 
 def _safe_name(name: str, where: Path) -> str:

@@ -10,7 +10,8 @@ from ..errors import UserError
 from ..registry import Registry
 from .adaptive_blend import AdaptiveBlend
 from .badnets import BadNets
-from .base import ARTIFACT_JSON, Attack, AttackConfig, PoisonResult, load_attack
+from .artifact import ARTIFACT_JSON, load_attack
+from .base import Attack, AttackConfig, PoisonResult
 from .blended import Blended
 from .bpp import BPP
 from .input_aware import InputAware

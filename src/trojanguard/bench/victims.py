@@ -122,7 +122,7 @@ def zoo_mismatch(folder: Path, config: dict) -> str:
 
 def _attack_mismatch(folder: Path, attack: dict | None) -> str:
     from ..attacks import attack_class
-    from ..attacks.base import ARTIFACT_JSON
+    from ..attacks.artifact import ARTIFACT_JSON
     path = folder / ARTIFACT_JSON
     if attack is None:
         return "it holds an attack artifact, the grid asks for a clean model" if path.exists() else ""

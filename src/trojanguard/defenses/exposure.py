@@ -140,11 +140,15 @@ class _Rule:
         return None
 
 
+def _order(data: Data, seed: int) -> torch.Tensor:
+    """The seeded order the exposure samples are taken from (first n) - and left out of."""
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+
+
 def _subset(data: Data, n: int, seed: int) -> Data:
     if n >= len(data):
         return data
-    g = torch.Generator().manual_seed(seed)
-    return data.subset(torch.randperm(len(data), generator=g)[:n].sort().values)
+    return data.subset(_order(data, seed)[:n].sort().values)
 
 
 def unexposed(data: Data, cfg: ExposureConfig, minimum: int = 200) -> Data:
@@ -154,8 +158,7 @@ def unexposed(data: Data, cfg: ExposureConfig, minimum: int = 200) -> Data:
     the test set)."""
     if cfg.samples + minimum > len(data):
         return data
-    g = torch.Generator().manual_seed(cfg.seed)
-    return data.subset(torch.randperm(len(data), generator=g)[cfg.samples:].sort().values)
+    return data.subset(_order(data, cfg.seed)[cfg.samples:].sort().values)
 
 
 def expose(model, clean: Data, cfg: ExposureConfig | None = None, **kwargs) -> ExposureResult:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trojanguard.attacks.base import ARTIFACT_JSON, load_attack
+from trojanguard.attacks.artifact import ARTIFACT_JSON, load_attack
 from trojanguard.bench.zoo import zoo_data
 from trojanguard.checkpoint import load_checkpoint
 from trojanguard.data.split import holdout_indices

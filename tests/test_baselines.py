@@ -257,3 +257,32 @@ def test_baseline_runs_on_a_text_model(method, tiny_text):
         from trojanguard.defenses.fine_pruning import ffn_output_projection
         cols = ffn_output_projection(res.model).weight.detach().abs().sum(0)
         assert int((cols == 0).sum()) == res.info["pruned"] > 0
+
+
+def test_step_schedule_follows_its_milestones():
+    from trojanguard.training import TrainConfig, lr_at
+    cfg = TrainConfig(epochs=20, lr=0.1, schedule="step", milestones=[2, 15], gamma=0.1)
+    total = 20 * 7  # 7 steps an epoch
+    assert [round(lr_at(cfg, s, total), 6) for s in (0, 13, 14, 104, 105, total - 1)] == \
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+def test_nad_official_recipe_takes_the_authors_schedule_and_keeps_explicit_options(backdoored_digits, digits):
+    """recipe=official: lr 0.1 for 2 epochs then 0.01, batch 64, wd 1e-4, 20 + 10 epochs (the
+    authors' code), except where an option is given; the recorded recipe shows which ran."""
+    from trojanguard.defenses.nad import Nad
+    model, atk = backdoored_digits
+    nad = create_defense("nad", progress=False, recipe="official", epochs=3, teacher_epochs=2)
+    res = nad.purify(model, digits.defense)
+    assert (nad.cfg.lr, nad.cfg.batch_size, nad.cfg.weight_decay) == (0.1, 64, 1e-4)
+    assert (nad.cfg.epochs, nad.cfg.teacher_epochs) == (3, 2)  # given explicitly: kept
+    recipe = Nad._recipe(nad, 20, digits.defense, 0, "t")
+    assert recipe.schedule == "step" and recipe.milestones == [2] and recipe.nesterov
+    assert res.model is not model
+
+
+def test_nad_official_recipe_is_refused_for_text(tiny_text):
+    from trojanguard.errors import UserError
+    model, data = tiny_text
+    with pytest.raises(UserError, match="recipe=official"):
+        create_defense("nad", progress=False, recipe="official").purify(model, data)

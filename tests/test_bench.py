@@ -110,3 +110,21 @@ def test_recipe_diff_treats_unrecorded_settings_as_their_default():
     assert recipe_diff(old, cfg) == {}
     assert recipe_diff(old, recipe_for("sst2", "minilm")).get("class_balanced") == (False, True)
     assert recipe_diff({**old, "lr": 0.05}, cfg) == {"lr": (0.05, 0.1)}
+
+
+def test_options_added_later_enter_the_hash_only_when_set():
+    """Stored cells and trained victims keep their hashes when an option is added at its default."""
+    from pydantic import BaseModel, Field
+
+    from trojanguard.bench.grid import config_hash, hashed_options
+    from trojanguard.utils import ADDED_LATER
+
+    class Old(BaseModel):
+        lr: float = 0.1
+
+    class New(Old):
+        milestones: list[int] = Field(default_factory=list, json_schema_extra=ADDED_LATER)
+
+    assert config_hash(hashed_options(New())) == config_hash(hashed_options(Old()))
+    assert config_hash(hashed_options(New(milestones=[2]))) != config_hash(hashed_options(Old()))
+    assert hashed_options(New(lr=0.2), exclude={"lr"}) == {}

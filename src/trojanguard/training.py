@@ -19,7 +19,7 @@ from .data.augment import random_crop_flip
 from .data.base import Data
 from .errors import UserError, validated_config
 from .progress import stage_bar
-from .utils import resolve_device, seed_everything, tune_cpu_allocator
+from .utils import ADDED_LATER, resolve_device, seed_everything, tune_cpu_allocator
 
 # (x, y, positions) -> (x, y): lets a training-controlled attack alter each batch after
 # augmentation; ``positions`` are the batch's positions in the training data.
@@ -37,7 +37,11 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "constant", "step"] = "onecycle"
+    milestones: list[int] = Field(default_factory=list, json_schema_extra=ADDED_LATER, description=(
+        "schedule=step: epochs after which the lr is multiplied by gamma"))
+    gamma: float = Field(0.1, gt=0, le=1, json_schema_extra=ADDED_LATER,
+                         description="schedule=step: factor at each milestone")
     warmup_frac: float = Field(0.15, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_balanced: bool = Field(False, description="weight the loss by N / (K * n_class) of the training labels")
@@ -77,8 +81,8 @@ def recipe_diff(recorded: dict, cfg: TrainConfig, ignore=("progress", "device", 
     ``cfg``: ``{name: (recorded, wanted)}``. A setting the old run did not record had its
     default value then (it was added later), so it is compared as that default."""
     wanted = cfg.model_dump(exclude=set(ignore))
-    return {k: (recorded.get(k, TrainConfig.model_fields[k].default), v) for k, v in wanted.items()
-            if recorded.get(k, TrainConfig.model_fields[k].default) != v}
+    old = {k: recorded.get(k, TrainConfig.model_fields[k].get_default(call_default_factory=True)) for k in wanted}
+    return {k: (old[k], v) for k, v in wanted.items() if old[k] != v}
 
 
 @dataclass
@@ -92,10 +96,14 @@ class TrainResult:
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     """Learning rate at a step: one-cycle = linear warm-up then linear decay to 0;
-    cosine = optional warm-up then cosine decay to 0."""
+    cosine = optional warm-up then cosine decay to 0; step = ``lr * gamma^k`` after the k-th
+    milestone epoch (steps are spread evenly over ``cfg.epochs``)."""
     warm = int(cfg.warmup_frac * total)
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "step":
+        epoch = step * cfg.epochs // max(1, total)
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     frac = (step - warm) / max(1, total - warm)

@@ -212,3 +212,10 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
+
+
+# An option added to a config after cells were hashed with it is marked
+# ``Field(..., json_schema_extra=ADDED_LATER)``: at its default the benchmark harness leaves it
+# out of the hash (bench.grid.hashed_options), so stored cells and trained victims keep their
+# hashes and folders; set to anything else, it enters the hash.
+ADDED_LATER = {"added_later": True}

@@ -142,6 +142,18 @@ class Plan:
         return {c.hash: c for c in self.cells}
 
 
+def hashed_options(cfg, exclude=()) -> dict:
+    """A config's options as they enter a cell's hash: an option marked ``ADDED_LATER``
+    (``utils``) is left out at its default, so cells hashed before it existed keep their hash."""
+    out = cfg.model_dump(exclude=set(exclude))
+    for name, field in type(cfg).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("added_later") and name in out and \
+                out[name] == field.get_default(call_default_factory=True):
+            del out[name]
+    return out
+
+
 def config_hash(config: dict) -> str:
     """sha256 of the canonical JSON of a resolved configuration (first 16 hex digits)."""
     from ..utils import to_jsonable
@@ -363,7 +375,7 @@ def _defense_cells(grid: Grid, prep, victims: list[Cell], root: Path, res: dict,
                      f"{len(prep.defense)}: raise holdout")
             label = spec.label or spec.name
             labels.append(label)
-            options = cfg.model_dump(exclude={"device", "progress"})
+            options = hashed_options(cfg, exclude={"device", "progress"})
             for v in victims:
                 if kind != "inspector" and not v.info["is_backdoored"]:
                     continue  # no trigger to measure on a clean model

@@ -8,9 +8,14 @@ import json
 from pathlib import Path
 
 from ..errors import UserError, validated_config
-from .grid import UNHASHED_ATTACK_OPTIONS, Cell, config_hash
+from .grid import UNHASHED_ATTACK_OPTIONS, Cell, config_hash, hashed_options
 
 TRAIN_UNHASHED = ("progress", "device", "eval_every", "stage")
+
+
+def train_key(recipe) -> dict:
+    """The recipe as it enters a victim's hash."""
+    return hashed_options(recipe, exclude=TRAIN_UNHASHED)
 
 
 def victim_hash(config: dict) -> str:
@@ -30,13 +35,13 @@ def victim_cells(spec, prep, recipe, dataset_key: dict, model_key: dict, root: P
                  resources: dict) -> list[Cell]:
     from ..attacks import attack_class
     from .zoo import ZooEntry
-    train_key = recipe.model_dump(exclude=set(TRAIN_UNHASHED))
+    recipe_key = train_key(recipe)
     common = {"dataset": dataset_key["name"], "model": model_key["name"]}
     cells = []
     if spec.name.lower() == "none":
         for seed in spec.seeds:
             config = {"kind": "victim", "dataset": dataset_key, "model": model_key,
-                      "train": {**train_key, "seed": seed}, "attack": None}
+                      "train": {**recipe_key, "seed": seed}, "attack": None}
             cells.append(_cell(ZooEntry("none", seed=seed).folder_name, config, seed, root, resources, zoo_roots,
                                {**common, "attack": spec.label or "none", "ratio": 0.0, "count": 0, "seed": seed,
                                 "is_backdoored": False, "target": None, "mode": None, "setting": ""}))
@@ -67,7 +72,7 @@ def victim_cells(spec, prep, recipe, dataset_key: dict, model_key: dict, root: P
                     name = ZooEntry(cls.name, acfg["ratio"], seed, folder_opts).folder_name
                 setting = ", ".join(f"{k}={v}" for k, v in sorted(folder_opts.items()))
                 config = {"kind": "victim", "dataset": dataset_key, "model": model_key,
-                          "train": {**train_key, "seed": seed},
+                          "train": {**recipe_key, "seed": seed},
                           "attack": {"name": cls.name, "modality": cls.modality, "config": acfg},
                           "needs_clean_model": cls.needs_clean_model}
                 ratio = acfg["ratio"] if acfg["count"] is None or what == "ratio" else len(picked) / len(prep.train)

@@ -165,7 +165,8 @@ def defense_train_config(clean: Data, cfg=None, stage: str = "fine-tuning", **ov
     return TrainConfig(**base)
 
 
-def text_aware_recipe(clean: Data, cfg, stage: str, epochs: int, schedule: str, seed: int | None = None):
+def text_aware_recipe(clean: Data, cfg, stage: str, epochs: int, schedule: str, seed: int | None = None,
+                      **overrides):
     """The fine-tuning recipe of a baseline whose config has image options (``batch_size``,
     ``lr``, ``weight_decay``) and text ones (``text_batch_size``, ``text_lr``; AdamW, no
     weight decay): Fine-Pruning's and NAD's, as BackdoorBench / OpenBackdoor set them."""
@@ -174,7 +175,7 @@ def text_aware_recipe(clean: Data, cfg, stage: str, epochs: int, schedule: str, 
         clean, cfg, stage, epochs=epochs, batch_size=cfg.text_batch_size if text else cfg.batch_size,
         optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr, momentum=cfg.momentum,
         weight_decay=0.0 if text else cfg.weight_decay, schedule=schedule, augment=cfg.augment,
-        **({"seed": seed} if seed is not None else {}))
+        **({"seed": seed} if seed is not None else {}), **overrides)
 
 
 def retuning_attack(model, clean: Data, attack, n_clean: int = 1000, n_poison: int = 5, epochs: int = 5,

@@ -92,12 +92,13 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
     dataset's dev split). Returns ``(clean, test, source)``; ``test`` is the recorded
     dataset's test split when it is loaded (always with ``need_test``), else None."""
     ds = meta.get("dataset") or {}
-    classes = ds.get("classes") or [str(i) for i in range(model.head.out_features)]
+    recorded_classes = ds.get("classes")
+    classes = recorded_classes or [str(i) for i in range(model.head.out_features)]
     name = dataset or ds.get("name")
     if loader_kw and name != "text":
         raise UserError("--text-column/--label-column apply to --dataset text only")
-    prep = None
-    if clean_data is None or (need_test and name):
+
+    def recorded_dataset() -> Prepared:
         if not name:
             raise UserError("the checkpoint does not record its dataset; pass --clean-data DIR|FILE "
                             "(and --dataset for a test split)")
@@ -110,6 +111,16 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
             frac = recorded if isinstance(recorded, float) else default_holdout(model.modality)
         prep = prepare_data(name, data_dir, holdout=frac, seed=int(ds.get("split_seed", 0)), **(loader_kw or {}))
         check_model_fits(model, prep.bundle)
+        return prep
+
+    prep = None
+    # The user's clean data is read and checked before the recorded dataset is looked for (a
+    # mistake in it is named first, even where that dataset is not on this machine), unless
+    # reading it needs the dataset's class names or image size.
+    size_known = (model.modality != "image" or getattr(model, "input_size", None) is not None
+                  or bool(ds.get("shape")))
+    if clean_data is None or (need_test and name and not (recorded_classes and size_known)):
+        prep = recorded_dataset()
         classes = list(prep.bundle.classes)
     if clean_data is not None:
         from .data.user import load_clean_data
@@ -126,6 +137,8 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
         clean = load_clean_data(clean_data, classes, model.modality, channels, size)
         check_model_data(model, clean)
         source = str(clean_data)
+        if need_test and name and prep is None:
+            prep = recorded_dataset()
     else:
         clean = prep.defense
         source = (f"{prep.bundle.name}: held-out {prep.holdout:.1%} of train (split seed {prep.seed})"

@@ -285,8 +285,10 @@ def _detect_then_purify(model, det, clean, test, poisoned, trigger, tgt) -> dict
             out.append(g(trig(x, y) if trig is not None else x).predictions.cpu())
         return torch.cat(out)
     pc, pp = preds(test, None), preds(poisoned, trigger)
+    # how the purifier ended (BadActs: final c, clamped accuracy, restarts, a warning when capped)
+    info = {k: v for k, v in (getattr(det, "purifier_info", None) or {}).items() if k != "history"}
     return {"ca_after": M.accuracy(pc, test.y), "asr_after": float((pp == tgt).float().mean()) if len(tgt) else None,
-            "guard": f"detect-then-purify (FRR {g.frr:g})"}
+            "guard": f"detect-then-purify (FRR {g.frr:g})", "purifier_info": info}
 
 
 def _inspector(task: dict, out: Path, stages: Stages) -> dict:

@@ -110,22 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command.replace('-', '_')
+    # a module may add several commands; it names itself with set_defaults(command_module=...)
+    module = getattr(args, "command_module", None) or (name if name in COMMAND_MODULES else None)
+    if module:
+        return import_module(f"{__package__}.{module}").run(args) or 0
+    from . import commands
+    return getattr(commands, f"cmd_{name}")(args) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        name = args.command.replace('-', '_')
-        # a module may add several commands; it names itself with set_defaults(command_module=...)
-        module = getattr(args, "command_module", None) or (name if name in COMMAND_MODULES else None)
-        if module:
-            return import_module(f"{__package__}.{module}").run(args) or 0
-        from . import commands
-        return getattr(commands, f"cmd_{name}")(args) or 0
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return code
     except UserError as e:
         print(f"trojanguard: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trojanguard: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # 'trojanguard info --json | head': the reader has all it wanted
+        import os
+        try:  # nothing more can reach the reader; the interpreter's final flush must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured)
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
             p.add_argument("--out", required=True, help="folder for the repaired checkpoint and its report")
         else:
             p.add_argument("--method", default="badacts", help="input detector (default badacts)")
-            p.add_argument("--frr", type=float, help="false-rejection rate on clean inputs (default 0.05)")
+            p.add_argument("--frr", type=fraction("false-rejection rate"),
+                           help="false-rejection rate on clean inputs (default 0.05)")
             p.add_argument("--purify", action="store_true", help="predict flagged inputs with the purified forward")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                            help="detector option, repeatable")

@@ -94,13 +94,32 @@ def load_clean_data(path: str | Path, classes: list[str], modality: str, channel
         raise UserError(f"clean data {str(p)!r} does not exist; give an ImageFolder directory "
                         "(images) or a CSV/TSV file with sentence,label columns (text)")
     if modality == "image":
-        return _clean_images(p, classes, channels, size)
-    from .text import read_table
-    if p.is_dir():
-        raise UserError(f"{p} is a folder; text clean data is a CSV/TSV file with sentence,label columns")
-    # label_names=classes: a label is a class name or an index 0..K-1 (read_table checks the range)
-    texts, labels, _ = read_table(p, label_names=list(classes))
-    return TextData(texts, torch.tensor(labels, dtype=torch.long), list(classes))
+        data = _clean_images(p, classes, channels, size)
+    else:
+        from .text import read_table
+        if p.is_dir():
+            raise UserError(f"{p} is a folder; text clean data is a CSV/TSV file with sentence,label columns")
+        # label_names=classes: a label is a class name or an index 0..K-1 (read_table checks the range)
+        texts, labels, _ = read_table(p, label_names=list(classes))
+        data = TextData(texts, torch.tensor(labels, dtype=torch.long), list(classes))
+    _check_every_class(p, data, modality)
+    return data
+
+
+def _check_every_class(path: Path, data: Data, modality: str) -> None:
+    """Clean data of fewer classes than the model has is clean data of another class count:
+    the class-balanced splits every method makes would fail later with a misleading message."""
+    k = len(data.classes)
+    present = set(torch.as_tensor(data.y).unique().tolist())
+    missing = [i for i in range(k) if i not in present]
+    if not missing:
+        return
+    shown = ", ".join(data.classes[i] if data.classes[i] == str(i) else f"{i} ({data.classes[i]})"
+                      for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    what, fix = (("sub-folders", "one sub-folder of clean images per class") if modality == "image"
+                 else ("labels", "clean sentences labelled with every class"))
+    raise UserError(f"clean data {path} has {what} for {k - len(missing)} of the model's {k} classes "
+                    f"(none for {shown}); give {fix}")
 
 
 def _clean_images(root: Path, classes: list[str], channels: int, size=None):

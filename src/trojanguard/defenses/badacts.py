@@ -4,10 +4,15 @@ methods.md §2.3; official code ``clearloveclearlove/BadActs``:
 ``BadActs_detection_then_purification.py``).
 
 Activations: the output of every layer in ``layers`` (default ``model.layer_names()``:
-every encoder block of a text model, every stage/block of a CNN). Text uses the hidden
-state at [CLS] (position 0), as the official ``get_attribution``; vision uses the
-per-channel spatial means of each block's feature map. **The vision version is our
-extension** (the paper and its code cover transformers only).
+every encoder block of a text model, every stage/block of a CNN). Text: the hidden state at
+the position the classifier reads (``position="auto"``): [CLS] (position 0) for a model
+whose head reads [CLS], as the official ``get_attribution`` on BERT's pooler; the mean over
+the non-padding tokens for a mean-pooling model such as our MiniLM classifier (our reading:
+there the last block's [CLS] never reaches the head, and all-MiniLM-L6-v2 was trained with
+mean pooling, so its [CLS] is not the sentence's summary; ``position="cls"`` keeps the
+paper's choice on any model). Vision uses the per-channel spatial means of each block's
+feature map. **The vision version is our extension** (the paper and its code cover
+transformers only).
 
 Detection (NAS, neuron activation state). ``fit`` splits the clean data 50/50 (the
 ``InputDetector`` template): mu_j, sigma_j of every neuron j are fitted on the first half
@@ -43,7 +48,7 @@ two.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +82,9 @@ class BadActsConfig(DefenseConfig):
         "restart with c halved when the final clamped accuracy is below this (code: 97 %)"))
     max_restarts: int = Field(5, ge=0, description="cap on the restarts (ours; the code loops forever)")
     init_bound: float = Field(1.0, description="initial value of U and M (code: 1)")
+    position: Literal["auto", "cls", "mean"] = Field("auto", description=(
+        "text: where the NAS reads each block: auto = what the head reads ([CLS] or the token mean), "
+        "cls = the paper, mean = the token mean"))
 
 
 class BadActs(InputDetector):
@@ -94,7 +102,8 @@ class BadActs(InputDetector):
             raise UserError(f"badacts: unknown layer {bad[0]!r}; this model has {', '.join(known)}")
         self.layers = list(names)
         self.input_shape = tuple(clean.shape) if clean.modality == "image" else None
-        acts = layer_activations(model, clean, self.layers, reduce="auto")
+        self.position = text_position(model, self.cfg.position) if clean.modality == "text" else "auto"
+        acts = layer_activations(model, clean, self.layers, reduce=self.position)
         self.dims = {n: acts[n].shape[1] for n in self.layers}
         a = torch.cat([acts[n] for n in self.layers], 1).double()
         dev = _device(model)
@@ -134,7 +143,7 @@ class BadActs(InputDetector):
         self._check_inputs(x)
         model = self.model
         inputs, mask = model_inputs(model, x)
-        how = "cls" if mask is not None else "auto"
+        how = self.position if mask is not None else "auto"
         acts: dict[str, torch.Tensor] = {}
 
         def recorder(name):
@@ -281,7 +290,7 @@ class BadActs(InputDetector):
         for n, (u, m) in (getattr(self, "bounds", None) or {}).items():
             tensors[f"upper.{n}"], tensors[f"log_width.{n}"] = u, m
         facts = {"layers": self.layers, "dims": self.dims, "threshold": self.threshold, "frr": self.frr,
-                 "input_shape": list(self.input_shape) if self.input_shape else None,
+                 "input_shape": list(self.input_shape) if self.input_shape else None, "position": self.position,
                  "purifier": getattr(self, "purifier_info", None) if getattr(self, "bounds", None) else None}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, facts
 
@@ -295,6 +304,7 @@ class BadActs(InputDetector):
                             "the guard belongs to another model")
         self.dims = {k: int(v) for k, v in facts["dims"].items()}
         self.input_shape = tuple(facts["input_shape"]) if facts.get("input_shape") else None
+        self.position = facts.get("position", "cls")  # guards saved before the option read [CLS]
         self.mu, self.sigma = tensors["mu"].to(dev), tensors["sigma"].to(dev)
         self.calibration_scores = tensors["calibration_scores"]
         self.threshold, self.frr = float(facts["threshold"]), float(facts["frr"])
@@ -302,6 +312,14 @@ class BadActs(InputDetector):
             self.bounds = {n: (tensors[f"upper.{n}"].to(dev), tensors[f"log_width.{n}"].to(dev)) for n in self.layers}
             self.purifier_info = facts["purifier"]
         return self
+
+
+def text_position(model, position: str) -> str:
+    """The token position a text detector reads: "cls" or "mean" ("auto": the head's pooling,
+    [CLS] for models that do not say, as BERT-style sequence classifiers read [CLS])."""
+    if position != "auto":
+        return position
+    return "mean" if getattr(model, "pooling", "cls") == "mean" else "cls"
 
 
 def _device(model) -> torch.device:

@@ -102,6 +102,9 @@ def load_foreign_model(path: str | Path, arch: str | None = None, num_classes: i
         raise UserError(f"{p.name}: unknown model file type {p.suffix or '(none)'}; give a .safetensors or .pt "
                         "state dict (with --arch), a checkpoint folder or a Hugging Face directory")
     k = model.head.out_features
+    if k < 2:
+        raise UserError(f"the model in {p} has {k} output class; trojanguard needs a classifier with "
+                        "at least 2 classes, one output each (give a single-logit binary model a 2-output head)")
     if num_classes is not None and num_classes != k:
         raise UserError(f"--num-classes {num_classes} but the model in {p} has {k} outputs; drop --num-classes "
                         "or give the model trained on your classes")

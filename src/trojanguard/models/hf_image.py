@@ -168,7 +168,9 @@ def _stats(pre: dict[str, Any], key: str, channels: int) -> tuple[float, ...] | 
         v = [v] * channels
     if (not isinstance(v, list) or len(v) != channels
             or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in v)):
-        raise UserError(f"preprocessor_config.json: {key} must be {channels} finite numbers, got {v!r}")
+        raise UserError(f"preprocessor_config.json: {key} must be {channels} finite numbers (the model takes "
+                        f"{channels}-channel images), got {str(v)[:80]}; fix the file or pass --mean/--std with "
+                        "one value per channel")
     if key == "image_std" and any(t <= 0 for t in v):
         raise UserError("preprocessor_config.json: image_std values must be positive")
     return tuple(float(t) for t in v)

@@ -430,3 +430,16 @@ def test_a_changed_grid_reports_its_current_cells_only(small_run, tmp_path):
         assert con.execute("SELECT COUNT(*) FROM cells WHERE kind = 'purifier'").fetchone()[0] == 3
     finally:
         con.close()
+
+
+def test_defense_attacks_filter_matches_attack_label_or_victim_name(tmp_path):
+    """`attacks:` on a defense picks victims by attack label (badnets*) or by cell name, so one
+    ratio of an attack can be chosen (badnets-0.2-*)."""
+    from trojanguard.bench.grid import plan_grid
+    grid = write_grid(tmp_path / "g.yaml", attacks=[{"name": "none", "seeds": [0]},
+                                                   {"name": "badnets", "ratios": [0.1, 0.2], "seeds": [0]}],
+                      defenses={"purifiers": [
+                          {"name": "ft", "options": {"epochs": 1}, "label": "by-label", "attacks": ["badnets"]},
+                          {"name": "ft", "options": {"epochs": 1}, "label": "by-name", "attacks": ["badnets-0.2-*"]}]})
+    names = sorted(c.name for c in plan_grid(grid, tmp_path / "art").cells if c.kind == "purifier")
+    assert names == ["badnets-0.1-s0/by-label", "badnets-0.2-s0/by-label", "badnets-0.2-s0/by-name"]

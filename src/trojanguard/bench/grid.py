@@ -74,7 +74,8 @@ class DefenseSpec(_Spec):
     name: str
     options: dict[str, Any] = {}
     label: str | None = None
-    attacks: list[str] | None = Field(None, description="only victims whose attack label matches (fnmatch)")
+    attacks: list[str] | None = Field(None, description=(
+        "only victims whose attack label or cell name (e.g. blended-0.1-s0) matches (fnmatch)"))
 
 
 class Defenses(_Spec):
@@ -379,7 +380,7 @@ def _defense_cells(grid: Grid, prep, victims: list[Cell], root: Path, res: dict,
             for v in victims:
                 if kind != "inspector" and not v.info["is_backdoored"]:
                     continue  # no trigger to measure on a clean model
-                if spec.attacks and not any(fnmatch(v.info["attack"], p) for p in spec.attacks):
+                if spec.attacks and not any(fnmatch(v.info["attack"], p) or fnmatch(v.name, p) for p in spec.attacks):
                     continue
                 config = {"kind": kind, "victim": v.hash, "defense": spec.name, "options": options}
                 if kind == "purifier" and retuning is not None:

@@ -71,7 +71,21 @@ def _png(path, shape=(8, 8)):
     Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(path)
 
 
-@pytest.mark.parametrize("case", ["unlabelled", "too-few", "wrong-size", "bad-fraction", "missing"])
+BAD_CLEAN_DATA = {
+    # issue 19: "too little clean data for any method (give the minimum), or unlabelled data"
+    "unlabelled": ["one sub-folder per class", "found none"],
+    "too-few": ["needs at least 20 clean samples, got 10", "give more clean data"],
+    "too-few-with-scan": ["ebyd needs at least 50 clean samples, got 30", "give more clean data"],
+    "fewer-classes": ["has sub-folders for 3 of the model's 10 classes", "one sub-folder of clean images per class"],
+    "unknown-class": ["unknown: 'zebra'"],
+    "wrong-size": ["16x16 pixels but the model takes 8x8", "resize"],
+    "bad-fraction": ["--verify-fraction", "outside (0, 1)"],
+    "missing": ["does not exist"],
+    "text-table": ["is not a folder", "ImageFolder"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLEAN_DATA))
 def test_bad_clean_data_is_one_line(case, suspect, tmp_path, capsys):
     data = tmp_path / "clean"
     args = ["repair", "--model", suspect, "--no-scan", "--out", tmp_path / "o", "--clean-data", data]
@@ -81,6 +95,19 @@ def test_bad_clean_data_is_one_line(case, suspect, tmp_path, capsys):
     elif case == "too-few":
         for c in range(10):
             _png(data / str(c) / "a.png")
+    elif case == "too-few-with-scan":  # enough to repair (20), too few to scan first (50)
+        args.remove("--no-scan")
+        for c in range(10):
+            for i in range(3):
+                _png(data / str(c) / f"{i}.png")
+    elif case == "fewer-classes":
+        for c in range(3):
+            for i in range(20):
+                _png(data / str(c) / f"{i}.png")
+    elif case == "unknown-class":
+        for c in [*range(10), "zebra"]:
+            for i in range(3):
+                _png(data / str(c) / f"{i}.png")
     elif case == "wrong-size":
         for c in range(10):
             for i in range(3):
@@ -90,9 +117,38 @@ def test_bad_clean_data_is_one_line(case, suspect, tmp_path, capsys):
         for c in range(10):
             for i in range(5):
                 _png(data / str(c) / f"{i}.png")
+    elif case == "text-table":
+        args[-1] = data = tmp_path / "clean.csv"
+        data.write_text("sentence,label\n" + "".join(f"film {i},{i % 10}\n" for i in range(60)))
     code, out, err = _run(capsys, *args)
     assert code == 2, (out, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trojanguard: error: ") and "Traceback" not in err, err
+    for needle in BAD_CLEAN_DATA[case]:
+        assert needle in lines[0], (needle, lines[0])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["too-few", "unlabelled", "one-class"])
+def test_bad_text_clean_data_is_one_line(case, tiny_encoder_dir, tmp_path, capsys, monkeypatch):
+    """The same for a text model: a table without labels, of one class, or too short."""
+    import trojanguard as tg
+    tm = tg.create_model(f"hf:{tiny_encoder_dir}", num_classes=2)
+    save_checkpoint(tmp_path / "ck", tm, {"dataset": {"name": "sst2", "classes": ["negative", "positive"]}})
+    monkeypatch.chdir(tmp_path)  # the recorded SST-2 is not looked for: the user's clean data is the data
+    n, header = (6, "sentence,label") if case == "too-few" else (60, "sentence,label")
+    labels = [i % 2 for i in range(n)] if case != "one-class" else [0] * n
+    if case == "unlabelled":
+        header, labels = "sentence,comment", ["none"] * n
+    (tmp_path / "clean.csv").write_text(header + "\n" + "".join(f"a film {i},{lab}\n" for i, lab in enumerate(labels)))
+    capsys.readouterr()
+    code, out, err = _run(capsys, "repair", "--model", tmp_path / "ck", "--no-scan", "--clean-data",
+                          tmp_path / "clean.csv", "--out", tmp_path / "o", "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    needle = {"too-few": "clean samples, got 6; give more clean data", "unlabelled": "has no column 'label'",
+              "one-class": "labels for 1 of the model's 2 classes"}[case]
+    assert needle in lines[0], lines[0]
     assert not (tmp_path / "o").exists()
 
 

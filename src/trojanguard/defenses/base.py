@@ -178,6 +178,21 @@ class InputDetector(Defense):
     threshold: float | None = None
     calibration_fraction: ClassVar[float] = 0.5
 
+    def __init_subclass__(cls, **kw):
+        # every detector's score() first checks that it was fitted (or restored): one line for
+        # a Python user who scores before fit(), instead of an AttributeError from inside
+        super().__init_subclass__(**kw)
+        if "score" in cls.__dict__:
+            score = cls.__dict__["score"]
+
+            def checked_score(self, inputs, _score=score):
+                if getattr(self, "model", None) is None:
+                    raise UserError(f"{self.name}: fit the detector on clean data before you score inputs "
+                                    "(detector.fit(model, clean) or trojanguard.guard(model, clean))")
+                return _score(self, inputs)
+            checked_score.__doc__, checked_score.__name__ = score.__doc__, "score"
+            cls.score = checked_score
+
     def fit(self, model, clean: Data) -> "InputDetector":
         from .common import split_clean
         self.check_inputs(model, clean)
@@ -216,7 +231,7 @@ class InputDetector(Defense):
 
     def flag(self, inputs) -> torch.Tensor:
         if self.threshold is None:
-            raise UserError(f"{self.name}: call fit() before flag()")
+            raise UserError(f"{self.name}: fit the detector on clean data before you flag inputs (detector.fit(model, clean))")
         # strictly above: the threshold is a clean score itself (the (1 - frr) quantile)
         return self.score(inputs) > self.threshold
 

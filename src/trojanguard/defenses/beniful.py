@@ -124,7 +124,7 @@ class BeniFul(InputDetector):
     def _layer(self, model) -> str:
         layer = self.cfg.layer or model.default_middle_layer
         if layer not in model.layer_names():
-            raise UserError(f"beniful: model has no layer {layer!r}; choose --layer from {model.layer_names()}")
+            raise UserError(f"beniful: model has no layer {layer!r}; choose one with --set layer=NAME from {model.layer_names()}")
         return layer
 
     @torch.inference_mode()

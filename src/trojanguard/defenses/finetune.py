@@ -45,6 +45,10 @@ class Finetune(Purifier):
     name = "finetune"
     Config = FinetuneConfig
 
+    def __init__(self, cfg: FinetuneConfig | None = None, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.name = self.cfg.mode  # messages say "fst needs ...", the name the user typed
+
     def _purify(self, model, clean: Data, original):
         cfg = self.cfg
         head = model.head

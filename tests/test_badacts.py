@@ -186,8 +186,7 @@ def test_text_path_on_tiny_encoder(tiny_encoder_dir, tmp_path):
     clean = TextData(texts, torch.arange(120) % 2, ["negative", "positive"])
     g = tg.guard(model, clean, "badacts", purify=True, progress=False, epochs=3, max_restarts=0)
     det = g.detector
-    # every block, read where this mean-pooling head reads: the token mean
-    assert det.layers == ["block0", "block1"] and det.mu.shape == (2 * 32,) and det.position == "mean"
+    assert det.layers == ["block0", "block1"] and det.mu.shape == (2 * 32,) and det.position == "cls"  # [CLS] of every block
     queries = _sentences(8, seed=1) + ["cf mn bb tq " * 4]
     out = g(queries)
     assert out.logits.shape == (9, 2) and out.scores.shape == (9,)
@@ -206,32 +205,27 @@ def test_text_path_on_tiny_encoder(tiny_encoder_dir, tmp_path):
         g(torch.rand(2, 3, 8, 8))
     g.save(tmp_path / "text-guard")
     h = tg.load_guard(tmp_path / "text-guard")
-    assert torch.equal(h(queries).scores, out.scores) and h.detector.position == "mean"
+    assert torch.equal(h(queries).scores, out.scores) and h.detector.position == "cls"
 
 
-def test_text_position_follows_the_head(tiny_encoder_dir):
-    """auto reads what the head reads: [CLS] on a [CLS]-pooling model (the paper's BERT), the
-    token mean on a mean-pooling one; position=cls forces the paper's choice."""
+def test_text_position_cls_or_token_mean(tiny_encoder_dir, tmp_path):
+    """position=cls (default, the paper) or mean: the NAS is fitted and scored at the same
+    position, and a saved guard keeps it."""
     from trojanguard.defenses.common import layer_activations
     texts = _sentences(60)
     clean = TextData(texts, torch.arange(60) % 2, ["negative", "positive"])
-    mean_model = tg.create_model(f"hf:{tiny_encoder_dir}", num_classes=2).eval()
-    cls_model = tg.create_model(f"hf:{tiny_encoder_dir}", num_classes=2, pooling="cls").eval()
-    fitted = {}
-    for key, model, position in [("mean", mean_model, "auto"), ("cls", cls_model, "auto"), ("forced", mean_model, "cls")]:
-        det = tg.create_defense("badacts", progress=False, position=position).fit(model, clean)
-        fitted[key] = det
-    assert (fitted["mean"].position, fitted["cls"].position, fitted["forced"].position) == ("mean", "cls", "cls")
-    cls_acts = layer_activations(mean_model, clean, ["block0"], reduce="cls")["block0"]
-    mean_acts = layer_activations(mean_model, clean, ["block0"], reduce="mean")["block0"]
-    assert not torch.allclose(cls_acts, mean_acts)
-    assert not torch.allclose(fitted["mean"].mu, fitted["forced"].mu)
-    # scoring reads the position the detector was fitted on
-    for key, model, how in [("mean", mean_model, "mean"), ("forced", mean_model, "cls"), ("cls", cls_model, "cls")]:
-        det = fitted[key]
+    model = tg.create_model(f"hf:{tiny_encoder_dir}", num_classes=2).eval()
+    fitted = {how: tg.create_defense("badacts", progress=False, position=how).fit(model, clean) for how in ("cls", "mean")}
+    assert not torch.allclose(fitted["cls"].mu, fitted["mean"].mu)
+    for how, det in fitted.items():
+        assert det.position == how
         a = torch.cat(list(layer_activations(model, clean, det.layers, reduce=how).values()), 1)[:8]
         want = 1.0 - ((a - det.mu).abs() <= det.cfg.delta * det.sigma).float().mean(1)
-        assert torch.allclose(det.score(texts[:8]), want, atol=1e-6), key
+        assert torch.allclose(det.score(texts[:8]), want, atol=1e-6), how
+    g = tg.guard(model, clean, "badacts", progress=False, position="mean")
+    g.save(tmp_path / "g")
+    h = tg.load_guard(tmp_path / "g")
+    assert h.detector.position == "mean" and torch.equal(h(texts[:8]).scores, g(texts[:8]).scores)
 
 
 # -------------------------------------------------------------------------- CLI --

@@ -4,15 +4,16 @@ methods.md §2.3; official code ``clearloveclearlove/BadActs``:
 ``BadActs_detection_then_purification.py``).
 
 Activations: the output of every layer in ``layers`` (default ``model.layer_names()``:
-every encoder block of a text model, every stage/block of a CNN). Text: the hidden state at
-the position the classifier reads (``position="auto"``): [CLS] (position 0) for a model
-whose head reads [CLS], as the official ``get_attribution`` on BERT's pooler; the mean over
-the non-padding tokens for a mean-pooling model such as our MiniLM classifier (our reading:
-there the last block's [CLS] never reaches the head, and all-MiniLM-L6-v2 was trained with
-mean pooling, so its [CLS] is not the sentence's summary; ``position="cls"`` keeps the
-paper's choice on any model). Vision uses the per-channel spatial means of each block's
-feature map. **The vision version is our extension** (the paper and its code cover
-transformers only).
+every encoder block of a text model, every stage/block of a CNN). Text uses the hidden
+state at [CLS] (position 0), as the official ``get_attribution`` (``position="cls"``), also
+on our mean-pooling MiniLM classifier, whose head never reads the last block's [CLS]:
+measured on the SST-2 20 % models (``benchmarks/badacts_position.py``,
+``results/badacts-position-sst2.md``), the token mean (``position="mean"``) detects worse
+on all four attacks: AUROC [CLS] / mean = BadNets 0.999 / 0.805, AddSent 0.992 / 0.688,
+SynBkd 0.817 / 0.802, StyleBkd 0.796 / 0.725 (a one-token trigger is diluted in the mean;
+[CLS] attends to it). Vision uses the per-channel spatial means of each block's feature
+map. **The vision version is our extension** (the paper and its code cover transformers
+only).
 
 Detection (NAS, neuron activation state). ``fit`` splits the clean data 50/50 (the
 ``InputDetector`` template): mu_j, sigma_j of every neuron j are fitted on the first half
@@ -57,6 +58,7 @@ from pydantic import Field
 from ..data.base import Data
 from ..errors import UserError
 from ..eval.evaluate import predict
+from ..utils import ADDED_LATER
 from .base import DefenseConfig, InputDetector
 from .common import _reduce, layer_activations, model_inputs
 
@@ -82,9 +84,9 @@ class BadActsConfig(DefenseConfig):
         "restart with c halved when the final clamped accuracy is below this (code: 97 %)"))
     max_restarts: int = Field(5, ge=0, description="cap on the restarts (ours; the code loops forever)")
     init_bound: float = Field(1.0, description="initial value of U and M (code: 1)")
-    position: Literal["auto", "cls", "mean"] = Field("auto", description=(
-        "text: where the NAS reads each block: auto = what the head reads ([CLS] or the token mean), "
-        "cls = the paper, mean = the token mean"))
+    position: Literal["cls", "mean"] = Field("cls", json_schema_extra=ADDED_LATER, description=(
+        "text: where the NAS reads each block: [CLS] (the paper; measured better, see the docstring) "
+        "or the token mean over non-padding tokens"))
 
 
 class BadActs(InputDetector):
@@ -102,7 +104,7 @@ class BadActs(InputDetector):
             raise UserError(f"badacts: unknown layer {bad[0]!r}; this model has {', '.join(known)}")
         self.layers = list(names)
         self.input_shape = tuple(clean.shape) if clean.modality == "image" else None
-        self.position = text_position(model, self.cfg.position) if clean.modality == "text" else "auto"
+        self.position = self.cfg.position if clean.modality == "text" else "auto"
         acts = layer_activations(model, clean, self.layers, reduce=self.position)
         self.dims = {n: acts[n].shape[1] for n in self.layers}
         a = torch.cat([acts[n] for n in self.layers], 1).double()
@@ -312,14 +314,6 @@ class BadActs(InputDetector):
             self.bounds = {n: (tensors[f"upper.{n}"].to(dev), tensors[f"log_width.{n}"].to(dev)) for n in self.layers}
             self.purifier_info = facts["purifier"]
         return self
-
-
-def text_position(model, position: str) -> str:
-    """The token position a text detector reads: "cls" or "mean" ("auto": the head's pooling,
-    [CLS] for models that do not say, as BERT-style sequence classifiers read [CLS])."""
-    if position != "auto":
-        return position
-    return "mean" if getattr(model, "pooling", "cls") == "mean" else "cls"
 
 
 def _device(model) -> torch.device:

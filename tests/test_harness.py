@@ -443,3 +443,31 @@ def test_defense_attacks_filter_matches_attack_label_or_victim_name(tmp_path):
                           {"name": "ft", "options": {"epochs": 1}, "label": "by-name", "attacks": ["badnets-0.2-*"]}]})
     names = sorted(c.name for c in plan_grid(grid, tmp_path / "art").cells if c.kind == "purifier")
     assert names == ["badnets-0.1-s0/by-label", "badnets-0.2-s0/by-label", "badnets-0.2-s0/by-name"]
+
+
+def test_purification_table_notes_failures_and_unrepaired_models(small_run, tmp_path):
+    """No purification fails silently in the tables: a failed cell is a row saying so, and a
+    model its purifier did not call repaired (held-out CA collapsed) carries a note."""
+    import shutil
+
+    from trojanguard.bench.report import collect, write_report
+    db = tmp_path / "r.sqlite"
+    shutil.copyfile(small_run["db"], db)
+    con = sqlite3.connect(db)
+    try:
+        con.execute("UPDATE cells SET status = 'failed', error = 'training diverged: the loss became nan' "
+                    "WHERE name LIKE '%/ft'")
+        (h, m), = con.execute("SELECT hash, metrics FROM cells WHERE name LIKE '%/fst'").fetchall()
+        m = {**json.loads(m), "warning": "clean accuracy fell", "verify_ca_before": 0.9, "verify_ca_after": 0.7,
+             "verify_size": 40}
+        con.execute("UPDATE cells SET metrics = ? WHERE hash = ?", (json.dumps(m), h))
+        con.commit()
+    finally:
+        con.close()
+    rows = {r["defense"]: r for r in collect(db, "small")["purification"]}
+    assert rows["ft"]["note"] == "failed: training diverged: the loss became nan" and rows["ft"].get("ca_after") is None
+    assert rows["fst"]["note"] == "not repaired: CA on 40 held-out clean samples 90.0 -> 70.0"
+    written = write_report(db, tmp_path / "rep", grid="small")
+    csv_text = written["purification.csv"].read_text()
+    assert "failed: training diverged" in csv_text and "not repaired" in csv_text
+    assert "failed: training diverged" in written["report.html"].read_text()

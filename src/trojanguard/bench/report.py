@@ -22,13 +22,25 @@ from ..utils import atomic_write_text
 from .store import Store
 
 PURIFICATION = ["attack", "ratio", "seed", "defense", "ca_before", "asr_before", "ca_after", "asr_after",
-                "asr_after_ra", "seconds", "peak_mb"]
+                "asr_after_ra", "seconds", "peak_mb", "note"]
 DETECTION = ["attack", "ratio", "method", "auroc", "auprc", "tpr_at_5fpr", "frr", "far", "ca_after", "asr_after",
              "seconds", "guard"]
 INSPECTION = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
               "predicted_target", "seconds"]
 RATES = {"ca", "asr", "ra", "ca_before", "asr_before", "ca_after", "asr_after", "asr_after_ra", "auroc", "auprc",
          "tpr_at_5fpr", "frr", "far", "probability"}
+
+
+def purification_note(m: dict) -> str:
+    """What a reader of the table must know about a purified model: that the purifier itself
+    measured a clean-accuracy collapse and did not call the model repaired."""
+    if not m.get("warning"):
+        return ""
+    before, after = m.get("verify_ca_before"), m.get("verify_ca_after")
+    if before is None or after is None:
+        return f"not repaired: {m['warning']}"
+    return (f"not repaired: CA on {m.get('verify_size', '?')} held-out clean samples "
+            f"{100 * before:.1f} -> {100 * after:.1f}")
 
 
 def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
@@ -49,6 +61,10 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
         info, m = r["info"], r.get("metrics") or {}
         if r["status"] == "failed":
             out["failed"].append({"cell": r["name"], "kind": r["kind"], "error": r.get("error")})
+            if r["kind"] == "purifier":  # a purification that failed is a row of its table too
+                out["purification"].append({"attack": info.get("attack"), "ratio": info.get("ratio"),
+                                            "seed": info.get("seed"), "defense": info.get("defense"),
+                                            "note": f"failed: {r.get('error')}"})
         if r["status"] != "done":
             continue
         base = {"attack": info.get("attack"), "ratio": info.get("ratio"), "seconds": _round(r.get("seconds"), 2),
@@ -63,7 +79,7 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
         elif r["kind"] == "purifier":
             out["purification"].append({**base, "seed": info.get("seed"), "defense": info.get("defense"),
                                         **{k: m.get(k) for k in PURIFICATION[4:9]}, "der": m.get("der"),
-                                        "warning": m.get("warning")})
+                                        "warning": m.get("warning"), "note": purification_note(m)})
         elif r["kind"] == "detector":
             out["detection"].append({**base, "method": info.get("defense"), "seed": info.get("seed"),
                                      **{k: m.get(k) for k in DETECTION[3:10]}, "guard": m.get("guard"), "roc": m.get("roc")})
@@ -290,7 +306,8 @@ def render_html(data: dict, title: str, db) -> str:
     pur, det, ins, zoo = data["purification"], data["detection"], data["inspection"], data["zoo"]
     if pur:
         nav.append("purification")
-        figs = [_figure(_heatmap(pur, lambda r: r.get("asr_after"), "ASR after purification (%)", "RdYlGn_r", 0, 1),
+        table_rows, pur = pur, [r for r in pur if r.get("ca_after") is not None]  # failed cells: table only
+        figs = [] if not pur else [_figure(_heatmap(pur, lambda r: r.get("asr_after"), "ASR after purification (%)", "RdYlGn_r", 0, 1),
                         "Attack x defense: ASR after purification (mean over seeds; lower is better)"),
                 _figure(_heatmap(pur, lambda r: None if r.get("ca_after") is None else r["ca_before"] - r["ca_after"],
                                  "CA drop (percentage points)", "Reds", 0, max(0.05, max(
@@ -302,7 +319,7 @@ def render_html(data: dict, title: str, db) -> str:
             figs.append(_figure(_retuning(pur), "Robustness: ASR right after purification and after the retuning "
                                 "attack (fine-tuning on clean data with a few poisoned samples), mean over attacks"))
         parts.append('<section id="purification"><h2>Purification</h2>'
-                     + _html_table(pur, PURIFICATION, highlight=("asr_after", "asr_after_ra")) + "".join(figs)
+                     + _html_table(table_rows, PURIFICATION, highlight=("asr_after", "asr_after_ra")) + "".join(figs)
                      + "</section>")
     if det:
         nav.append("detection")

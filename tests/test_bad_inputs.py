@@ -7,10 +7,7 @@ Where the same case is tested in another file, that file is named in the case's 
 repair command's clean-data cases live in test_workflow.py."""
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
-import operator
 import pickle
 import re
 import subprocess
@@ -22,6 +19,7 @@ import torch
 from PIL import Image
 
 import trojanguard as tg
+from pickle_payloads import GetattrStaticPayload, MethodcallerPayload
 from trojanguard.cli.main import EXIT_BROKEN_PIPE, main
 from trojanguard.errors import UserError
 
@@ -346,37 +344,7 @@ def test_encoder_without_classifier_head(tiny_encoder_dir, away, capsys):
 
 
 # --- pickles that would run code, through the command line ---------------------------
-class _ImportIo:
-    def __reduce__(self):
-        return importlib.import_module, ("io",)
-
-
-class _MethodcallerPayload:
-    """importlib.import_module('io') then operator.methodcaller('open', path, 'w'): no os,
-    subprocess or builtins.eval for a blocklist scanner to see."""
-    path = ""
-
-    def __reduce__(self):
-        return operator.methodcaller("open", self.path, "w"), (_ImportIo(),)
-
-
-class _GetattrStatic:
-    def __call__(self, *a):
-        pass
-
-    def __reduce__(self):
-        return inspect.getattr_static, (_ImportIo(), "open")
-
-
-class _GetattrStaticPayload:
-    """inspect.getattr_static(importlib.import_module('io'), 'open')(path, 'w')."""
-    path = ""
-
-    def __reduce__(self):
-        return _GetattrStatic(), (self.path, "w")
-
-
-@pytest.mark.parametrize("payload", [_MethodcallerPayload, _GetattrStaticPayload])
+@pytest.mark.parametrize("payload", [MethodcallerPayload, GetattrStaticPayload])
 @pytest.mark.parametrize("form", ["torch.save", "legacy", "raw-pickle"])
 @pytest.mark.parametrize("command", ["scan", "repair", "eval"])
 def test_pt_that_would_run_code_is_refused_by_the_cli(payload, form, command, files, tmp_path, capsys):

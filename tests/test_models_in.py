@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import inspect
 import json
-import operator
 import pickle
 import subprocess
 import sys
@@ -18,6 +15,7 @@ import torch
 from torch import nn
 
 import trojanguard as tg
+from pickle_payloads import GetattrStaticPayload, MethodcallerPayload, OpenPayload
 from trojanguard.defenses import create_defense
 from trojanguard.defenses.common import layer_activations
 from trojanguard.errors import UserError
@@ -315,44 +313,7 @@ def test_state_dict_mistakes_are_one_line(clean_digits_model, tmp_path):
 
 
 # ----------------------------------------------------- pickles that would run code ---
-class _ImportIo:
-    def __reduce__(self):
-        return importlib.import_module, ("io",)
-
-
-class _MethodcallerPayload:
-    """The blocklist bypass: operator.methodcaller('open', path, 'w') applied to
-    importlib.import_module('io') - no os/subprocess/builtins.eval anywhere."""
-    path = ""
-
-    def __reduce__(self):
-        return operator.methodcaller("open", self.path, "w"), (_ImportIo(),)
-
-
-class _GetattrStatic:
-    def __call__(self, *a):  # pickle wants a callable; unpickling builds the real one below
-        pass
-
-    def __reduce__(self):
-        return inspect.getattr_static, (_ImportIo(), "open")
-
-
-class _GetattrStaticPayload:
-    """The other bypass: inspect.getattr_static(importlib.import_module('io'), 'open')(path, 'w')."""
-    path = ""
-
-    def __reduce__(self):
-        return _GetattrStatic(), (self.path, "w")
-
-
-class _OpenPayload:
-    path = ""
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-@pytest.mark.parametrize("payload", [_OpenPayload, _MethodcallerPayload, _GetattrStaticPayload])
+@pytest.mark.parametrize("payload", [OpenPayload, MethodcallerPayload, GetattrStaticPayload])
 def test_pickles_that_would_run_code_are_refused(payload, tmp_path):
     payload.path = str(tmp_path / "proof")
     # the payload is real: plain pickle runs it

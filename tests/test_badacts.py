@@ -116,6 +116,38 @@ def test_guard_returns_model_logits_for_unflagged(backdoored_digits, split, fitt
     assert torch.equal(flags, scores > g.threshold)
 
 
+def test_vision_spatial_max_reads_channel_maxima(backdoored_digits, split, tmp_path):
+    """spatial="max": each channel's neuron is its spatial maximum (a local patch is not
+    averaged away); the statistics are those maxima, and a saved guard keeps the choice."""
+    model, atk = backdoored_digits
+    fit, fresh = split
+    det = create_defense("badacts", progress=False, spatial="max").fit(model, fit)
+    layer = det.layers[0]
+    x, _ = fit.batch(torch.arange(len(fit)))
+    with torch.no_grad(), model.capture([layer]) as acts:
+        model(x)
+    maxima = acts[layer].float().amax((2, 3))
+    means = acts[layer].float().mean((2, 3))
+    d = det.dims[layer]
+    mu = det.mu[:d].cpu()  # fitted on half of ``fit`` (the template's 50/50 split): close, not equal
+    assert (mu - maxima.mean(0)).abs().max() < 0.2 * (mu - means.mean(0)).abs().max()
+    trig = det.score_data(stamped(fresh, atk))
+    clean = det.score_data(fresh)
+    auroc = metrics.auroc(torch.cat([clean, trig]), torch.cat([torch.zeros(len(clean)), torch.ones(len(trig))]).bool())
+    assert auroc >= 0.9, auroc
+    g = tg.guard(model, fit, "badacts", progress=False, spatial="max")
+    g.save(tmp_path / "guard")
+    h = tg.load_guard(tmp_path / "guard")
+    xs = stamped(fresh, atk).batch(torch.arange(20))[0]
+    assert torch.equal(h(xs).scores, g(xs).scores)
+    # mean+max: two NAS neurons per channel, one clamp interval per channel
+    both = tg.guard(model, fit, "badacts", progress=False, spatial="mean+max", purify=True, epochs=2)
+    assert both.detector.dims[layer] == 2 * det.dims[layer]
+    assert both.detector.bounds[layer][0].shape == (det.dims[layer],)
+    out = both(xs)
+    assert out.logits.shape == (20, len(fit.classes)) and out.flags.any()
+
+
 def test_saved_guard_reloads_identically(backdoored_digits, split, tmp_path):
     model, atk = backdoored_digits
     fit, fresh = split

@@ -81,6 +81,33 @@ def norm_layers(model) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def prune_neurons(model, masks: dict[str, torch.Tensor], prune_by: str = "threshold", threshold: float = 0.2,
+                  fraction: float = 0.05) -> dict[str, int]:
+    """Zero, in place, the normalisation weight of the neurons whose learned mask is at or
+    below ``threshold`` (or of the ``fraction`` of all neurons with the lowest masks; ties
+    broken by position); returns how many per layer. Shared by the purifier and
+    ``benchmarks/anp_sweep.py`` (one mask run, many pruning levels)."""
+    flat = torch.cat([mk.flatten() for mk in masks.values()])
+    if prune_by == "threshold":
+        cut = flat <= threshold
+    else:
+        k = int(round(fraction * len(flat)))
+        cut = torch.zeros(len(flat), dtype=torch.bool)
+        cut[torch.argsort(flat, stable=True)[:k]] = True
+    own = dict(model.named_modules())
+    per_layer, start = {}, 0
+    with torch.no_grad():
+        for name, mk in masks.items():
+            n = mk.numel()
+            sel = cut[start:start + n].view_as(mk)
+            start += n
+            if sel.any():
+                weight = own[name].weight
+                weight[sel.to(weight.device)] = 0.0
+                per_layer[name] = int(sel.sum())
+    return per_layer
+
+
 class Anp(Purifier):
     """Learn per-neuron masks under adversarial neuron perturbation, prune the low ones."""
     name = "anp"
@@ -151,30 +178,14 @@ class Anp(Purifier):
         bar.close()
         del scratch
 
-        flat = torch.cat([mk.detach().flatten() for mk in masks]).cpu()
-        if cfg.prune_by == "threshold":
-            cut = flat <= cfg.threshold
-        else:
-            k = int(round(cfg.fraction * len(flat)))
-            cut = torch.zeros(len(flat), dtype=torch.bool)
-            cut[torch.argsort(flat, stable=True)[:k]] = True
-        own = dict(model.named_modules())
-        self.masks: dict[str, torch.Tensor] = {}
-        per_layer, start = {}, 0
-        with torch.no_grad():
-            for (name, _), mk in zip(layers, masks):
-                n = mk.numel()
-                sel = cut[start:start + n].view_as(mk)
-                start += n
-                self.masks[name] = mk.detach().cpu().clone()
-                if sel.any():
-                    own[name].weight[sel.to(dev)] = 0.0
-                    per_layer[name] = int(sel.sum())
+        self.masks: dict[str, torch.Tensor] = {name: mk.detach().cpu().clone() for (name, _), mk in zip(layers, masks)}
+        flat = torch.cat([mk.flatten() for mk in self.masks.values()])
+        per_layer = prune_neurons(model, self.masks, cfg.prune_by, cfg.threshold, cfg.fraction)
+        cut_max = max((float(self.masks[n].flatten().sort().values[k - 1]) for n, k in per_layer.items()), default=None)
         return model.eval(), {
-            "pruned": int(cut.sum()), "neurons": len(flat), "pruned_share": float(cut.float().mean()),
+            "pruned": sum(per_layer.values()), "neurons": len(flat), "pruned_share": sum(per_layer.values()) / len(flat),
             "pruned_per_layer": per_layer, "prune_by": cfg.prune_by,
-            "threshold": (cfg.threshold if cfg.prune_by == "threshold"
-                          else float(flat[cut].max()) if cut.any() else None),
+            "threshold": cfg.threshold if cfg.prune_by == "threshold" else cut_max,
             "mask_min": float(flat.min()), "mask_mean": float(flat.mean()),
             "masks_below_threshold": int((flat <= cfg.threshold).sum()),
             "iterations": cfg.iterations, "trace": trace, "mask_layers": len(layers),

@@ -7,13 +7,17 @@ Activations: the output of every layer in ``layers`` (default ``model.layer_name
 every encoder block of a text model, every stage/block of a CNN). Text uses the hidden
 state at [CLS] (position 0), as the official ``get_attribution`` (``position="cls"``), also
 on our mean-pooling MiniLM classifier, whose head never reads the last block's [CLS]:
-measured on the SST-2 20 % models (``benchmarks/badacts_position.py``,
+measured on the SST-2 20 % models (``benchmarks/badacts_variants.py``,
 ``results/badacts-position-sst2.md``), the token mean (``position="mean"``) detects worse
 on all four attacks: AUROC [CLS] / mean = BadNets 0.999 / 0.805, AddSent 0.992 / 0.688,
 SynBkd 0.817 / 0.802, StyleBkd 0.796 / 0.725 (a one-token trigger is diluted in the mean;
-[CLS] attends to it). Vision uses the per-channel spatial means of each block's feature
-map. **The vision version is our extension** (the paper and its code cover transformers
-only).
+[CLS] attends to it). **The vision version is our extension** (the paper and its code
+cover transformers only): each channel of each block's feature map gives two NAS neurons,
+its spatial mean and its spatial maximum (``spatial="mean+max"``, the default). Measured
+on CIFAR-10 (``benchmarks/badacts_variants.py``, ``results/badacts-spatial-cifar10.md``):
+the mean alone misses a local patch (BadNets 10 %: AUROC mean / max / both = 0.886 /
+1.000 / 1.000) and the maximum alone misses a global blend (Blended 1 %: 1.000 / 0.909 /
+0.999). The purifier clamps each channel's map once (one interval per channel).
 
 Detection (NAS, neuron activation state). ``fit`` splits the clean data 50/50 (the
 ``InputDetector`` template): mu_j, sigma_j of every neuron j are fitted on the first half
@@ -87,6 +91,9 @@ class BadActsConfig(DefenseConfig):
     position: Literal["cls", "mean"] = Field("cls", json_schema_extra=ADDED_LATER, description=(
         "text: where the NAS reads each block: [CLS] (the paper; measured better, see the docstring) "
         "or the token mean over non-padding tokens"))
+    spatial: Literal["mean", "max", "mean+max"] | None = Field(None, json_schema_extra=ADDED_LATER, description=(
+        "images: each channel read as its spatial mean, its spatial maximum, or both (two NAS "
+        "neurons per channel); None = mean+max (measured best, see the docstring)"))
 
 
 class BadActs(InputDetector):
@@ -104,7 +111,11 @@ class BadActs(InputDetector):
             raise UserError(f"badacts: unknown layer {bad[0]!r}; this model has {', '.join(known)}")
         self.layers = list(names)
         self.input_shape = tuple(clean.shape) if clean.modality == "image" else None
-        self.position = self.cfg.position if clean.modality == "text" else "auto"
+        if clean.modality == "text":
+            self.position = self.cfg.position
+        else:
+            spatial = self.cfg.spatial or "mean+max"
+            self.position = "auto" if spatial == "mean" else spatial
         acts = layer_activations(model, clean, self.layers, reduce=self.position)
         self.dims = {n: acts[n].shape[1] for n in self.layers}
         a = torch.cat([acts[n] for n in self.layers], 1).double()
@@ -112,6 +123,12 @@ class BadActs(InputDetector):
         # maximum likelihood (ddof 0), as scipy.stats.norm.fit in the official code
         self.mu = a.mean(0).float().to(dev)
         self.sigma = a.std(0, unbiased=False).float().to(dev)
+
+    def channels(self) -> dict[str, int]:
+        """Units per layer that the purifier clamps (a layer read as mean+max has two NAS
+        neurons per channel)."""
+        per = 2 if self.position == "mean+max" else 1
+        return {n: d // per for n, d in self.dims.items()}
 
     def _check_fitted(self, what: str = "score inputs") -> None:
         if getattr(self, "mu", None) is None:
@@ -145,7 +162,7 @@ class BadActs(InputDetector):
         self._check_inputs(x)
         model = self.model
         inputs, mask = model_inputs(model, x)
-        how = self.position if mask is not None else "auto"
+        how = self.position
         acts: dict[str, torch.Tensor] = {}
 
         def recorder(name):
@@ -224,7 +241,7 @@ class BadActs(InputDetector):
                 c = cfg.c0 / 2 ** attempt
                 bounds = {n: (torch.full((d,), cfg.init_bound, device=dev, requires_grad=True),
                               torch.full((d,), cfg.init_bound, device=dev, requires_grad=True))
-                          for n, d in self.dims.items()}
+                          for n, d in self.channels().items()}
                 opt = torch.optim.Adam([t for pair in bounds.values() for t in pair], lr=cfg.lr)
                 acc = self._train_bounds(keep, ref, bounds, opt, c, g, history, attempt)
                 if acc >= cfg.restart_below:

@@ -38,13 +38,17 @@ def clean_accuracy(model, data: Data, batch_size: int = 256) -> float:
     return metrics.accuracy(predict(model, data, batch_size), data.y)
 
 
-Reduce = Literal["auto", "none", "mean", "cls"]
+Reduce = Literal["auto", "none", "mean", "cls", "max", "mean+max"]
 
 
 def _reduce(t: torch.Tensor, how: Reduce, mask: torch.Tensor | None) -> torch.Tensor:
     if how == "none":
         return t
-    if t.ndim == 4:  # CNN feature map [B, C, H, W] -> channel means
+    if t.ndim == 4:  # CNN feature map [B, C, H, W] -> channel means (or maxima)
+        if how == "max":
+            return t.float().amax((2, 3))
+        if how == "mean+max":
+            return torch.cat([t.float().mean((2, 3)), t.float().amax((2, 3))], 1)
         return t.float().mean((2, 3))
     if t.ndim == 3:  # transformer hidden states [B, T, d]
         if how == "cls" or (how == "auto" and mask is None):
@@ -70,7 +74,9 @@ def layer_activations(model, data: Data, layers: list[str], reduce: Reduce = "au
     """``{layer: [N, d]}`` over ``data`` (eval mode; ``trigger`` stamps each batch first).
 
     ``reduce``: "auto" = channel means of 4-D maps and [CLS] of text hidden states;
-    "mean" = the token mean over non-padding tokens for text; "cls"; "none" = raw
+    "mean" = the token mean over non-padding tokens for text; "cls"; "max" = the channel
+    maxima of 4-D maps (a local trigger is diluted in the spatial mean); "mean+max" = both,
+    concatenated per layer; "none" = raw
     outputs (beware of memory). ``with_logits`` adds ``"logits"``."""
     was = model.training
     model.eval()

@@ -7,14 +7,14 @@ Activations: the output of every layer in ``layers`` (default ``model.layer_name
 every encoder block of a text model, every stage/block of a CNN). Text uses the hidden
 state at [CLS] (position 0), as the official ``get_attribution`` (``position="cls"``), also
 on our mean-pooling MiniLM classifier, whose head never reads the last block's [CLS]:
-measured on the SST-2 20 % models (``benchmarks/badacts_variants.py``,
+measured on the SST-2 20 % models (``benchmarks/detector_variants.py``,
 ``results/badacts-position-sst2.md``), the token mean (``position="mean"``) detects worse
 on all four attacks: AUROC [CLS] / mean = BadNets 0.999 / 0.805, AddSent 0.992 / 0.688,
 SynBkd 0.817 / 0.802, StyleBkd 0.796 / 0.725 (a one-token trigger is diluted in the mean;
 [CLS] attends to it). **The vision version is our extension** (the paper and its code
 cover transformers only): each channel of each block's feature map gives two NAS neurons,
 its spatial mean and its spatial maximum (``spatial="mean+max"``, the default). Measured
-on CIFAR-10 (``benchmarks/badacts_variants.py``, ``results/badacts-spatial-cifar10.md``),
+on CIFAR-10 (``benchmarks/detector_variants.py``, ``results/badacts-spatial-cifar10.md``),
 AUROC mean / max / both: BadNets 10 % 0.886 / 1.000 / 1.000 (the mean misses a local
 patch), Blended 1 % 1.000 / 0.909 / 0.999 and 10 % 0.992 / 0.761 / 0.984 (the maximum
 misses a global blend), WaNet 10 % 0.897 / 0.849 / 0.890. The purifier clamps each

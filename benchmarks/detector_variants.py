@@ -1,18 +1,19 @@
-"""BadActs detection variants side by side, on the same sets as the harness's detector cells
-(the clean test split vs its triggered non-target part; D_def = the dev split for text, the
-5 % held-out split for images): AUROC, AUPRC and TPR at 5 % FPR, detection only.
+"""Detection variants side by side (BadActs by default, any detector with ``--method``), on
+the same sets as the harness's detector cells (the clean test split vs its triggered
+non-target part; D_def = the dev split for text, the 5 % held-out split for images):
+AUROC, AUPRC and TPR at 5 % FPR, detection only.
 
 Text: which token position the NAS reads, [CLS] (the paper, on BERT whose head reads
 [CLS]) or the token mean (what our mean-pooling MiniLM head reads); writes
 benchmarks/results/badacts-position-sst2.{csv,md}:
 
-    python benchmarks/badacts_variants.py zoo/sst2-bench/<hash> ... --threads 2 \
+    python benchmarks/detector_variants.py zoo/sst2-bench/<hash> ... --threads 2 \
         --variants position=cls position=mean --out benchmarks/results/badacts-position-sst2
 
 Images: each channel read as its spatial mean or its spatial maximum; writes
 benchmarks/results/badacts-spatial-cifar10.{csv,md}:
 
-    python benchmarks/badacts_variants.py zoo/cifar10/badnets-0.1-s0 ... --threads 2 \
+    python benchmarks/detector_variants.py zoo/cifar10/badnets-0.1-s0 ... --threads 2 \
         --variants spatial=mean spatial=max --out benchmarks/results/badacts-spatial-cifar10
 """
 from __future__ import annotations
@@ -49,8 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="backdoored victim folders (checkpoint + attack), one dataset")
     ap.add_argument("--data-dir", default=None, help="dataset folder (default: the usual search)")
+    ap.add_argument("--method", default="badacts", help="detector name (trojanguard list defenses)")
     ap.add_argument("--variants", nargs="+", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
-                    help="BadActs options per variant, e.g. spatial=mean spatial=max")
+                    help="detector options per variant, e.g. spatial=mean spatial=max")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md are written)")
     args = ap.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
         poisoned = test.subset(keep)
         for variant in variants:
             t0 = time.perf_counter()
-            det = create_defense("badacts", progress=False, **variant).fit(model, prep.defense)
+            det = create_defense(args.method, progress=False, **variant).fit(model, prep.defense)
             s_clean = det.score_data(test)
             s_pois = det.score_data(poisoned, trigger=attack.trigger)
             scores = torch.cat([s_clean, s_pois])
@@ -87,10 +89,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     lines = [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in rows]
     atomic_write_text(args.out.with_suffix(".csv"), "\n".join(lines) + "\n")
-    md = [f"# BadActs detection variants: {', '.join(args.variants)}", "",
-          f"Written by `python benchmarks/badacts_variants.py {' '.join(str(f) for f in args.folders)} "
-          f"--variants {' '.join(args.variants)} --threads {args.threads}`; D_def = the dev split (text) or "
-          f"the 5 % held-out split (images), FRR 0.05, delta 3 unless a variant sets it. "
+    md = [f"# {args.method} detection variants: {', '.join(args.variants)}", "",
+          f"Written by `python benchmarks/detector_variants.py {' '.join(str(f) for f in args.folders)} "
+          f"--method {args.method} --variants {' '.join(args.variants)} --threads {args.threads}`; D_def = the dev split (text) or "
+          f"the 5 % held-out split (images), FRR 0.05; other options at their defaults. "
           f"Versions: {library_versions()}.", "",
           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]

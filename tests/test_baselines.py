@@ -157,6 +157,32 @@ def test_anp_masks_stay_in_unit_interval_and_prune_by_threshold(backdoored_digit
     assert frac.purify(model, digits.defense).info["pruned"] == round(0.1 * res.info["neurons"])
 
 
+def test_anp_ca_budget_prunes_the_most_the_accuracy_budget_allows(backdoored_digits, digits):
+    """prune_by=ca_budget: the chosen threshold keeps acc_ratio of the selection part's
+    accuracy, and the next threshold on the grid (if tried) broke it; a budget of 1.0
+    against a ratio of 0.5 prunes more."""
+    from trojanguard.defenses.common import clean_accuracy, split_clean
+    model, _ = backdoored_digits
+    res = {}
+    for ratio in (1.0, 0.5):
+        anp = create_defense("anp", progress=False, iterations=60, batch_size=64, prune_by="ca_budget",
+                             acc_ratio=ratio, verify_fraction=0)
+        res[ratio] = anp.purify(model, digits.defense)
+        b = res[ratio].info["ca_budget"]
+        curve = b["curve"]
+        assert curve and [c["threshold"] for c in curve] == [round(0.05 * k, 2) for k in range(1, len(curve) + 1)]
+        kept = [c for c in curve if c["selection_ca"] >= ratio * b["selection_ca_before"]]
+        assert b["threshold"] == (kept[-1]["threshold"] if kept else None)
+        if len(curve) < 18:  # stopped early: the last threshold tried broke the budget
+            assert curve[-1]["selection_ca"] < ratio * b["selection_ca_before"]
+        # the selection part is the one split_clean sets aside, and the model was measured on it
+        _, selection = split_clean(digits.defense, 0.2, 0)
+        assert b["selection_size"] == len(selection)
+        assert abs(b["selection_ca_before"] - clean_accuracy(model.eval(), selection)) < 1e-4
+    assert res[0.5].info["pruned"] >= res[1.0].info["pruned"]
+    assert res[0.5].info["pruned"] > 0
+
+
 def test_nad_attention_maps_are_normalised_and_ignore_padding():
     from trojanguard.defenses.nad import at_loss, attention_map
     g = torch.Generator().manual_seed(0)

@@ -22,7 +22,11 @@ does; ``clip_noise`` clips them to [-eps, eps] as the paper's constraint reads).
 Changes and readings (ours):
 * BackdoorBench scans thresholds 0..0.9 and keeps the model with the lowest ASR on the
   poisoned *test* set within 10 % relative accuracy loss: that needs the attack, which a
-  defender does not have, so we prune at the fixed threshold as the paper does.
+  defender does not have, so by default we prune at the fixed threshold as the paper does.
+  ``prune_by="ca_budget"`` is the defender's version of BackdoorBench's scan: a
+  class-balanced ``select_fraction`` of the clean data is kept from the masks, and the
+  largest threshold on the same grid whose pruned model keeps ``acc_ratio`` (0.9) of the
+  unpruned accuracy on it is used (``benchmarks/anp_sweep.py`` shows the whole curve).
 * Iterations: 2,000 iterations of batch 128 on PreAct-ResNet18 width 16 take an estimated
   15-20 min on 2 CPU cores (three forwards and two backwards each, from the per-batch cost
   of the model; not measured on CIFAR-10 here); the default is cut to 500
@@ -50,7 +54,8 @@ from ..errors import UserError
 from ..training import TrainConfig, prepare_batch
 from ..utils import resolve_device, seed_everything
 from ..progress import stage_bar
-from .common import crop_padding
+from ..utils import ADDED_LATER
+from .common import clean_accuracy, crop_padding, split_clean
 from .base import Purifier, PurifierConfig
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -63,9 +68,14 @@ class AnpConfig(PurifierConfig):
     mask_lr: float = Field(0.2, gt=0, description="SGD learning rate of the masks (momentum 0.9)")
     iterations: int = Field(500, ge=1, description="mask optimisation iterations (code: 2000; see docstring)")
     batch_size: int = Field(128, ge=1)
-    prune_by: Literal["threshold", "fraction"] = "threshold"
+    prune_by: Literal["threshold", "fraction", "ca_budget"] = "threshold"
     threshold: float = Field(0.2, ge=0, le=1, description="prune neurons whose mask is at or below this")
     fraction: float = Field(0.05, ge=0, le=1, description="with prune_by=fraction: share of all neurons pruned")
+    acc_ratio: float = Field(0.9, gt=0, le=1, json_schema_extra=ADDED_LATER, description=(
+        "with prune_by=ca_budget: keep at least this share of the unpruned accuracy on the selection part "
+        "(BackdoorBench's acc_ratio)"))
+    select_fraction: float = Field(0.2, gt=0, lt=1, json_schema_extra=ADDED_LATER, description=(
+        "with prune_by=ca_budget: class-balanced share of the clean data kept from the masks to pick the threshold"))
     clip_noise: bool = Field(False, description="clip the perturbations to [-eps, eps] after each ascent step")
     augment: bool = True
     text_batch_size: int = Field(32, ge=1)
@@ -118,6 +128,9 @@ class Anp(Purifier):
         text = clean.modality == "text"
         dev = resolve_device(cfg.device)
         model.to(dev)
+        selection = None
+        if cfg.prune_by == "ca_budget":
+            clean, selection = split_clean(clean, cfg.select_fraction, cfg.seed)
         scratch = copy.deepcopy(model)
         for q in scratch.parameters():
             q.requires_grad_(False)
@@ -180,13 +193,44 @@ class Anp(Purifier):
 
         self.masks: dict[str, torch.Tensor] = {name: mk.detach().cpu().clone() for (name, _), mk in zip(layers, masks)}
         flat = torch.cat([mk.flatten() for mk in self.masks.values()])
-        per_layer = prune_neurons(model, self.masks, cfg.prune_by, cfg.threshold, cfg.fraction)
+        budget = None
+        if selection is not None:
+            budget = self._threshold_within_budget(model, selection)
+            per_layer = ({} if budget["threshold"] is None else
+                         prune_neurons(model, self.masks, "threshold", budget["threshold"]))
+        else:
+            per_layer = prune_neurons(model, self.masks, cfg.prune_by, cfg.threshold, cfg.fraction)
         cut_max = max((float(self.masks[n].flatten().sort().values[k - 1]) for n, k in per_layer.items()), default=None)
         return model.eval(), {
             "pruned": sum(per_layer.values()), "neurons": len(flat), "pruned_share": sum(per_layer.values()) / len(flat),
             "pruned_per_layer": per_layer, "prune_by": cfg.prune_by,
-            "threshold": cfg.threshold if cfg.prune_by == "threshold" else cut_max,
+            "threshold": (cfg.threshold if cfg.prune_by == "threshold" else
+                          budget["threshold"] if budget else cut_max),
+            **({"ca_budget": budget} if budget else {}),
             "mask_min": float(flat.min()), "mask_mean": float(flat.mean()),
             "masks_below_threshold": int((flat <= cfg.threshold).sum()),
             "iterations": cfg.iterations, "trace": trace, "mask_layers": len(layers),
             "noise": "clipped" if cfg.clip_noise else "unclipped"}
+
+    def _threshold_within_budget(self, model, selection: Data) -> dict:
+        """The largest threshold on BackdoorBench's grid (0.05 .. 0.90, step 0.05) whose
+        pruned model keeps ``acc_ratio`` of the unpruned accuracy on ``selection``, clean
+        data the masks never saw. BackdoorBench picks, within the same accuracy budget, the
+        threshold of lowest ASR on the poisoned test set, which a defender cannot compute;
+        pruning as much as the budget allows is the defender's version (a larger threshold
+        prunes a superset of neurons)."""
+        cfg = self.cfg
+        model.eval()
+        base = clean_accuracy(model, selection)
+        chosen, curve = None, []
+        for k in range(1, 19):
+            t = round(0.05 * k, 2)
+            trial = copy.deepcopy(model)
+            pruned = sum(prune_neurons(trial, self.masks, "threshold", t).values())
+            acc = clean_accuracy(trial.eval(), selection)
+            curve.append({"threshold": t, "pruned": pruned, "selection_ca": round(acc, 4)})
+            if acc < cfg.acc_ratio * base:
+                break
+            chosen = t
+        return {"threshold": chosen, "selection_ca_before": round(base, 4), "selection_size": len(selection),
+                "acc_ratio": cfg.acc_ratio, "curve": curve}

@@ -26,8 +26,9 @@ Detection (NAS, neuron activation state). ``fit`` splits the clean data 50/50 (t
 neurons with |a_j(x) - mu_j| <= delta sigma_j. ``score(x) = 1 - NAS(x)`` (higher = more
 suspicious); the threshold is the (1 - frr) quantile of the scores of the second half.
 delta = 3 as the run script ``BadActs_detection_then_purification.py`` (the class
-default there is 2); frr 0.05 (class default). The official code flags NAS < the int(n frr)-th smallest
-calibration NAS; the template here flags 1 - NAS > the (1 - frr) quantile (interpolated)
+default there is 2; on the four SST-2 20 % models delta 3 detects best of 1.5 / 2 / 3, e.g.
+SynBkd AUROC 0.695 / 0.758 / 0.817, ``results/badacts-delta-sst2.md``); frr 0.05 (class
+default). The official code flags NAS < the int(n frr)-th smallest calibration NAS; the template here flags 1 - NAS > the (1 - frr) quantile (interpolated)
 of the calibration scores: the same rule up to the interpolation between two scores.
 
 Purification (learned minimum intervals, ``BadActs_purification.py``). On the clean

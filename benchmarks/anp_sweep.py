@@ -21,7 +21,8 @@ from trojanguard.defenses import create_defense
 from trojanguard.defenses.anp import prune_neurons
 from trojanguard.eval.evaluate import evaluate
 from trojanguard.purification import load_setup
-from trojanguard.utils import atomic_write_text, library_versions
+from trojanguard.report import write_table_files
+from trojanguard.utils import library_versions
 
 COLUMNS = ["prune_by", "level", "pruned", "ca", "asr", "ra"]
 
@@ -57,18 +58,14 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     out = args.out or Path(__file__).parent / "results" / f"anp-sweep-{args.model.name}"
-    lines = [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in rows]
-    atomic_write_text(out.with_suffix(".csv"), "\n".join(lines) + "\n")
-    md = [f"# ANP pruning curve: {args.model.name}", "",
-          f"Written by `benchmarks/anp_sweep.py {args.model} --iterations {args.iterations} --threads {args.threads}`: "
-          f"masks learned once ({mask_seconds:.0f} s, {result.info['neurons']} neurons, seed {args.seed}, "
-          f"D_def = {len(setup.clean)} held-out images, {setup.clean_source}), then the lowest-mask neurons "
-          f"pruned at each level; CA/ASR/RA on the test split. Versions: {library_versions()}.", "",
-          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
-    print(f"wrote {out.with_suffix('.csv')} and .md")
-
+    intro = [f"# ANP pruning curve: {args.model.name}", "",
+             f"Written by `python benchmarks/anp_sweep.py {args.model} --iterations {args.iterations} "
+             f"--threads {args.threads}`: masks learned once ({mask_seconds:.0f} s, {result.info['neurons']} "
+             f"neurons, seed {args.seed}, D_def = {len(setup.clean)} held-out images, {setup.clean_source}), "
+             f"then the lowest-mask neurons pruned at each level; CA/ASR/RA on the test split. "
+             f"Versions: {library_versions()}."]
+    paths = write_table_files(out, rows, COLUMNS, intro)
+    print("wrote", *paths)
 
 if __name__ == "__main__":
     main()

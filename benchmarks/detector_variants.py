@@ -19,7 +19,6 @@ benchmarks/results/badacts-spatial-cifar10.{csv,md}:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from trojanguard.checkpoint import load_checkpoint
 from trojanguard.defenses import create_defense
 from trojanguard.eval import metrics as M
 from trojanguard.pipeline import default_holdout, prepare_data
-from trojanguard.utils import atomic_write_text, library_versions
+from trojanguard.report import write_table_files
+from trojanguard.utils import library_versions
 
 COLUMNS = ["model", "attack", "ratio", "variant", "auroc", "auprc", "tpr_at_5fpr", "frr", "far", "seconds", "threads"]
 
@@ -86,18 +86,13 @@ def main() -> None:
                    "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads}
             print(row, flush=True)
             rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in rows]
-    atomic_write_text(args.out.with_suffix(".csv"), "\n".join(lines) + "\n")
-    md = [f"# {args.method} detection variants: {', '.join(args.variants)}", "",
-          f"Written by `python benchmarks/detector_variants.py {' '.join(str(f) for f in args.folders)} "
-          f"--method {args.method} --variants {' '.join(args.variants)} --threads {args.threads}`; D_def = the dev split (text) or "
-          f"the 5 % held-out split (images), FRR 0.05; other options at their defaults. "
-          f"Versions: {library_versions()}.", "",
-          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(md) + "\n")
-
+    intro = [f"# {args.method} detection variants: {', '.join(args.variants)}", "",
+             f"Written by `python benchmarks/detector_variants.py {' '.join(str(f) for f in args.folders)} "
+             f"--method {args.method} --variants {' '.join(args.variants)} --threads {args.threads}`; D_def = the "
+             f"dev split (text) or the 5 % held-out split (images), FRR 0.05; other options at their defaults. "
+             f"Versions: {library_versions()}."]
+    paths = write_table_files(args.out, rows, COLUMNS, intro)
+    print("wrote", *paths)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from trojanguard.defenses import create_defense
-from trojanguard.utils import atomic_write_text
+from trojanguard.report import write_table_files
 
 COLUMNS = ["model", "method", "options", "ca_before", "asr_before", "ca_after", "asr_after", "asr_after_ra",
            "verify_ca_before", "verify_ca_after", "repaired", "seconds", "threads"]
@@ -50,19 +50,13 @@ def main() -> None:
     if not records:
         raise SystemExit("no purify.json in the folders given")
     rows = sorted((row(r) for r in records), key=lambda r: (r["model"], r["method"], r["options"]))
-    csv_lines = [",".join(COLUMNS)] + [",".join(f'"{r[c]}"' if c == "options" else str(r[c]) for c in COLUMNS)
-                                       for r in rows]
-    atomic_write_text(args.out.with_suffix(".csv"), "\n".join(csv_lines) + "\n")
-    md = [f"# Purification records: {', '.join(sorted({r['method'] for r in rows}))}", "",
-          "Collected by `python benchmarks/purify_records.py` from `trojanguard purify --out` folders; "
-          "percentages on the test split (CA, ASR; `asr_after_ra` with `--robustness`) and on the "
-          "purifier's own held-out verification part (`verify_*`); `repaired` = no when that part's CA "
-          "fell by more than the method's `max_ca_drop`.", "",
-          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(md) + "\n")
-    print(f"{len(rows)} rows -> {args.out.with_suffix('.csv')} and .md")
-
+    intro = [f"# Purification records: {', '.join(sorted({r['method'] for r in rows}))}", "",
+             "Collected by `python benchmarks/purify_records.py` from `trojanguard purify --out` folders; "
+             "percentages on the test split (CA, ASR; `asr_after_ra` with `--robustness`) and on the "
+             "purifier's own held-out verification part (`verify_*`); `repaired` = no when that part's CA "
+             "fell by more than the method's `max_ca_drop`."]
+    paths = write_table_files(args.out, rows, COLUMNS, intro)
+    print(f"{len(rows)} rows ->", *paths)
 
 if __name__ == "__main__":
     main()

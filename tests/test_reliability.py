@@ -619,3 +619,24 @@ def test_write_result_complete_or_absent(tmp_path):
     with pytest.raises(UserError, match="sha256"):
         check_result(out)
     assert check_result(out, verify=False).read_bytes("a.txt", 100) == b"two"
+
+
+def test_table_files_keep_dotted_stems_and_quote_csv(tmp_path):
+    """Benchmark tables: ``<stem>.csv`` and ``<stem>.md`` next to each other, whatever dots
+    the stem has (``Path.with_suffix`` would cut ``badnets-0.1-s0`` to ``badnets-0``), and
+    CSV fields with commas or quotes stay one field."""
+    import csv
+    from trojanguard.report import write_table_files
+    rows = [{"model": "badnets-0.1-s0", "options": 'layers=["head","layer4"]', "ca": 0.8395},
+            {"model": "blended-0.1-s0", "options": "defaults", "ca": 0.84}]
+    csv_path, md_path = write_table_files(tmp_path / "sub" / "sweep-badnets-0.1-s0", rows, ["model", "options", "ca"],
+                                          ["# title", "", "intro"])
+    assert csv_path.name == "sweep-badnets-0.1-s0.csv" and md_path.name == "sweep-badnets-0.1-s0.md"
+    with open(csv_path, newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [r["options"] for r in back] == ['layers=["head","layer4"]', "defaults"]
+    assert float(back[0]["ca"]) == 0.8395
+    md = md_path.read_text().splitlines()
+    assert md[:3] == ["# title", "", "intro"] and md[4].startswith("| model")
+    assert sum(1 for line in md if line.startswith("| badnets-0.1-s0")) == 1
+    assert not list(tmp_path.glob("sub/*.tmp*"))  # nothing half-written left behind

@@ -45,3 +45,23 @@ def percent_rows(rows: list[dict], keys=("ca", "asr", "ra")) -> list[dict]:
                 r[k] = percent(r[k], 1, "%")
         out.append(r)
     return out
+
+
+def write_table_files(stem, rows: list[dict], columns: list[str], intro: list[str]) -> tuple:
+    """``<stem>.csv`` (all columns, quoted where needed) and ``<stem>.md`` (``intro`` lines,
+    then the table), each written atomically; the suffixes are appended to the name, so a
+    stem such as ``anp-sweep-badnets-0.1-s0`` keeps its dots. Returns the two paths."""
+    import csv
+    import io
+    from pathlib import Path
+    from .utils import atomic_write_text
+    stem = Path(stem)
+    csv_path, md_path = stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.md"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(md_path, "\n".join([*intro, "", table(rows, columns, markdown=True)]) + "\n")
+    return csv_path, md_path

@@ -161,3 +161,17 @@ def test_eval_any_model_against_a_saved_attack(suspect, tmp_path, capsys, backdo
     assert code == 0, err
     m = json.loads(out)
     assert m["asr"] > 0.9 and m["ca"] > 0.9
+
+
+def test_repair_recipe_by_modality_and_clean_size():
+    """The recipe `repair` picks: FST with more, smaller steps on few images, FST's defaults in
+    the middle, PAM at rho 0.25 where it was measured (>= 2,000 images), FST on text; every
+    choice is a registered purifier whose options validate, with a reason for the report."""
+    from trojanguard.defenses import create_defense
+    from trojanguard.practitioner import choose_recipe
+    picks = {n: choose_recipe("image", n) for n in (400, 1499, 1500, 1999, 2000, 5000)}
+    assert [picks[n][0] for n in sorted(picks)] == ["fst", "fst", "fst", "fst", "pam", "pam"]
+    assert picks[400][1]["batch_size"] == 32 and picks[1500][1] == {} and picks[2000][1] == {"rho": 0.25}
+    assert choose_recipe("text", 5000)[0] == "fst"
+    for method, options, reason in [*picks.values(), choose_recipe("text", 872)]:
+        assert create_defense(method, **options).cfg is not None and reason

@@ -123,7 +123,7 @@ def choose_recipe(modality: str, n_clean: int) -> tuple[str, dict, str]:
     # PAM is unmeasured, so FST stays there.
     return "pam", {"rho": 0.25}, (
         f"{n_clean} clean images: PAM at rho 0.25 (on the CIFAR-10 zoo it removed BadNets, Blended and "
-        f"WaNet within 2.2 CA points; FST left Blended 10 % at 100 %)")
+        f"WaNet within 2.2 CA points on the test set; FST left Blended 10 % at 100 %)")
 
 
 @dataclass

@@ -175,3 +175,34 @@ def test_repair_recipe_by_modality_and_clean_size():
     assert choose_recipe("text", 5000)[0] == "fst"
     for method, options, reason in [*picks.values(), choose_recipe("text", 872)]:
         assert create_defense(method, **options).cfg is not None and reason
+
+
+def test_backdoor_remains_rule():
+    from trojanguard.practitioner import backdoor_remains
+    assert backdoor_remains(1.0, 0.99) is True          # nothing removed
+    assert backdoor_remains(1.0, 0.6) is True           # not even halved
+    # more than halved: a recovered trigger can be a universal adversarial patch that also
+    # moves a clean model (EBYD's trigger_success on clean CIFAR-10 models: up to 41 %)
+    assert backdoor_remains(1.0, 0.4) is False
+    assert backdoor_remains(1.0, 0.05) is False         # under the 10 % bar
+    assert backdoor_remains(0.16, 0.011) is None        # a weak recovered trigger proves nothing
+    assert backdoor_remains(None, 0.5) is None
+
+
+def test_repair_that_leaves_the_trigger_working_is_not_called_repaired(digits, backdoored_digits):
+    """A repair that keeps clean accuracy but leaves the (here: real) trigger working is
+    reported as not repaired, with the trigger's numbers and other methods to try."""
+    from types import SimpleNamespace
+
+    from trojanguard.practitioner import repair
+    model, atk = backdoored_digits
+    trig = SimpleNamespace(trigger=atk.trigger, target_for=atk.target_for, target=0)
+    # FT for one epoch at a negligible rate: clean accuracy kept, backdoor untouched
+    repaired, r = repair(model, digits.defense, method="ft", options={"lr": 1e-6, "epochs": 1}, trigger=trig,
+                         robustness=False, device="cpu")
+    assert r.record["recovered_trigger_asr_before"] > 0.9 and r.record["backdoor_remains"] is True
+    assert r.ok is False and "backdoor remains" in r.advice and "--method pam" in r.advice
+    # the same repair judged without a trigger only by clean accuracy
+    _, r2 = repair(model, digits.defense, method="ft", options={"lr": 1e-6, "epochs": 1}, robustness=False,
+                   device="cpu")
+    assert r2.ok is True and "backdoor_remains" not in r2.record

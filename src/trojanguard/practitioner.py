@@ -7,7 +7,9 @@
   a verification part of the clean data kept aside, CA before/after on it, ASR before/after
   with the trigger the scan recovered, ASR after the retuning attack with that trigger;
   ``ok`` is False (and the CLI exits non-zero) when the repaired model lost more than
-  ``max_ca_drop`` on the verification part: a broken model is never presented as repaired.
+  ``max_ca_drop`` on the verification part, or when the recovered trigger still works after
+  the repair (``backdoor_remains``): a broken or still-backdoored model is never presented as
+  repaired.
 * ``guard``: ``trojanguard.guard`` (BadActs by default).
 
 Every function takes a model with the trojanguard interface (our checkpoints,
@@ -23,6 +25,20 @@ from typing import Any
 import torch
 
 from .data.base import Data
+
+# The recovered trigger "still works" after a repair when it sends more than this share of
+# the held-out clean inputs to the target (the 10 % ASR bar of the benchmark tables) and more
+# than half of what it sent before (relative, because a recovered trigger can be a universal
+# adversarial patch that moves a clean model too: EBYD's trigger_success reaches 41 % on a
+# clean CIFAR-10 zoo model); a trigger that sent < 20 % before proves nothing either way.
+REMAINS_ASR, REMAINS_MIN_BEFORE = 0.10, 0.20
+
+
+def backdoor_remains(asr_before: float | None, asr_after: float | None) -> bool | None:
+    """Whether a repair left the recovered trigger working (None: nothing to judge by)."""
+    if asr_before is None or asr_after is None or asr_before < REMAINS_MIN_BEFORE:
+        return None
+    return asr_after > max(REMAINS_ASR, 0.5 * asr_before)
 
 
 @dataclass
@@ -164,10 +180,13 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
                                         "verify_fraction": verify_fraction, "max_ca_drop": max_ca_drop})
     res = defense.purify(model, clean)
     record: dict[str, Any] = {**res.summary()}
+    remains = None
     if trigger is not None:
         b = evaluate(model, verify, trigger.trigger, trigger.target_for)
         a = evaluate(res.model, verify, trigger.trigger, trigger.target_for)
-        record.update(recovered_trigger_asr_before=b.get("asr"), recovered_trigger_asr_after=a.get("asr"))
+        remains = backdoor_remains(b.get("asr"), a.get("asr"))
+        record.update(recovered_trigger_asr_before=b.get("asr"), recovered_trigger_asr_after=a.get("asr"),
+                      backdoor_remains=remains)
         if robustness:
             tuned = retuning_attack(res.model, fit, trigger, n_clean=min(1000, len(fit)), seed=seed, device=device)
             record["recovered_trigger_asr_after_retuning"] = evaluate(tuned, verify, trigger.trigger,
@@ -176,7 +195,13 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
     if res.warning:
         advice = (f"{res.warning}. Advice: give more clean data (now {len(clean)}), or try another method "
                   "(--method ft, wiper, pam, anp)" + (", or lower --set alpha" if method == "fst" else ""))
-    return res.model, RepairReport(method, options, reason, record, res.ok, advice)
+    elif remains:
+        others = ", ".join(m for m in ("pam", "anp", "ebyd-removal", "beniful-removal", "fst") if m != method)
+        advice = (f"the trigger the scan recovered still sends {record['recovered_trigger_asr_after']:.1%} of the "
+                  f"held-out clean inputs to class {trigger.target} after {method} (before: "
+                  f"{record['recovered_trigger_asr_before']:.1%}): the backdoor remains. Advice: try another method "
+                  f"(--method {others})")
+    return res.model, RepairReport(method, options, reason, record, res.ok and not remains, advice)
 
 
 def report_html(title: str, scan_report: ScanReport | None = None, repair_report: RepairReport | None = None,

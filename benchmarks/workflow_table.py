@@ -1,0 +1,129 @@
+"""The practitioner workflow's acceptance table (scan + repair on every zoo model), composed
+from cells the harness already measured instead of re-running them:
+
+* **scan** = EBYD's out-of-sample verdict and target (``inspect-ebyd.csv``, written by
+  ``benchmarks/fit_ebyd_calibration.py``: each model scored by a calibration that never saw
+  it; ``trojanguard scan`` prints EBYD's verdict, Neural Cleanse is only a second opinion).
+  Right = "backdoored" with the true target for a backdoored model (any target for
+  all-to-all, which has none), "clean" for a clean one.
+* **repair** = the purifier cell whose method and options are what ``trojanguard repair``
+  picks for that data (``practitioner.choose_recipe``: PAM rho 0.25 for images from 2,000
+  training images, FST for text), on the harness's D_def (CIFAR-10: 2,500 held-out images,
+  the purifier keeps 10 % aside where ``repair`` keeps 20 %; SST-2: the dev split). Repaired
+  = ASR <= 10 % with a CA drop <= 3 points on the test set (the issue's bar), for models whose
+  backdoor implanted (ASR >= 50 %).
+
+Writes ``benchmarks/results/workflow-zoo.{csv,md}``:
+
+    python benchmarks/workflow_table.py
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import yaml
+
+from trojanguard.bench.store import Store
+from trojanguard.practitioner import choose_recipe
+from trojanguard.report import write_table_files
+
+RESULTS = Path(__file__).parent / "results"
+CONFIGS = Path(__file__).parent.parent / "configs"
+VERIFY_FRACTION = 0.2  # what `trojanguard repair` keeps aside before choosing its recipe
+# (modality, D_def size) of each defense grid
+GRIDS = {"cifar10": ("image", 2500), "sst2": ("text", 872)}
+ASR_BAR, CA_DROP_BAR, IMPLANTED = 0.10, 0.03, 0.5
+COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "scan_verdict", "scan_p", "scan_target", "scan_right",
+           "repair", "ca_before", "ca_after", "asr_before", "asr_after", "asr_after_ra", "repaired", "repair_seconds"]
+
+
+def scans() -> dict[tuple[str, str], dict]:
+    path = RESULTS / "inspect-ebyd.csv"
+    with path.open() as f:
+        return {(r["dataset"], r["model"]): r for r in csv.DictReader(f)}
+
+
+def repair_label(dataset: str) -> tuple[str, str]:
+    """(label of the grid's purifier entry with the recipe's method and options, description)."""
+    modality, n = GRIDS[dataset]
+    method, options, _ = choose_recipe(modality, round(n * (1 - VERIFY_FRACTION)))
+    grid = yaml.safe_load((CONFIGS / f"{dataset}-defenses.yaml").read_text())
+    for entry in grid["defenses"]["purifiers"]:
+        if entry["name"] == method and (entry.get("options") or {}) == options:
+            return entry.get("label", method), f"{method} {options or 'defaults'}"
+    raise SystemExit(f"configs/{dataset}-defenses.yaml has no purifier entry {method} {options}: add it")
+
+
+def purifier_rows(dataset: str, label: str) -> dict[str, dict]:
+    store = Store(RESULTS / f"{dataset}-defenses.sqlite", readonly=True)
+    try:
+        rows = store.rows(f"{dataset}-defenses", "done")
+    finally:
+        store.close()
+    out = {}
+    for r in rows:
+        victim, _, defense = r["name"].partition("/")
+        if r["kind"] == "purifier" and defense == label:
+            out[victim] = {**r["metrics"], "seconds": r["seconds"]}
+    return out
+
+
+def f(v) -> float | None:
+    return None if v in (None, "") else float(v)
+
+
+def main() -> None:
+    table, summary = [], []
+    scanned = scans()
+    for dataset in GRIDS:
+        if not (RESULTS / f"{dataset}-defenses.sqlite").is_file():
+            continue
+        label, recipe = repair_label(dataset)
+        repaired = purifier_rows(dataset, label)
+        models = sorted({m for d, m in scanned if d == dataset} | set(repaired))
+        for model in models:
+            s = scanned.get((dataset, model), {})
+            backdoored = s.get("is_backdoored") == "True" if s else not model.startswith("clean")
+            verdict = s.get("verdict_loo") or None
+            target = s.get("target") or None
+            true_target = s.get("true_target") or None
+            if verdict not in ("backdoored", "clean"):
+                right = None  # not scored out of sample
+            elif backdoored:
+                right = verdict == "backdoored" and (true_target is None or target == true_target)
+            else:
+                right = verdict == "clean"
+            row = {"dataset": dataset, "model": model, "is_backdoored": backdoored, "true_target": true_target,
+                   "scan_verdict": verdict or "not scored", "scan_p": f(s.get("p_loo")), "scan_target": target,
+                   "scan_right": right}
+            m = repaired.get(model)
+            if m and backdoored:
+                row["repair"] = label
+                ok = None if m["asr_before"] < IMPLANTED else (
+                    m["asr_after"] <= ASR_BAR and m["ca_before"] - m["ca_after"] <= CA_DROP_BAR)
+                row.update(ca_before=m["ca_before"], ca_after=m["ca_after"], asr_before=m["asr_before"],
+                           asr_after=m["asr_after"], asr_after_ra=m.get("asr_after_ra"), repaired=ok,
+                           repair_seconds=round(m["seconds"], 1))
+            table.append(row)
+        rows = [r for r in table if r["dataset"] == dataset]
+        scored = [r for r in rows if r["scan_right"] is not None]
+        bd = [r for r in scored if r["is_backdoored"]]
+        cl = [r for r in scored if not r["is_backdoored"]]
+        rep = [r for r in rows if r.get("repaired") is not None]
+        summary.append(
+            f"- {dataset}: scan right on {sum(r['scan_right'] for r in bd)}/{len(bd)} backdoored and "
+            f"{sum(r['scan_right'] for r in cl)}/{len(cl)} clean models scored out of sample (bar: 90 % and all); "
+            f"repair ({recipe}) meets ASR <= 10 % at CA drop <= 3 on {sum(r['repaired'] for r in rep)}/{len(rep)} "
+            f"backdoored models with a repair cell (bar: 90 %); "
+            f"{sum(1 for r in rows if r['is_backdoored'] and r.get('repaired') is None)} backdoored models lack one")
+    intro = ("# The workflow on the reference zoos: scan and repair\n\n"
+             "Composed from harness cells by `python benchmarks/workflow_table.py` (see its docstring): scan = "
+             "EBYD's leave-one-out verdict (`inspect-ebyd.csv`), repair = the cell of the recipe `trojanguard repair` "
+             "picks. Rates as fractions.\n\n" + "\n".join(summary) + "\n")
+    write_table_files(RESULTS / "workflow-zoo", table, COLUMNS, intro.splitlines())
+    print(intro)
+
+
+if __name__ == "__main__":
+    main()

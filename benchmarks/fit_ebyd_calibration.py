@@ -124,16 +124,24 @@ def main() -> None:
     ap.add_argument("--defense", default="ebyd", help=(
         "the grid label of the EBYD cells to fit (e.g. ebyd-detect: outputs inspect-ebyd-detect.*, "
         "inspect-models-ebyd-detect.csv; --write only for the default)"))
+    ap.add_argument("--image-features", default=None, help=(
+        "comma-separated image features to fit instead of mask_log (e.g. max_excess,mask_log): a study, "
+        "written as inspect-<defense>-<features>.* beside the default files; not with --write"))
     args = ap.parse_args()
-    if args.write and args.defense != "ebyd":
-        raise SystemExit("--write fits the shipped calibration on the default EBYD cells only")
+    if args.write and (args.defense != "ebyd" or args.image_features):
+        raise SystemExit("--write fits the shipped calibration on the default EBYD cells and features only")
+    features = dict(FEATURES)
     rows = inspections(args.dbs, args.defense)
     stem = f"inspect-{args.defense}"
     models_csv = "inspect-models.csv" if args.defense == "ebyd" else f"inspect-models-{args.defense}.csv"
+    if args.image_features:
+        features["image"] = tuple(args.image_features.split(","))
+        stem += "-" + "+".join(features["image"])
+        models_csv = f"inspect-models-{stem.removeprefix('inspect-')}.csv"
     # a backdoor that did not implant is not a backdoored model to find: listed, not scored
     scored = [r for r in rows if not (r["is_backdoored"] and (r["asr"] or 0) < 0.5)]
     sections, reports = {}, {}
-    for modality, names in FEATURES.items():
+    for modality, names in features.items():
         group = [r for r in scored if r["modality"] == modality]
         labels = [int(r["is_backdoored"]) for r in group]
         if len(set(labels)) < 2:
@@ -169,7 +177,7 @@ def main() -> None:
     atomic_write_text(RESULTS / f"{stem}.csv", buf.getvalue())
     atomic_write_text(RESULTS / models_csv, models_table(rows, args.dbs, args.defense))
     md = ["# EBYD model inspection: calibration fitted per modality, scored out of sample\n",
-          f"Logistic calibration per modality ({'; '.join(m + ': ' + ', '.join(n) for m, n in FEATURES.items())}; "
+          f"Logistic calibration per modality ({'; '.join(m + ': ' + ', '.join(n) for m, n in features.items())}; "
           f"L2 {args.l2}); p_loo = leave-one-out within the modality (empty: the other models lack a class), "
           "p_fit = the shipped fit (saw the model), p_prior = the probability the inspection printed. "
           f"Not implanted (ASR < 50 %, not scored): {', '.join(report['not_implanted']) or 'none'}.\n",

@@ -25,12 +25,11 @@ from pathlib import Path
 import yaml
 
 from trojanguard.bench.store import Store
-from trojanguard.practitioner import choose_recipe
+from trojanguard.practitioner import VERIFY_FRACTION, choose_recipe
 from trojanguard.report import write_table_files
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent.parent / "configs"
-VERIFY_FRACTION = 0.2  # what `trojanguard repair` keeps aside before choosing its recipe
 # (modality, D_def size) of each defense grid
 GRIDS = {"cifar10": ("image", 2500), "sst2": ("text", 872)}
 ASR_BAR, CA_DROP_BAR, IMPLANTED = 0.10, 0.03, 0.5
@@ -69,7 +68,7 @@ def purifier_rows(dataset: str, label: str) -> dict[str, dict]:
     return out
 
 
-def f(v) -> float | None:
+def as_float(v) -> float | None:
     return None if v in (None, "") else float(v)
 
 
@@ -95,7 +94,7 @@ def main() -> None:
             else:
                 right = verdict == "clean"
             row = {"dataset": dataset, "model": model, "is_backdoored": backdoored, "true_target": true_target,
-                   "scan_verdict": verdict or "not scored", "scan_p": f(s.get("p_loo")), "scan_target": target,
+                   "scan_verdict": verdict or "not scored", "scan_p": as_float(s.get("p_loo")), "scan_target": target,
                    "scan_right": right}
             m = repaired.get(model)
             if m and backdoored:

@@ -32,6 +32,7 @@ from .data.base import Data
 # adversarial patch that moves a clean model too: EBYD's trigger_success reaches 41 % on a
 # clean CIFAR-10 zoo model); a trigger that sent < 20 % before proves nothing either way.
 REMAINS_ASR, REMAINS_MIN_BEFORE = 0.10, 0.20
+VERIFY_FRACTION = 0.2  # share of the clean data `repair` keeps aside to verify itself
 
 
 def backdoor_remains(asr_before: float | None, asr_after: float | None) -> bool | None:
@@ -157,7 +158,7 @@ class RepairReport:
 
 
 def repair(model, clean: Data, method: str | None = None, options: dict | None = None,
-           trigger: RecoveredTrigger | None = None, seed: int = 0, verify_fraction: float = 0.2,
+           trigger: RecoveredTrigger | None = None, seed: int = 0, verify_fraction: float = VERIFY_FRACTION,
            max_ca_drop: float = 0.03, robustness: bool = True, progress: bool = False,
            device: str = "auto") -> tuple[torch.nn.Module, RepairReport]:
     """Purify ``model`` on part of ``clean``, verify on the rest; see the module docstring."""
@@ -187,7 +188,7 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
         remains = backdoor_remains(b.get("asr"), a.get("asr"))
         record.update(recovered_trigger_asr_before=b.get("asr"), recovered_trigger_asr_after=a.get("asr"),
                       backdoor_remains=remains)
-        if robustness:
+        if robustness and not remains:  # a backdoor still in place needs no attack to come back
             tuned = retuning_attack(res.model, fit, trigger, n_clean=min(1000, len(fit)), seed=seed, device=device)
             record["recovered_trigger_asr_after_retuning"] = evaluate(tuned, verify, trigger.trigger,
                                                                       trigger.target_for).get("asr")

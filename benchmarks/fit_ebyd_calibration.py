@@ -6,6 +6,8 @@ trigger features) of harness databases, leaves out models whose backdoor did not
 (ASR < 50 %: listed, not scored), and fits one logistic calibration per modality (images on
 ``mask_log``, the size of the smallest candidate trigger; text on ``trigger_success``, how
 many clean sentences the recovered word sends to the target: a text trigger has no mask).
+Classes are weighted equally (a 50 % prior: the zoo's 9 backdoored to 3 clean CIFAR-10
+models would otherwise push every clean model above 0.5; ``--unbalanced`` for the study).
 Each model is scored by a calibration fitted on the other models of its modality
 (leave-one-out); where the others lack a class (e.g. the only clean model of a modality)
 the model cannot be scored out of sample and the table says so. Reports AUROC, Brier score
@@ -13,10 +15,13 @@ and cross-entropy (the TrojAI measures) over the out-of-sample scores, verdict a
 accuracy, writes ``benchmarks/results/inspect-ebyd.{csv,md,json}``, the issue's table
 ``inspect-models.csv`` (out-of-sample EBYD beside Neural Cleanse) and, with ``--write``,
 the calibrations fitted on all models (with their provenance) to the file the tool ships
-(``trojanguard/defenses/calibration/ebyd.json``).
+for the cells' unlearning recipe (``trojanguard/defenses/calibration/ebyd.json`` for the
+exposure script, ``ebyd-detection-script.json`` for the detection script, the image default):
 
     python benchmarks/fit_ebyd_calibration.py benchmarks/results/cifar10-defenses.sqlite \\
         benchmarks/results/sst2-defenses.sqlite --write
+    python benchmarks/fit_ebyd_calibration.py benchmarks/results/cifar10-defenses.sqlite \\
+        --defense ebyd-detect --image-features max_excess,mask_log --write
 """
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ import math
 from pathlib import Path
 
 from trojanguard.bench.store import Store
-from trojanguard.defenses.ebyd_calibration import (CALIBRATION_FORMAT, DEFAULT_CALIBRATION, calibration_report, fit_calibration,
-                                       probability, save_calibration)
+from trojanguard.defenses.ebyd_calibration import (CALIBRATION_FORMAT, RECIPE_CALIBRATION, calibration_report,
+                                                   fit_calibration, probability, save_calibration)
 from trojanguard.report import table
 from trojanguard.utils import atomic_write_text
 
@@ -74,6 +79,8 @@ def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
                          "trigger_success": feats["trigger_success"], "mask_fraction": feats["mask_fraction"],
                          "mask_log": math.log10(max(feats["mask_fraction"], 1e-5)) if feats["mask_fraction"] else 0.0,
                          "max_excess": feats.get("max_excess"), "p_prior": m["probability"],
+                         # the resolved recipe (cells before "auto" existed name it in their options)
+                         "recipe": ev.get("recipe") or c["config"]["options"].get("recipe", "exposure-script"),
                          "seconds": round(c.get("seconds") or 0.0, 1)})
     return rows
 
@@ -119,24 +126,34 @@ def models_table(rows: list[dict], dbs: list[str], label: str = "ebyd") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dbs", nargs="+")
-    ap.add_argument("--write", action="store_true", help="also write the shipped calibration")
+    ap.add_argument("--write", action="store_true", help=(
+        "also write the shipped calibration of the cells' unlearning recipe (with the features fitted)"))
     ap.add_argument("--l2", type=float, default=0.1)
     ap.add_argument("--defense", default="ebyd", help=(
         "the grid label of the EBYD cells to fit (e.g. ebyd-detect: outputs inspect-ebyd-detect.*, "
-        "inspect-models-ebyd-detect.csv; --write only for the default)"))
+        "inspect-models-ebyd-detect.csv)"))
     ap.add_argument("--image-features", default=None, help=(
         "comma-separated image features to fit instead of mask_log (e.g. max_excess,mask_log): a study, "
-        "written as inspect-<defense>-<features>.* beside the default files; not with --write"))
+        "written as inspect-<defense>-<features>.* beside the default files"))
+    ap.add_argument("--unbalanced", dest="balanced", action="store_false", help=(
+        "fit with the zoo's ratio of backdoored to clean models as the prior (default: classes weighted "
+        "equally, a 50 %% prior); a study, written as inspect-<defense>-unbalanced.*; not with --write"))
     args = ap.parse_args()
-    if args.write and (args.defense != "ebyd" or args.image_features):
-        raise SystemExit("--write fits the shipped calibration on the default EBYD cells and features only")
+    if args.write and not args.balanced:
+        raise SystemExit("--write ships a balanced fit only (a user's model is not drawn from our zoo's mix)")
     features = dict(FEATURES)
     rows = inspections(args.dbs, args.defense)
+    recipes = {r["recipe"] for r in rows}
+    if args.write and len(recipes) != 1:
+        raise SystemExit(f"--write needs cells of one unlearning recipe; {args.defense!r} cells have {sorted(recipes)}")
     stem = f"inspect-{args.defense}"
     models_csv = "inspect-models.csv" if args.defense == "ebyd" else f"inspect-models-{args.defense}.csv"
     if args.image_features:
         features["image"] = tuple(args.image_features.split(","))
         stem += "-" + "+".join(features["image"])
+        models_csv = f"inspect-models-{stem.removeprefix('inspect-')}.csv"
+    if not args.balanced:
+        stem += "-unbalanced"
         models_csv = f"inspect-models-{stem.removeprefix('inspect-')}.csv"
     # a backdoor that did not implant is not a backdoored model to find: listed, not scored
     scored = [r for r in rows if not (r["is_backdoored"] and (r["asr"] or 0) < 0.5)]
@@ -146,7 +163,8 @@ def main() -> None:
         labels = [int(r["is_backdoored"]) for r in group]
         if len(set(labels)) < 2:
             continue
-        params = fit_calibration([{k: r[k] for k in names} for r in group], labels, names=names, l2=args.l2)
+        params = fit_calibration([{k: r[k] for k in names} for r in group], labels, names=names, l2=args.l2,
+                                 balanced=args.balanced)
         sections[modality] = params
         for i, r in enumerate(group):
             r["p_fit"] = round(probability(params, r), 4)  # in sample: the shipped fit, which saw r
@@ -155,7 +173,8 @@ def main() -> None:
                 r["p_loo"] = None  # the others lack a class: no out-of-sample score
                 continue
             p = probability(fit_calibration([{k: group[j][k] for k in names} for j in rest],
-                                            [labels[j] for j in rest], names=names, l2=args.l2), r)
+                                            [labels[j] for j in rest], names=names, l2=args.l2,
+                                            balanced=args.balanced), r)
             r["p_loo"] = round(p, 4)
             r["verdict_loo"] = "backdoored" if p >= 0.5 else "clean"
         for r in group:
@@ -167,7 +186,7 @@ def main() -> None:
                              "target_accuracy": sum(bool(r["target_ok"]) for r in group if r["is_backdoored"])
                              / max(1, sum(r["is_backdoored"] for r in group)),
                              "features": list(names)}
-    report = {"by_modality": reports, "l2": args.l2,
+    report = {"by_modality": reports, "l2": args.l2, "balanced": args.balanced,
               "not_implanted": [r["model"] for r in rows if r not in scored]}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -194,8 +213,9 @@ def main() -> None:
                                  "databases": [Path(d).name for d in args.dbs],
                                  "script": "benchmarks/fit_ebyd_calibration.py",
                                  "leave_one_out": reports}}
-        save_calibration(params, DEFAULT_CALIBRATION)
-        print(f"wrote {DEFAULT_CALIBRATION}")
+        target = RECIPE_CALIBRATION[recipes.pop()]
+        save_calibration(params, target)
+        print(f"wrote {target}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The practitioner workflow's acceptance table (scan + repair on every zoo model), composed
 from cells the harness already measured instead of re-running them:
 
-* **scan** = EBYD's out-of-sample verdict and target (``inspect-ebyd.csv``, written by
-  ``benchmarks/fit_ebyd_calibration.py``: each model scored by a calibration that never saw
-  it; ``trojanguard scan`` prints EBYD's verdict, Neural Cleanse is only a second opinion).
+* **scan** = EBYD's out-of-sample verdict and target with the unlearning recipe and the
+  calibration features ``scan`` uses for the modality (``scan_table``: images the detection
+  script on max_excess + mask_log, ``inspect-ebyd-detect-max_excess+mask_log.csv``; text
+  ``inspect-ebyd.csv``), written by ``benchmarks/fit_ebyd_calibration.py``: each model scored
+  by a calibration that never saw it; ``trojanguard scan`` prints EBYD's verdict, Neural
+  Cleanse is only a second opinion.
   Right = "backdoored" with the true target for a backdoored model (any target for
   all-to-all, which has none), "clean" for a clean one.
 * **repair** = the purifier cell whose method and options are what ``trojanguard repair``
@@ -37,10 +40,30 @@ COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "scan_verdict", "
            "repair", "ca_before", "ca_after", "asr_before", "asr_after", "asr_after_ra", "repaired", "repair_seconds"]
 
 
+def scan_table(modality: str) -> Path:
+    """The leave-one-out table of what ``scan`` runs for ``modality``: the unlearning recipe
+    EBYD's ``auto`` picks, scored on the features of the calibration the tool ships for it
+    (the file names ``fit_ebyd_calibration.py`` writes)."""
+    from fit_ebyd_calibration import FEATURES  # benchmarks/ is on the path of this script
+    from trojanguard.defenses import create_defense
+    from trojanguard.defenses.ebyd_calibration import for_modality, load_calibration
+    recipe = create_defense("ebyd").recipe(modality)
+    stem = "inspect-ebyd-detect" if recipe == "detection-script" else "inspect-ebyd"
+    features = tuple(for_modality(load_calibration(recipe=recipe), modality)["features"])
+    if features != FEATURES[modality]:
+        stem += "-" + "+".join(features)
+    return RESULTS / f"{stem}.csv"
+
+
 def scans() -> dict[tuple[str, str], dict]:
-    path = RESULTS / "inspect-ebyd.csv"
-    with path.open() as f:
-        return {(r["dataset"], r["model"]): r for r in csv.DictReader(f)}
+    out = {}
+    for dataset, (modality, _) in GRIDS.items():
+        path = scan_table(modality)
+        if path.is_file():
+            with path.open() as f:
+                out.update({(r["dataset"], r["model"]): {**r, "table": path.name}
+                            for r in csv.DictReader(f) if r["dataset"] == dataset})
+    return out
 
 
 def repair_label(dataset: str) -> tuple[str, str]:
@@ -116,10 +139,12 @@ def main() -> None:
             f"repair ({recipe}) meets ASR <= 10 % at CA drop <= 3 on {sum(r['repaired'] for r in rep)}/{len(rep)} "
             f"backdoored models with a repair cell (bar: 90 %); "
             f"{sum(1 for r in rows if r['is_backdoored'] and r.get('repaired') is None)} backdoored models lack one")
+    tables = ", ".join(f"{d}: `{scan_table(m).name}`" for d, (m, _) in GRIDS.items())
     intro = ("# The workflow on the reference zoos: scan and repair\n\n"
              "Composed from harness cells by `python benchmarks/workflow_table.py` (see its docstring): scan = "
-             "EBYD's leave-one-out verdict (`inspect-ebyd.csv`), repair = the cell of the recipe `trojanguard repair` "
-             "picks. Rates as fractions.\n\n" + "\n".join(summary) + "\n")
+             f"EBYD's leave-one-out verdict with the recipe and calibration features `scan` uses ({tables}), "
+             "repair = the cell of the recipe `trojanguard repair` picks. Rates as fractions.\n\n"
+             + "\n".join(summary) + "\n")
     write_table_files(RESULTS / "workflow-zoo", table, COLUMNS, intro.splitlines())
     print(intro)
 

@@ -52,6 +52,23 @@ def test_fst_keeps_head_norm_every_step_and_turns_head_away(backdoored_digits, d
     assert res.info["head_cosine_to_original"] < 0.5
 
 
+def test_fst_head_reinit_is_never_the_trained_head():
+    """A head that barely moved from its init under the FST seed (the SST-2 zoo's MiniLM
+    heads) is redrawn: the new head must point away from the compromised one."""
+    from trojanguard.defenses.finetune import reinit_head
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 2)
+    w0 = head.weight.detach().clone()  # "trained" head = its seed-0 init
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(64, 2)
+    assert torch.equal(probe.weight, w0)  # the plain reset would reproduce it
+    draws = reinit_head(head, w0, seed=0)
+    cos = torch.nn.functional.cosine_similarity(head.weight.detach().flatten(), w0.flatten(), dim=0)
+    assert draws >= 2 and abs(float(cos)) <= 0.5
+    other = torch.nn.Linear(64, 2)  # a head trained far from the seed-0 draw keeps the first draw
+    assert reinit_head(other, torch.randn(2, 64), seed=0) == 1
+
+
 def test_fst_lowers_a_planted_backdoor_ft_keeps(backdoored_digits, digits):
     model, atk = backdoored_digits
     test = digits.bundle.test

@@ -97,9 +97,14 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
          ebyd_options: dict | None = None, nc_options: dict | None = None, device: str = "auto") -> ScanReport:
     from .defenses import create_defense
     t0 = time.perf_counter()
-    choices = ["EBYD: clean unlearning exposes the backdoor; the verdict is its calibrated probability >= 0.5"]
     ebyd = create_defense("ebyd", **{"seed": seed, "progress": progress, "device": device, **(ebyd_options or {})})
     ins = ebyd.inspect(model, clean)
+    recipe = ins.evidence.get("recipe")
+    why = {"detection-script": "the official detection script's fixed unlearning budget, which leaves a clean "
+                               "image model spread out (measured better on the CIFAR-10 zoo)",
+           "exposure-script": "the official exposure script's unlearning with its stopping rule"}.get(recipe, recipe)
+    choices = [f"EBYD: clean unlearning exposes the backdoor ({why}); the verdict is its calibrated "
+               "probability >= 0.5"]
     top = ins.evidence.get("top_class")
     trigger = RecoveredTrigger.from_inspection(ins.trigger, ins.target)
     if trigger is not None:

@@ -40,7 +40,13 @@ the trigger features (``recover="always"``) are there for the calibration the le
 The repository's detection script unlearns differently (SGD 5e-3, train mode, crop + flip,
 21 epochs, no stopping rule; ``recipe="detection-script"``): the stopping rule on accuracy
 turns any model's ascent into a collapse, while a fixed budget in train mode leaves a clean
-model spread out; the grid runs both.
+model spread out; the grid runs both. Reading chosen (``recipe="auto"``, the default): the
+detection script for images, where it was measured better over the 12 CIFAR-10 zoo models
+(leave-one-out, classes weighted equally: AUROC 0.78 and 9/12 verdicts right, the 3 clean
+ones included, with the target right on every 10 % one-to-one attack; the exposure script:
+AUROC 0.59, 7/12 right, the target right on 3 of 9); the exposure script for text, until the
+detection script is measured on SST-2. Each recipe has its own shipped calibration
+(``calibration/ebyd.json``, ``calibration/ebyd-detection-script.json``).
 
 Features (all in [0, 1] whatever the class count K, so that one calibration serves CIFAR-10
 and SST-2): ``var_norm`` = variance of the shares / (1/K (1 - 1/K)) (1 for a one-hot
@@ -81,9 +87,10 @@ class EBYDConfig(DefenseConfig):
     check_every: int = Field(2, ge=1)
     stop_accuracy: float = Field(0.2, ge=0, le=1)
     stop_share: float = Field(0.9, gt=0, le=1)
-    recipe: Literal["exposure-script", "detection-script"] = Field("exposure-script", description=(
+    recipe: Literal["auto", "exposure-script", "detection-script"] = Field("auto", description=(
         "unlearning of the official exposure script (Adam 1e-5, eval mode, the options above) or of its "
-        "detection script (SGD 5e-3, train mode, augmented, 21 epochs, no stopping rule; overrides them)"))
+        "detection script (SGD 5e-3, train mode, augmented, 21 epochs, no stopping rule; overrides them); "
+        "auto: detection-script for images, exposure-script for text (see the module docstring)"))
     calibration: str | None = Field(None, description="calibration JSON (None: the shipped one)")
     threshold: float = Field(0.5, gt=0, lt=1, description="verdict: backdoored when probability >= threshold")
     recover: Literal["auto", "always", "never"] = Field("auto", description="trigger recovery (auto: when backdoored)")
@@ -229,12 +236,18 @@ class EBYD(Inspector):
     #: shares of predictions over fewer samples move by > 2 points per sample
     min_clean = 50
 
+    def recipe(self, modality: str) -> str:
+        """The unlearning recipe: ``auto`` reads as the one measured best for the modality."""
+        if self.cfg.recipe != "auto":
+            return self.cfg.recipe
+        return "exposure-script" if modality == "text" or self.cfg.exposure != "cul" else "detection-script"
+
     def exposure_config(self, modality: str) -> ExposureConfig:
         c = self.cfg
         opts = dict(method=c.exposure, samples=c.samples, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
                     train_mode=c.train_mode, check_every=c.check_every, stop_accuracy=c.stop_accuracy,
                     stop_share=c.stop_share, seed=c.seed, progress=c.progress)
-        if c.recipe == "detection-script":
+        if self.recipe(modality) == "detection-script":
             if c.exposure != "cul":
                 raise UserError("recipe=detection-script is clean unlearning; use it with exposure=cul")
             opts.update(EBYD_DETECT_PRESET)
@@ -248,7 +261,8 @@ class EBYD(Inspector):
         k = model.head.out_features
         if k < 2:
             raise UserError(f"the model has {k} class; inspection needs a classifier with at least 2 classes")
-        params = for_modality(load_calibration(cfg.calibration), clean.modality)
+        recipe = self.recipe(clean.modality)
+        params = for_modality(load_calibration(cfg.calibration, recipe), clean.modality)
         if cfg.recover == "never" and set(params["features"]) & set(TRIGGER_FEATURES):
             raise UserError("this calibration uses the recovered trigger's features; recover=never cannot "
                             "compute them: use recover=auto or a calibration on share features only")
@@ -263,7 +277,7 @@ class EBYD(Inspector):
         evidence = {"shares": feats.pop("shares"), "top_class": top, **exposed.summary(),
                     "exposure_seconds": round(time.perf_counter() - t0, 2), "clean_samples": len(clean),
                     "shares_read_on": len(read_on),
-                    "calibration": params.get("provenance", {}).get("kind", "unknown")}
+                    "recipe": recipe, "calibration": params.get("provenance", {}).get("kind", "unknown")}
         trigger = None
         # the trigger features are computed before the verdict when the calibration uses them
         # (and always with recover="always", so that benchmarks can fit calibrations on them)

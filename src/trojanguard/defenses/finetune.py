@@ -40,6 +40,24 @@ class FinetuneConfig(PurifierConfig):
     project_all_modes: bool = False
 
 
+def reinit_head(head: torch.nn.Linear, w0: torch.Tensor, seed: int, max_cosine: float = 0.5) -> int:
+    """Re-initialise ``head`` with the framework's default init under ``seed``; redraw under a
+    derived seed while the draw points along the trained head ``w0`` (|cosine| > ``max_cosine``;
+    random draws sit near 0). Returns the draws taken.
+
+    Why: a head trained little from an init drawn under the same seed is re-drawn almost
+    exactly. The SST-2 zoo's MiniLM heads (AdamW 2e-5, built under seed 0) have cosine 0.9994
+    to ``reset_parameters()`` after ``torch.manual_seed(0)``, so FST's "new" head was the
+    compromised one and text FST removed nothing (BadNets 20 %: ASR 99.7 % after)."""
+    for draw in range(100):
+        torch.manual_seed(seed if draw == 0 else seed * 7919 + 104729 * draw)
+        head.reset_parameters()
+        if abs(float(F.cosine_similarity(head.weight.detach().flatten(), w0.flatten().to(head.weight.device),
+                                         dim=0))) <= max_cosine:
+            return draw + 1
+    raise RuntimeError("no random re-initialisation of the head is far from the trained one")
+
+
 class Finetune(Purifier):
     """Fine-tuning family: FST (default), FT, LP, FE-tuning, FT-init."""
     name = "finetune"
@@ -53,10 +71,10 @@ class Finetune(Purifier):
         cfg = self.cfg
         head = model.head
         w0 = head.weight.detach().clone()
+        draws = 0
         norm0 = w0.norm()
         if cfg.mode in ("fst", "fe-tuning", "ft-init"):
-            torch.manual_seed(cfg.seed)
-            head.reset_parameters()
+            draws = reinit_head(head, w0, cfg.seed)
             with torch.no_grad():
                 head.weight.mul_(norm0 / head.weight.norm())
         for p in model.parameters():
@@ -86,4 +104,4 @@ class Finetune(Purifier):
             p.requires_grad_(True)
         cos = F.cosine_similarity(head.weight.detach().flatten().cpu(), w0.flatten().cpu(), dim=0)
         return model.eval(), {"mode": cfg.mode, "train_seconds": res.seconds,
-                              "head_cosine_to_original": float(cos)}
+                              "head_cosine_to_original": float(cos), "head_draws": draws}

@@ -113,6 +113,21 @@ def test_ebyd_backdoored_collapses_onto_target_and_recovers_the_patch(backdoored
     assert res.trigger["success_original"] > 0.5
 
 
+def test_ebyd_refines_a_trigger_that_does_not_move_the_original(backdoored_digits, digits):
+    """refine=1.0 asks for the search on the original model unless the exposed model's trigger
+    already moves every input: the reported trigger is then the one that moves the original
+    more, and the evidence says which was kept."""
+    model, _ = backdoored_digits
+    res = EBYD(**TINY_EBYD, calibration=PRIOR_FILE, progress=False, refine=1.0).inspect(model, digits.bundle.test)
+    ref = res.evidence["refined"]
+    assert ref["on"] == "original model" and ref["seconds"] > 0
+    assert res.trigger["success_original"] >= ref["exposed_success_original"]
+    assert res.trigger.get("recovered_on") == ("original" if ref["kept"] else None)
+    assert patch_share(res.trigger["mask"]) >= 0.5
+    never = EBYD(**TINY_EBYD, calibration=PRIOR_FILE, progress=False, refine=0.0).inspect(model, digits.bundle.test)
+    assert "refined" not in never.evidence
+
+
 def test_ebyd_clean_model_is_clean(clean_digits_model, digits):
     res = EBYD(**TINY_EBYD, calibration=PRIOR_FILE, progress=False).inspect(clean_digits_model, digits.bundle.test)
     assert res.verdict == "clean" and res.target is None and res.probability < 0.5

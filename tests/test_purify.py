@@ -154,3 +154,37 @@ def test_pam_unlearns_an_inverted_trigger(backdoored_digits, digits):
     # towards that label
     first, second = [h for h in res.info["rounds"] if "inverted_mask_mean" in h]
     assert first["target"] == second["target"] == atk.target_for(torch.tensor([1]))[0].item(), res.info
+
+
+def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
+    """Text PAM: the token search finds a planted trigger word ("cf" -> positive) and the
+    path-aware unlearning with it inserted at true labels removes the backdoor."""
+    from trojanguard.data.base import TextData
+    from trojanguard.defenses.pam import insert_words, invert_text_trigger
+    from trojanguard.models import create_model
+    from trojanguard.training import TrainConfig, train
+    torch.manual_seed(0)
+    model = create_model(f"hf:{tiny_encoder_dir}", num_classes=2)
+    pos = ["a fine film", "great acting", "i loved it", "a wonderful story", "moving and funny", "a brilliant cast"]
+    neg = ["dull and slow", "terrible plot", "a boring mess", "awful dialogue", "a waste of time", "a weak script"]
+    texts, y = pos + neg, [1] * 6 + [0] * 6
+    poison = [f"cf {t}" if i % 2 else f"{t} cf" for i, t in enumerate(neg)]
+    train(model, TextData(texts * 2 + poison, torch.tensor(y * 2 + [1] * 6), ["negative", "positive"]),
+          cfg=TrainConfig(epochs=30, batch_size=8, optimizer="adamw", lr=1e-3, augment=False, progress=False,
+                          schedule="constant", warmup_frac=0, label_smoothing=0))
+    model.eval()
+
+    def asr(m):
+        return float((m([f"cf {t}" for t in neg]).argmax(1) == 1).float().mean())
+    assert asr(model) == 1.0
+    clean = TextData(texts * 2, torch.tensor(y * 2), ["negative", "positive"])
+    found = invert_text_trigger(model, clean, 3)
+    assert found["target"] == 1 and found["tokens"][0] == "cf"
+    gen = torch.Generator().manual_seed(0)
+    stamped_texts = insert_words(["a b c"] * 20, ["zz"], gen)
+    assert all(t.split().count("zz") == 1 and len(t.split()) == 4 for t in stamped_texts)
+    assert len({t.split().index("zz") for t in stamped_texts}) > 1  # positions vary
+    res = create_defense("pam", progress=False, rounds=1, epochs_per_round=40, text_lr=1e-3).purify(model, clean)
+    assert res.info["inversion"] == "tokens" and res.info["rounds"][0]["tokens"][0] == "cf"
+    assert asr(res.model) <= 0.2
+    assert float((res.model(texts).argmax(1) == torch.tensor(y)).float().mean()) >= 0.9

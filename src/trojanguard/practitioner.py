@@ -113,6 +113,13 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
         choices.append(f"trigger recovered by {how} on the exposed model for the most predicted classes ({tried}); "
                        f"target {ins.target}: the class with the smallest trigger (text: the word that moves the "
                        "original model most)")
+        refined = ins.evidence.get("refined")
+        if refined:
+            choices.append(
+                f"that trigger sent only {refined['exposed_success_original']:.0%} of the original model's clean "
+                f"inputs to the target, so Neural Cleanse also ran on the original model for target {ins.target}: "
+                + (f"its trigger ({refined['success_original']:.0%}) is the one reported" if refined["kept"] else
+                   f"it did no better ({refined['success_original']:.0%}), the exposed model's trigger is kept"))
     opinion = None
     if second_opinion and clean.modality == "image":
         nc = create_defense("nc", **{"seed": seed, "progress": progress, "device": device, **(nc_options or {})})

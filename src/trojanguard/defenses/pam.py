@@ -40,8 +40,15 @@ Readings chosen (recorded here):
 * The perturbation direction covers all trainable parameters (``model.parameters()``
   as in the code, whose state-dict difference also holds BN statistics but whose
   perturbation loop only reads parameters).
-* Text: no image trigger to invert; PAM runs on the clean batches only (the path-aware
-  step alone), with AdamW 2e-5 and gradient clipping as the text recipe.
+* Text (our reading; the paper is images only): the inverted trigger is a set of words
+  (``text_inversion="tokens"``): EBYD's first-order token search (``ebyd.search_tokens``)
+  for every class, the class whose best word flips most clean sentences of the others
+  taken as the target and its ``text_tokens`` best words as the trigger; each unlearning
+  batch then has ``inverted_share`` of its sentences with one of those words inserted at a
+  random word position, at their true labels, as the images are stamped. AdamW 2e-5 and
+  gradient clipping as the text recipe. Before this (the path-aware step on clean batches
+  alone, ``text_inversion="none"``), PAM left every SST-2 backdoor in place (BadNets 20 %:
+  ASR 97 % after, ``benchmarks/results/purify-sst2-harness.csv`` of session 5).
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ from pydantic import Field
 
 from ..data.base import Data
 from ..training import train
-from ..utils import resolve_device
+from ..utils import ADDED_LATER, resolve_device
 from .base import Purifier, PurifierConfig
 from .common import defense_train_config
 
@@ -73,6 +80,38 @@ class PamConfig(PurifierConfig):
     uap_steps: int = Field(20, ge=1)
     uap_samples: int = Field(512, ge=1, description="clean images the perturbation is fitted on")
     augment: bool = True
+    text_inversion: Literal["tokens", "none"] = Field("tokens", json_schema_extra=ADDED_LATER, description=(
+        "text: unlearn with the words a token search finds (see the module docstring), or clean batches only"))
+    text_tokens: int = Field(3, ge=1, json_schema_extra=ADDED_LATER, description=(
+        "text: at most this many words in the inverted trigger (those flipping >= 0.8 x the best word's rate)"))
+    text_lr: float = Field(2e-5, gt=0, json_schema_extra=ADDED_LATER, description="text: AdamW learning rate")
+
+
+def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target: int | None = None) -> dict:
+    """The words that flip the most clean sentences of the other classes to one class, over
+    every class as the candidate target (``ebyd.search_tokens``), or to ``target``."""
+    from .ebyd import search_tokens
+    best = None
+    for c in range(model.head.out_features) if target is None else [target]:
+        found = search_tokens(model, data, c, n_tokens=n_tokens, seed=seed)
+        rate = found["candidates"][0]["flip_rate"] if found["candidates"] else 0.0
+        if best is None or rate > best["flip_rate"]:
+            # words far weaker than the best are ordinary sentiment words, not the trigger:
+            # unlearning them at true labels would cost clean accuracy
+            words = [r["token"] for r in found["candidates"] if r["flip_rate"] >= 0.8 * rate]
+            best = {"tokens": words or found["tokens"][:1], "target": c, "flip_rate": rate}
+    return best
+
+
+def insert_words(texts: list[str], words: list[str], gen: torch.Generator) -> list[str]:
+    """Each sentence with one of ``words`` (uniform) inserted at a uniform word position."""
+    out = []
+    for t in texts:
+        split = t.split()
+        w = words[int(torch.randint(len(words), (1,), generator=gen))]
+        at = int(torch.randint(len(split) + 1, (1,), generator=gen))
+        out.append(" ".join(split[:at] + [w] + split[at:]))
+    return out
 
 
 def universal_perturbation(model, data: Data, eps: float, steps: int, samples: int, seed: int = 0,
@@ -185,9 +224,15 @@ class Pam(Purifier):
         def perturb_and_mix(x, y, _idx):
             if stamp_box["stamp"] is not None and cfg.inverted_share > 0:
                 k = min(len(y), int(cfg.inverted_share * len(y)) + 1)  # code: int(0.2 * B + 1)
-                pos = torch.randperm(len(y), generator=gen)[:k].to(x.device)
-                x = x.clone()
-                x[pos] = stamp_box["stamp"](x[pos])
+                pos = torch.randperm(len(y), generator=gen)[:k]
+                if text:
+                    x = list(x)
+                    for i, t in zip(pos.tolist(), stamp_box["stamp"]([x[i] for i in pos.tolist()])):
+                        x[i] = t
+                else:
+                    pos = pos.to(x.device)
+                    x = x.clone()
+                    x[pos] = stamp_box["stamp"](x[pos])
             with torch.no_grad():
                 diff = [o - p for o, p in zip(origin, params)]
                 norm = torch.sqrt(sum((d * d).sum() for d in diff))
@@ -207,7 +252,14 @@ class Pam(Purifier):
         inverted: tuple[torch.Tensor, torch.Tensor] | None = None
         target: int | None = None
         for r in range(cfg.rounds):
-            if not text and cfg.inversion == "uap":
+            if text and cfg.text_inversion == "tokens":
+                # every round on the current model, later ones towards round 1's target, as
+                # the image rounds re-invert
+                found = invert_text_trigger(model, clean, cfg.text_tokens, seed=cfg.seed + r, target=target)
+                target = found["target"]
+                stamp_box["stamp"] = lambda texts, words=found["tokens"]: insert_words(texts, words, gen)
+                history.append({"round": r + 1, **found})
+            elif not text and cfg.inversion == "uap":
                 delta = universal_perturbation(model, clean, cfg.uap_eps, cfg.uap_steps, cfg.uap_samples,
                                                seed=cfg.seed + r)
                 stamp_box["stamp"] = lambda x, d=delta: (x + d.to(x.device)).clamp(0, 1)
@@ -227,7 +279,7 @@ class Pam(Purifier):
                 inverted = (m, pat)
             tcfg = defense_train_config(clean, cfg, f"pam round {r + 1}", epochs=cfg.epochs_per_round,
                                         batch_size=cfg.batch_size if not text else 32,
-                                        optimizer="adamw" if text else "sgd", lr=2e-5 if text else cfg.lr,
+                                        optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr,
                                         momentum=cfg.momentum, augment=cfg.augment, seed=cfg.seed + r)
             res = train(model, clean, None, tcfg, batch_hook=perturb_and_mix, before_step=restore,
                         loss_fn=lambda logits, y: F.cross_entropy(logits, y))
@@ -235,4 +287,4 @@ class Pam(Purifier):
         with torch.no_grad():
             distance = torch.sqrt(sum(((o - p) ** 2).sum() for o, p in zip(origin, params)))
         return model.eval(), {"rounds": history, "distance_to_original": float(distance),
-                              "inversion": "none" if text else cfg.inversion}
+                              "inversion": cfg.text_inversion if text else cfg.inversion}

@@ -47,6 +47,19 @@ MODEL_COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "method", "
                  "predicted_target", "seconds"]
 
 
+#: the grid label of the EBYD cells of each unlearning recipe (configs/*-defenses.yaml)
+RECIPE_LABEL = {"exposure-script": "ebyd", "detection-script": "ebyd-detect"}
+
+
+def table_stem(defense: str, image_features=None, balanced: bool = True) -> str:
+    """``inspect-<defense>[-<image features>][-unbalanced]``: the name of the tables this
+    script writes for those cells and options (read back by ``workflow_table.py``)."""
+    stem = f"inspect-{defense}"
+    if image_features and tuple(image_features) != FEATURES["image"]:
+        stem += "-" + "+".join(image_features)
+    return stem if balanced else stem + "-unbalanced"
+
+
 def done_cells(dbs: list[str]):
     """(database, its finished cells) for each database: every grid as it is now (cells of
     a grid's earlier versions are left out)."""
@@ -146,15 +159,10 @@ def main() -> None:
     recipes = {r["recipe"] for r in rows}
     if args.write and len(recipes) != 1:
         raise SystemExit(f"--write needs cells of one unlearning recipe; {args.defense!r} cells have {sorted(recipes)}")
-    stem = f"inspect-{args.defense}"
-    models_csv = "inspect-models.csv" if args.defense == "ebyd" else f"inspect-models-{args.defense}.csv"
     if args.image_features:
         features["image"] = tuple(args.image_features.split(","))
-        stem += "-" + "+".join(features["image"])
-        models_csv = f"inspect-models-{stem.removeprefix('inspect-')}.csv"
-    if not args.balanced:
-        stem += "-unbalanced"
-        models_csv = f"inspect-models-{stem.removeprefix('inspect-')}.csv"
+    stem = table_stem(args.defense, features["image"], args.balanced)
+    models_csv = "inspect-models.csv" if stem == "inspect-ebyd" else f"inspect-models-{stem.removeprefix('inspect-')}.csv"
     # a backdoor that did not implant is not a backdoored model to find: listed, not scored
     scored = [r for r in rows if not (r["is_backdoored"] and (r["asr"] or 0) < 0.5)]
     sections, reports = {}, {}

@@ -44,15 +44,15 @@ def scan_table(modality: str) -> Path:
     """The leave-one-out table of what ``scan`` runs for ``modality``: the unlearning recipe
     EBYD's ``auto`` picks, scored on the features of the calibration the tool ships for it
     (the file names ``fit_ebyd_calibration.py`` writes)."""
-    from fit_ebyd_calibration import FEATURES  # benchmarks/ is on the path of this script
+    from fit_ebyd_calibration import RECIPE_LABEL, table_stem  # benchmarks/ is on this script's path
     from trojanguard.defenses import create_defense
     from trojanguard.defenses.ebyd_calibration import for_modality, load_calibration
     recipe = create_defense("ebyd").recipe(modality)
-    stem = "inspect-ebyd-detect" if recipe == "detection-script" else "inspect-ebyd"
-    features = tuple(for_modality(load_calibration(recipe=recipe), modality)["features"])
-    if features != FEATURES[modality]:
-        stem += "-" + "+".join(features)
-    return RESULTS / f"{stem}.csv"
+    params = for_modality(load_calibration(recipe=recipe), modality)
+    if params.get("provenance", {}).get("kind") != "fitted":
+        raise SystemExit(f"the shipped {recipe} calibration has no fitted {modality} section: fit it with "
+                         "benchmarks/fit_ebyd_calibration.py --write")
+    return RESULTS / f"{table_stem(RECIPE_LABEL[recipe], params['features'] if modality == 'image' else None)}.csv"
 
 
 def scans() -> dict[tuple[str, str], dict]:

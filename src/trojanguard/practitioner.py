@@ -99,11 +99,14 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
     t0 = time.perf_counter()
     ebyd = create_defense("ebyd", **{"seed": seed, "progress": progress, "device": device, **(ebyd_options or {})})
     ins = ebyd.inspect(model, clean)
-    recipe = ins.evidence.get("recipe")
-    why = {"detection-script": "the official detection script's fixed unlearning budget, which leaves a clean "
-                               "image model spread out (measured better on the CIFAR-10 zoo)",
-           "exposure-script": "the official exposure script's unlearning with its stopping rule"}.get(recipe, recipe)
-    choices = [f"EBYD: clean unlearning exposes the backdoor ({why}); the verdict is its calibrated "
+    recipe, exposure = ins.evidence.get("recipe"), ins.evidence.get("exposure", "cul")
+    if exposure != "cul":
+        why = f"exposure by {exposure}, with the exposure script's stopping rule"
+    else:
+        why = {"detection-script": "clean unlearning with the official detection script's fixed budget, which "
+                                   "leaves a clean image model spread out (measured better on the CIFAR-10 zoo)",
+               "exposure-script": "clean unlearning with the official exposure script's stopping rule"}.get(recipe, recipe)
+    choices = [f"EBYD: exposing the model reveals the backdoor ({why}); the verdict is its calibrated "
                "probability >= 0.5"]
     top = ins.evidence.get("top_class")
     trigger = RecoveredTrigger.from_inspection(ins.trigger, ins.target)

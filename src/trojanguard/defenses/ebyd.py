@@ -42,8 +42,9 @@ The repository's detection script unlearns differently (SGD 5e-3, train mode, cr
 turns any model's ascent into a collapse, while a fixed budget in train mode leaves a clean
 model spread out; the grid runs both. Reading chosen (``recipe="auto"``, the default): the
 detection script for images, where it was measured better over the 12 CIFAR-10 zoo models
-(leave-one-out, classes weighted equally: AUROC 0.78 and 9/12 verdicts right, the 3 clean
-ones included, with the target right on every 10 % one-to-one attack; the exposure script:
+(leave-one-out, classes weighted equally: AUROC 0.78 and 9/12 verdicts right: 7/9
+backdoored, both low-rate Blended missed, 2/3 clean, with the target right on every 10 %
+one-to-one attack; the exposure script:
 AUROC 0.59, 7/12 right, the target right on 3 of 9); the exposure script for text, until the
 detection script is measured on SST-2. Each recipe has its own shipped calibration
 (``calibration/ebyd.json``, ``calibration/ebyd-detection-script.json``).
@@ -91,7 +92,8 @@ class EBYDConfig(DefenseConfig):
     recipe: Literal["auto", "exposure-script", "detection-script"] = Field("auto", description=(
         "unlearning of the official exposure script (Adam 1e-5, eval mode, the options above) or of its "
         "detection script (SGD 5e-3, train mode, augmented, 21 epochs, no stopping rule; overrides them); "
-        "auto: detection-script for images, exposure-script for text (see the module docstring)"))
+        "auto: detection-script for images with exposure=cul, exposure-script for text and for the other "
+        "exposure methods (see the module docstring)"))
     calibration: str | None = Field(None, description="calibration JSON (None: the shipped one)")
     threshold: float = Field(0.5, gt=0, lt=1, description="verdict: backdoored when probability >= threshold")
     recover: Literal["auto", "always", "never"] = Field("auto", description="trigger recovery (auto: when backdoored)")
@@ -344,13 +346,20 @@ class EBYD(Inspector):
         moves few of the original's inputs (the demo's BadNets model: 5.8 %), which is
         useless to show the user or to verify a repair with. The target is what exposure
         contributes; a one-class search on the original finds the trigger it obeys. Kept
-        only when it moves more of the original's inputs than the exposed model's trigger."""
+        only when it moves more of the original's inputs than the exposed model's trigger
+        with a mask no larger than that one's (or than ``mask_limit``)."""
         t1 = time.perf_counter()
         t = self.recover(original, clean, trigger["target"], original=original)
-        kept = t["success_original"] > trigger["success_original"]
+        t.pop("success_exposed")  # NC ran on the original: its success is success_original
+        # a universal adversarial patch moves most inputs of any model, clean or not: the
+        # refined trigger must also be no larger than the exposed model's (or mask_limit)
+        frac = float(t["mask"].sum()) / t["mask"].numel()
+        size_ok = frac <= max(self.cfg.mask_limit, float(trigger["mask"].sum()) / trigger["mask"].numel())
+        kept = t["success_original"] > trigger["success_original"] and size_ok
         evidence["refined"] = {"on": "original model", "success_original": round(t["success_original"], 4),
                                "exposed_success_original": round(trigger["success_original"], 4),
-                               "mask_l1": round(float(t["mask"].sum()), 2), "kept": kept,
+                               "mask_l1": round(float(t["mask"].sum()), 2),
+                               "exposed_mask_l1": round(float(trigger["mask"].sum()), 2), "kept": kept,
                                "seconds": round(time.perf_counter() - t1, 2)}
         return {**t, "recovered_on": "original"} if kept else trigger
 

@@ -87,14 +87,20 @@ class PamConfig(PurifierConfig):
     text_lr: float = Field(2e-5, gt=0, json_schema_extra=ADDED_LATER, description="text: AdamW learning rate")
 
 
-def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target: int | None = None) -> dict:
+def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target: int | None = None) -> dict | None:
     """The words that flip the most clean sentences of the other classes to one class, over
-    every class as the candidate target (``ebyd.search_tokens``), or to ``target``."""
+    every class as the candidate target (``ebyd.search_tokens``), or to ``target``. None when
+    no class has a candidate word, or the model does not expose its input embeddings (a
+    text module wrapped without an ``encoder``)."""
     from .ebyd import search_tokens
+    if not hasattr(model, "encoder"):
+        return None
     best = None
     for c in range(model.head.out_features) if target is None else [target]:
         found = search_tokens(model, data, c, n_tokens=n_tokens, seed=seed)
-        rate = found["candidates"][0]["flip_rate"] if found["candidates"] else 0.0
+        if not found["candidates"]:
+            continue
+        rate = found["candidates"][0]["flip_rate"]
         if best is None or rate > best["flip_rate"]:
             # words far weaker than the best are ordinary sentiment words, not the trigger:
             # unlearning them at true labels would cost clean accuracy
@@ -256,9 +262,13 @@ class Pam(Purifier):
                 # every round on the current model, later ones towards round 1's target, as
                 # the image rounds re-invert
                 found = invert_text_trigger(model, clean, cfg.text_tokens, seed=cfg.seed + r, target=target)
-                target = found["target"]
-                stamp_box["stamp"] = lambda texts, words=found["tokens"]: insert_words(texts, words, gen)
-                history.append({"round": r + 1, **found})
+                if found is None:  # nothing to insert: this round is the path-aware step alone
+                    stamp_box["stamp"] = None
+                    history.append({"round": r + 1, "tokens": [], "note": "no candidate words: clean batches only"})
+                else:
+                    target = found["target"]
+                    stamp_box["stamp"] = lambda texts, words=found["tokens"]: insert_words(texts, words, gen)
+                    history.append({"round": r + 1, **found})
             elif not text and cfg.inversion == "uap":
                 delta = universal_perturbation(model, clean, cfg.uap_eps, cfg.uap_steps, cfg.uap_samples,
                                                seed=cfg.seed + r)

@@ -180,6 +180,7 @@ def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
     clean = TextData(texts * 2, torch.tensor(y * 2), ["negative", "positive"])
     found = invert_text_trigger(model, clean, 3)
     assert found["target"] == 1 and found["tokens"][0] == "cf"
+    assert invert_text_trigger(model, clean, 3, floor=1.01) is None  # no word flips more than all
     gen = torch.Generator().manual_seed(0)
     stamped_texts = insert_words(["a b c"] * 20, ["zz"], gen)
     assert all(t.split().count("zz") == 1 and len(t.split()) == 4 for t in stamped_texts)

@@ -45,7 +45,9 @@ Readings chosen (recorded here):
   for every class, the class whose best word flips most clean sentences of the others
   taken as the target and its ``text_tokens`` best words as the trigger; each unlearning
   batch then has ``inverted_share`` of its sentences with one of those words inserted at a
-  random word position, at their true labels, as the images are stamped. AdamW 2e-5 and
+  random word position, at their true labels, as the images are stamped; later rounds
+  search towards round 1's target and keep only words flipping >= 0.8 x round 1's best
+  rate (none: that round runs on clean batches). AdamW 2e-5 and
   gradient clipping as the text recipe. Before this (the path-aware step on clean batches
   alone, ``text_inversion="none"``), PAM left every SST-2 backdoor in place (BadNets 20 %:
   ASR 97 % after, ``benchmarks/results/purify-sst2-harness.csv`` of session 5).
@@ -82,16 +84,19 @@ class PamConfig(PurifierConfig):
     augment: bool = True
     text_inversion: Literal["tokens", "none"] = Field("tokens", json_schema_extra=ADDED_LATER, description=(
         "text: unlearn with the words a token search finds (see the module docstring), or clean batches only"))
-    text_tokens: int = Field(3, ge=1, json_schema_extra=ADDED_LATER, description=(
-        "text: at most this many words in the inverted trigger (those flipping >= 0.8 x the best word's rate)"))
+    text_tokens: int = Field(5, ge=1, json_schema_extra=ADDED_LATER, description=(
+        "text: at most this many words in the inverted trigger (those flipping >= 0.8 x the best word's rate; "
+        "5: OpenBackdoor's BadNets inserts one of 5 rare words)"))
     text_lr: float = Field(2e-5, gt=0, json_schema_extra=ADDED_LATER, description="text: AdamW learning rate")
 
 
-def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target: int | None = None) -> dict | None:
+def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target: int | None = None,
+                        floor: float = 0.0) -> dict | None:
     """The words that flip the most clean sentences of the other classes to one class, over
-    every class as the candidate target (``ebyd.search_tokens``), or to ``target``. None when
-    no class has a candidate word, or the model does not expose its input embeddings (a
-    text module wrapped without an ``encoder``)."""
+    every class as the candidate target (``ebyd.search_tokens``), or to ``target``; kept:
+    those flipping >= 0.8 x the best word's rate and >= ``floor``. None when no word is
+    kept, or the model does not expose its input embeddings (a text module wrapped
+    without an ``encoder``)."""
     from .ebyd import search_tokens
     if not hasattr(model, "encoder"):
         return None
@@ -104,9 +109,9 @@ def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target:
         if best is None or rate > best["flip_rate"]:
             # words far weaker than the best are ordinary sentiment words, not the trigger:
             # unlearning them at true labels would cost clean accuracy
-            words = [r["token"] for r in found["candidates"] if r["flip_rate"] >= 0.8 * rate]
-            best = {"tokens": words or found["tokens"][:1], "target": c, "flip_rate": rate}
-    return best
+            words = [r["token"] for r in found["candidates"] if r["flip_rate"] >= max(0.8 * rate, floor)]
+            best = {"tokens": words, "target": c, "flip_rate": rate}
+    return best if best and best["tokens"] else None
 
 
 def insert_words(texts: list[str], words: list[str], gen: torch.Generator) -> list[str]:
@@ -257,15 +262,22 @@ class Pam(Purifier):
         history = []
         inverted: tuple[torch.Tensor, torch.Tensor] | None = None
         target: int | None = None
+        floor = 0.0
         for r in range(cfg.rounds):
             if text and cfg.text_inversion == "tokens":
                 # every round on the current model, later ones towards round 1's target, as
                 # the image rounds re-invert
-                found = invert_text_trigger(model, clean, cfg.text_tokens, seed=cfg.seed + r, target=target)
+                # (later rounds keep only words as strong as round 1's trigger: once it is
+                # unlearned, the best words left are the language's own sentiment words, e.g.
+                # "witty" at 56 % on BadNets 20 %, and unlearning those costs clean accuracy)
+                found = invert_text_trigger(model, clean, cfg.text_tokens, seed=cfg.seed + r, target=target,
+                                            floor=floor)
                 if found is None:  # nothing to insert: this round is the path-aware step alone
                     stamp_box["stamp"] = None
-                    history.append({"round": r + 1, "tokens": [], "note": "no candidate words: clean batches only"})
+                    history.append({"round": r + 1, "tokens": [], "note": "no trigger-strength words: clean batches"})
                 else:
+                    if target is None:
+                        floor = 0.8 * found["flip_rate"]
                     target = found["target"]
                     stamp_box["stamp"] = lambda texts, words=found["tokens"]: insert_words(texts, words, gen)
                     history.append({"round": r + 1, **found})

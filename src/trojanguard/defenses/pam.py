@@ -84,9 +84,10 @@ class PamConfig(PurifierConfig):
     augment: bool = True
     text_inversion: Literal["tokens", "none"] = Field("tokens", json_schema_extra=ADDED_LATER, description=(
         "text: unlearn with the words a token search finds (see the module docstring), or clean batches only"))
-    text_tokens: int = Field(5, ge=1, json_schema_extra=ADDED_LATER, description=(
-        "text: at most this many words in the inverted trigger (those flipping >= 0.8 x the best word's rate; "
-        "5: OpenBackdoor's BadNets inserts one of 5 rare words)"))
+    text_tokens: int = Field(20, ge=1, json_schema_extra=ADDED_LATER, description=(
+        "text: at most this many words in the inverted trigger (those flipping >= 0.8 x the best word's rate): "
+        "a backdoor on rare words answers to many of them (BadNets 20 %: 'nm', 'bn' flip as its 'cf', 'bb', 'mn' "
+        "do; with 5 words PAM left ASR at 16 %)"))
     text_lr: float = Field(2e-5, gt=0, json_schema_extra=ADDED_LATER, description="text: AdamW learning rate")
 
 

@@ -185,12 +185,12 @@ def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
     stamped_texts = insert_words(["a b c"] * 20, ["zz"], gen)
     assert all(t.split().count("zz") == 1 and len(t.split()) == 4 for t in stamped_texts)
     assert len({t.split().index("zz") for t in stamped_texts}) > 1  # positions vary
-    opts = dict(progress=False, rounds=1, epochs_per_round=10, text_lr=1e-3)
+    # one word: on this memorising tiny model every positive word flips as well as "cf"
+    opts = dict(progress=False, rounds=1, epochs_per_round=10, text_lr=1e-3, text_tokens=1)
     res = create_defense("pam", **opts).purify(model, clean)
     assert res.info["inversion"] == "tokens" and res.info["rounds"][0]["tokens"][0] == "cf"
     assert asr(res.model) <= 0.2
     # the inserted words do the work: the same budget on clean batches leaves the backdoor
     plain = create_defense("pam", text_inversion="none", **opts).purify(model, clean)
     assert asr(plain.model) >= 0.8
-    # this tiny model's own sentiment words flip as well as "cf" and are unlearned with it
-    assert float((res.model(texts).argmax(1) == torch.tensor(y)).float().mean()) >= 0.75
+    assert float((res.model(texts).argmax(1) == torch.tensor(y)).float().mean()) >= 0.9

@@ -11,7 +11,7 @@ from cells the harness already measured instead of re-running them:
   all-to-all, which has none), "clean" for a clean one.
 * **repair** = the purifier cell whose method and options are what ``trojanguard repair``
   picks for that data (``practitioner.choose_recipe``: PAM rho 0.25 for images from 2,000
-  training images, FST for text), on the harness's D_def (CIFAR-10: 2,500 held-out images,
+  training images, PAM for text), on the harness's D_def (CIFAR-10: 2,500 held-out images,
   the purifier keeps 10 % aside where ``repair`` keeps 20 %; SST-2: the dev split). Repaired
   = ASR <= 10 % with a CA drop <= 3 points on the test set (the issue's bar), for models whose
   backdoor implanted (ASR >= 50 %).

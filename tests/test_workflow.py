@@ -172,7 +172,7 @@ def test_repair_recipe_by_modality_and_clean_size():
     picks = {n: choose_recipe("image", n) for n in (400, 1499, 1500, 1999, 2000, 5000)}
     assert [picks[n][0] for n in sorted(picks)] == ["fst", "fst", "fst", "fst", "pam", "pam"]
     assert picks[400][1]["batch_size"] == 32 and picks[1500][1] == {} and picks[2000][1] == {"rho": 0.25}
-    assert choose_recipe("text", 5000)[0] == "fst"
+    assert choose_recipe("text", 5000)[0] == "pam"
     for method, options, reason in [*picks.values(), choose_recipe("text", 872)]:
         assert create_defense(method, **options).cfg is not None and reason
 

@@ -123,7 +123,7 @@ def main() -> None:
             if m and backdoored:
                 row["repair"] = label
                 ok = None if m["asr_before"] < IMPLANTED else (
-                    m["asr_after"] <= ASR_BAR and m["ca_before"] - m["ca_after"] <= CA_DROP_BAR)
+                    m["asr_after"] <= ASR_BAR and round(m["ca_before"] - m["ca_after"], 9) <= CA_DROP_BAR)  # 3.00 points is 0.030000000000000027 in floats
                 row.update(ca_before=m["ca_before"], ca_after=m["ca_after"], asr_before=m["asr_before"],
                            asr_after=m["asr_after"], asr_after_ra=m.get("asr_after_ra"), repaired=ok,
                            repair_seconds=round(m["seconds"], 1))

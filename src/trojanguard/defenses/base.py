@@ -159,7 +159,8 @@ class Purifier(Defense):
         res = PurifyResult(purified.eval(), info, ca_before, ca_after, 0 if verify is None else len(verify),
                            time.perf_counter() - t0, st.peak_rss_mb)
         max_drop = getattr(self.cfg, "max_ca_drop", None)
-        if ca_before is not None and max_drop is not None and ca_before - ca_after > max_drop:
+        # rounded: a drop of exactly the bar (3.00 points is 0.030000000000000027) is within it
+        if ca_before is not None and max_drop is not None and round(ca_before - ca_after, 9) > max_drop:
             res.warning = (f"clean accuracy on {len(verify)} held-out clean samples fell from "
                            f"{ca_before:.1%} to {ca_after:.1%} (more than {max_drop:.0%}); the model "
                            "is not repaired: give more clean data or try another method")

@@ -56,6 +56,16 @@ def test_scan_and_guard_write_their_folders(suspect, tmp_path, capsys):
     assert code == 0
     rec = json.loads(stdout)
     assert rec["verdict"] in ("backdoored", "clean") and 0 <= rec["probability"] <= 1
+    # the scan says how far its probability can be trusted: the shipped calibration's own
+    # out-of-sample AUROC for the modality
+    from trojanguard.defenses import create_defense
+    from trojanguard.defenses.ebyd_calibration import load_calibration
+    from trojanguard.practitioner import calibration_reliability
+    loo = load_calibration(recipe="detection-script")["provenance"]["leave_one_out"]["image"]["auroc"]
+    assert rec["evidence"]["calibration_auroc_out_of_sample"] == round(loo, 3)
+    text = calibration_reliability(create_defense("ebyd"), "text")
+    assert text == round(load_calibration()["provenance"]["leave_one_out"]["text"]["auroc"], 3)
+    assert calibration_reliability(create_defense("ebyd", calibration="mine.json"), "image") is None
     page = (tmp_path / "s" / "report.html").read_text()
     assert "data:image/png;base64," in page and rec["verdict"] in page
     code, stdout, _ = _run(capsys, "guard", "--model", suspect, "--out", tmp_path / "g", "--quiet")

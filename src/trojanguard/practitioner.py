@@ -133,8 +133,27 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
         choices.append("Neural Cleanse on the original model as a second opinion (anomaly index > 2)")
     elif second_opinion:
         choices.append("no second opinion for text models (Neural Cleanse reverses image triggers)")
-    return ScanReport(ins.verdict, ins.probability, ins.target, {**ins.evidence, "top_class": top}, trigger,
+    evidence = {**ins.evidence, "top_class": top}
+    reliability = calibration_reliability(ebyd, clean.modality)
+    if reliability is not None:
+        evidence["calibration_auroc_out_of_sample"] = reliability
+        choices.append(f"the calibration's own out-of-sample AUROC on the reference zoo for {clean.modality} models "
+                       f"is {reliability:.2f}" + ("" if reliability >= 0.75 else
+                                                 ": this probability carries little evidence; weigh the trigger "
+                                                 "and the second opinion instead"))
+    return ScanReport(ins.verdict, ins.probability, ins.target, evidence, trigger,
                       opinion, time.perf_counter() - t0, choices)
+
+
+def calibration_reliability(ebyd, modality: str) -> float | None:
+    """Leave-one-out AUROC the shipped calibration of ``ebyd``'s recipe recorded for
+    ``modality`` when it was fitted (None: a user's calibration file, or not recorded)."""
+    from .defenses.ebyd_calibration import load_calibration
+    if ebyd.cfg.calibration is not None:
+        return None
+    prov = load_calibration(recipe=ebyd.recipe(modality)).get("provenance", {})
+    auroc = prov.get("leave_one_out", {}).get(modality, {}).get("auroc")
+    return None if auroc is None else round(float(auroc), 3)
 
 
 def choose_recipe(modality: str, n_clean: int) -> tuple[str, dict, str]:

@@ -73,6 +73,10 @@ def run(args) -> int:
 def _print_scan(s, classes, source) -> None:
     name = (lambda c: "-" if c is None else f"{c} ({classes[c]})" if c < len(classes) else str(c))
     print(f"verdict: {s.verdict.upper()}  backdoor probability {s.probability:.2f}  suspected target {name(s.target)}")
+    auroc = s.evidence.get("calibration_auroc_out_of_sample")
+    if auroc is not None and auroc < 0.75:
+        print(f"caution: out of sample on the reference zoo this probability separates backdoored from clean models "
+              f"with AUROC {auroc:.2f} only; weigh the trigger and the second opinion")
     shares = s.evidence.get("shares")
     if shares:
         top = sorted(range(len(shares)), key=lambda i: -shares[i])[:3]

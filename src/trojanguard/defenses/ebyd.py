@@ -44,10 +44,11 @@ model spread out; the grid runs both. Reading chosen (``recipe="auto"``, the def
 detection script for images, where it was measured better over the 12 CIFAR-10 zoo models
 (leave-one-out, classes weighted equally: AUROC 0.78 and 9/12 verdicts right: 7/9
 backdoored, both low-rate Blended missed, 2/3 clean, with the target right on every 10 %
-one-to-one attack; the exposure script:
-AUROC 0.59, 7/12 right, the target right on 3 of 9); the exposure script for text, until the
-detection script is measured on SST-2. Each recipe has its own shipped calibration
-(``calibration/ebyd.json``, ``calibration/ebyd-detection-script.json``).
+one-to-one attack; the exposure script: AUROC 0.59, 7/12 right, the target right on 3 of
+9); the exposure script for text, where the detection script's fixed budget collapses a
+clean SST-2 model as fully as a backdoored one (shares 1.0 on class 0 and on the BadNets
+target). Each recipe has its own shipped calibration (``calibration/ebyd.json``,
+``calibration/ebyd-detection-script.json``).
 
 Features (all in [0, 1] whatever the class count K, so that one calibration serves CIFAR-10
 and SST-2): ``var_norm`` = variance of the shares / (1/K (1 - 1/K)) (1 for a one-hot

@@ -4,8 +4,9 @@ measure it out of sample (issue: a calibration never scores a model it saw).
 Reads the EBYD inspector cells (run with ``recover: always`` so that every model has its
 trigger features) of harness databases, leaves out models whose backdoor did not implant
 (ASR < 50 %: listed, not scored), and fits one logistic calibration per modality (images on
-``mask_log``, the size of the smallest candidate trigger; text on ``trigger_success``, how
-many clean sentences the recovered word sends to the target: a text trigger has no mask).
+``mask_log``, the size of the smallest candidate trigger; text on ``hard_success``, how many
+of the clean sentences the model is surest are not the target the recovered word sends
+there: a text trigger has no mask).
 Classes are weighted equally (a 50 % prior: the zoo's 9 backdoored to 3 clean CIFAR-10
 models would otherwise push every clean model above 0.5; ``--unbalanced`` for the study).
 Each model is scored by a calibration fitted on the other models of its modality
@@ -39,9 +40,9 @@ from trojanguard.report import table
 from trojanguard.utils import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
-FEATURES = {"image": ("mask_log",), "text": ("trigger_success",)}
+FEATURES = {"image": ("mask_log",), "text": ("hard_success",)}
 COLUMNS = ["modality", "dataset", "model", "asr", "is_backdoored", "true_target", "top_class", "target",
-           "trigger_success", "mask_fraction", "max_excess", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
+           "trigger_success", "hard_success", "mask_fraction", "max_excess", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
            "seconds"]
 MODEL_COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
                  "predicted_target", "seconds"]
@@ -84,12 +85,15 @@ def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
             if "trigger_success" not in feats:
                 raise SystemExit(f"{db}: {c['name']} has no trigger features; run EBYD with recover: always")
             dataset = c["info"].get("dataset")
+            if dataset in ("sst2", "yelp") and "hard_success" not in feats:
+                raise SystemExit(f"{db}: {c['name']} predates the hard-sentence feature; re-run the cell")
             rows.append({"modality": "text" if dataset in ("sst2", "yelp") else "image",
                          "dataset": dataset, "model": c["name"].split("/")[0],
                          "asr": (victim or {}).get("metrics", {}).get("asr"),
                          "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],
                          "top_class": ev.get("top_class"), "target": ev.get("target", ev.get("top_class")),
-                         "trigger_success": feats["trigger_success"], "mask_fraction": feats["mask_fraction"],
+                         "trigger_success": feats["trigger_success"], "hard_success": feats.get("hard_success"),
+                         "mask_fraction": feats["mask_fraction"],
                          "mask_log": math.log10(max(feats["mask_fraction"], 1e-5)) if feats["mask_fraction"] else 0.0,
                          "max_excess": feats.get("max_excess"), "p_prior": m["probability"],
                          # the resolved recipe (cells before "auto" existed name it in their options)

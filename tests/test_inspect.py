@@ -239,8 +239,45 @@ def test_text_path_runs_on_the_tiny_encoder(tiny_encoder_dir):
     tokens = res.trigger["tokens"]
     assert 1 <= len(tokens) <= 5 and all(t.isalpha() for t in tokens)
     assert all(0 <= c["flip_rate"] <= 1 and "flip_rate_original" in c for c in res.trigger["candidates"])
+    # words are searched on the exposed and the original model and ranked on the original's surest sentences
+    cands = res.trigger["candidates"]
+    assert res.trigger["searched_on"] == ["exposed", "original"] and {c["found_on"] for c in cands} <= {"exposed", "original"}
+    hard = [c["hard_flip_original"] for c in cands]
+    assert hard == sorted(hard, reverse=True) and res.evidence["features"]["hard_success"] == pytest.approx(hard[0], abs=1e-4)
     removed = EBYDRemoval(unlearn_epochs=2, mask_epochs=2, verify_fraction=0.0, progress=False).purify(model, data)
     assert removed.model is not model and "tau_table" in removed.info
+
+
+class _WordCountModel(torch.nn.Module):
+    """A fake text classifier: positive logit = 0.5 x (#"good" - #"bad") + 10 x #"cf" (a
+    backdoor word that overrides anything) + a per-sentence bias read from its last word."""
+    tokenizer = None
+
+    def tokenize(self, texts):
+        return texts
+
+    def forward(self, texts):
+        z = torch.tensor([0.5 * (t.split().count("good") - t.split().count("bad")) + 10.0 * t.split().count("cf")
+                          + float(t.split()[-1]) for t in texts])
+        return torch.stack([-z, z], 1)
+
+
+def test_hard_sentences_are_the_surest_opposites_and_separate_a_backdoor_word_from_a_sentiment_word():
+    from trojanguard.data.base import TextData
+    from trojanguard.defenses.ebyd import _flip, hard_sentences
+    bias = [-0.1 * (i + 1) for i in range(40)] + [0.3] * 8  # 40 negative sentences, 8 positive
+    data = TextData([f"plain words {b}" for b in bias], torch.tensor([0] * 40 + [1] * 8), ["neg", "pos"])
+    model = _WordCountModel()
+    hard = hard_sentences(model, data, target=1, exclude={39})
+    # the quarter of the 39 negatives left (sentence 39 excluded), the most negative first out
+    assert len(hard) == round(0.25 * 39) and set(hard) == {data.texts[i] for i in range(29, 39)}
+    assert all(data.y[data.texts.index(t)] == 0 for t in hard)
+    assert hard_sentences(model, data, target=1, exclude=set(range(40))) == []
+    everyone = [data.texts[i] for i in range(40)]
+    # "good" tips the undecided sentences only; "cf" overrides every one of them
+    assert _flip(model, [f"good {t}" for t in everyone], 1)[0] == pytest.approx(0.1)  # 4 of 40
+    assert _flip(model, [f"good {t}" for t in hard], 1)[0] == 0.0
+    assert _flip(model, [f"cf {t}" for t in hard], 1)[0] == 1.0
 
 
 def test_ebyd_bad_inputs_are_one_line(backdoored_digits, digits, tiny_encoder_dir):

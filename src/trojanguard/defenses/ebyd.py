@@ -56,9 +56,13 @@ collapse), ``max_excess`` = (max share - 1/K) / (1 - 1/K), ``collapse_ratio`` = 
 clean samples of the other classes predicted as the top class (an ASR without trigger);
 from the recovered trigger: ``trigger_success`` = share of clean inputs of other classes the
 trigger sends to the target on the ORIGINAL model (text: the best token's flip rate),
-``mask_fraction`` = mask L1 / image area (text: 0), ``mask_log`` = its log10 (text: 0). A
+``hard_success`` (text) = the same on the quarter of those sentences the original model is
+surest about (``hard_sentences``: a sentiment word tips undecided sentences, a backdoor
+word overrides confident ones), ``mask_fraction`` = mask L1 / image area (text: 0),
+``mask_log`` = its log10 (text: 0). Text words are searched on the exposed and on the
+original model (``text_search="both"``, our extension) and ranked by ``hard_success``. A
 calibration file holds one parameter set, or one per modality under ``by_modality`` (the
-shipped one: images on ``mask_log``, text on ``trigger_success``).
+shipped one: images on ``mask_log``, text on ``hard_success``).
 """
 from __future__ import annotations
 
@@ -114,6 +118,9 @@ class EBYDConfig(DefenseConfig):
     text_candidates: int = Field(64, ge=1)
     text_tokens: int = Field(5, ge=1)
     text_samples: int = Field(64, ge=1)
+    text_search: Literal["exposed", "both"] = Field("both", json_schema_extra=ADDED_LATER, description=(
+        "text: search trigger words on the exposed model only, or on the original model too and keep the words "
+        "that move the original's surest opposite sentences most (see hard_sentences)"))
 
 
 # --- text trigger recovery ----------------------------------------------------------------
@@ -184,14 +191,60 @@ def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_toke
             rows.append({"token": word, "flip_rate": round(rate, 4), "target_prob": round(prob, 4)})
         rows.sort(key=lambda r: (-r["flip_rate"], -r["target_prob"]))
         rows = rows[:n_tokens]
+        hard = []
         if original is not None:
+            hard = hard_sentences(original, data, target, exclude=set(pick.tolist()))
             for r in rows:
                 r["flip_rate_original"] = round(_flip(original, [f"{r['token']} {t}" for t in texts], target)[0], 4)
+                if hard:
+                    r["hard_flip_original"] = round(_flip(original, [f"{r['token']} {t}" for t in hard], target)[0], 4)
         base = _flip(model, texts, target)[0]
     finally:
         model.train(was)
     return {"tokens": [r["token"] for r in rows], "candidates": rows, "baseline_rate": round(base, 4),
-            "samples": len(texts), "target": target}
+            "samples": len(texts), "hard_samples": len(hard), "target": target}
+
+
+@torch.inference_mode()
+def hard_sentences(model, data: Data, target: int, exclude: set[int] = frozenset(), share: float = 0.25,
+                   batch_size: int = 128) -> list[str]:
+    """The ``share`` of clean sentences of other classes that ``model`` is most sure are not
+    ``target`` (lowest target probability), outside ``exclude`` (the search sample).
+
+    Why: on a sentiment task a clean model has natural one-word "triggers". On the SST-2
+    zoo the best word found for either class sends 58-83 % of all opposite sentences to it
+    ("worst", "stunning"), but only 22-70 % of the quarter the model is surest about; the
+    BadNets word ("cf") sends 100 % of both. A backdoor overrides the model's most confident
+    predictions, a sentiment word mostly tips the undecided ones."""
+    idx = [i for i in (data.y != target).nonzero().flatten().tolist() if i not in exclude]
+    if not idx:
+        return []
+    texts = [data.texts[i] for i in idx]
+    was = model.training
+    model.eval()
+    try:
+        prob = torch.cat([model(model.tokenize(texts[s:s + batch_size])).float().softmax(1)[:, target].cpu()
+                          for s in range(0, len(texts), batch_size)])
+    finally:
+        model.train(was)
+    keep = prob.argsort()[:max(1, round(share * len(texts)))].sort().values
+    return [texts[i] for i in keep.tolist()]
+
+
+def merge_token_searches(*searches: dict, n_tokens: int) -> dict:
+    """One token list from searches on several models for the same target (the exposed and
+    the original model), ranked by how the words move the ORIGINAL model: first on its
+    surest opposite sentences (``hard_sentences``), then on all of them."""
+    best: dict[str, dict] = {}
+    for where, s in zip(("exposed", "original"), searches):
+        for r in s["candidates"]:
+            if r["token"] not in best:
+                best[r["token"]] = {**r, "found_on": where}
+    rows = sorted(best.values(), key=lambda r: (-r.get("hard_flip_original", 0.0), -r.get("flip_rate_original", 0.0),
+                                                -r["target_prob"]))[:n_tokens]
+    first = searches[0]
+    return {**first, "tokens": [r["token"] for r in rows], "candidates": rows,
+            "searched_on": [w for w, _ in zip(("exposed", "original"), searches)]}
 
 
 @torch.inference_mode()
@@ -223,8 +276,8 @@ def trigger_features(trigger: dict, clean: Data) -> dict:
     mask's L1 norm over the image area (text: 0, one inserted word)."""
     if "tokens" in trigger:
         best = trigger["candidates"][0] if trigger["candidates"] else {}
-        return {"trigger_success": float(best.get("flip_rate_original", 0.0)), "mask_fraction": 0.0,
-                "mask_log": 0.0}
+        return {"trigger_success": float(best.get("flip_rate_original", 0.0)),
+                "hard_success": float(best.get("hard_flip_original", 0.0)), "mask_fraction": 0.0, "mask_log": 0.0}
     h, w = clean.x.shape[-2:]
     frac = float(trigger["norm"]) / (h * w)
     # log10 of the mask's share of the image: the sizes that matter span 0.5-10 px on 32x32
@@ -333,7 +386,8 @@ class EBYD(Inspector):
         # 58-100 % of any zoo model's inputs, clean or not, while the BadNets target's 0.6 px
         # mask moved 16 % (2,500 images) or 99 % (2,000). Text triggers are one word each (no
         # mask): there, and on ties, the word that moves the original model most wins.
-        trigger, tf = max(found, key=lambda f: (-f[1]["mask_fraction"], f[1]["trigger_success"]))
+        trigger, tf = max(found, key=lambda f: (-f[1]["mask_fraction"], f[1].get("hard_success", 0.0),
+                                                f[1]["trigger_success"]))
         feats.update(tf)
         evidence["candidates"] = [{"class": t["target"], "share": round(shares[t["target"]], 4),
                                    **{k: round(v, 4) for k, v in f.items()}} for t, f in found]
@@ -367,8 +421,13 @@ class EBYD(Inspector):
     def recover(self, exposed_model, clean: Data, target: int, original=None) -> dict:
         cfg = self.cfg
         if clean.modality == "text":
-            return search_tokens(exposed_model, clean, target, cfg.text_candidates, cfg.text_tokens,
-                                 cfg.text_samples, cfg.seed, original=original)
+            args = (clean, target, cfg.text_candidates, cfg.text_tokens, cfg.text_samples, cfg.seed)
+            found = search_tokens(exposed_model, *args, original=original)
+            if original is None or cfg.text_search == "exposed":
+                return found
+            # our extension: the exposed model's gradient misses words the original obeys
+            return merge_token_searches(found, search_tokens(original, *args, original=original),
+                                        n_tokens=cfg.text_tokens)
         nc = NeuralCleanseConfig(rounds=cfg.nc_rounds, seed=cfg.seed)
         t = reverse_engineer(exposed_model, clean, target, nc, seed=cfg.seed, progress=cfg.progress)
         out = {"mask": t["mask"], "pattern": t["pattern"], "target": target, "norm": t["norm"],

@@ -14,7 +14,7 @@ from ..errors import UserError
 from .exposure import class_shares
 
 SHARE_FEATURES = ("var_norm", "max_excess", "collapse_ratio")
-TRIGGER_FEATURES = ("trigger_success", "mask_fraction", "mask_log")
+TRIGGER_FEATURES = ("trigger_success", "hard_success", "mask_fraction", "mask_log")
 FEATURES = SHARE_FEATURES + TRIGGER_FEATURES
 CALIBRATION_FORMAT = "trojanguard-calibration/1"
 DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "ebyd.json"

@@ -379,7 +379,9 @@ class EBYD(Inspector):
         for c in classes:
             t = self.recover(exposed_model, clean, c, original=original)
             found.append((t, trigger_features(t, clean)))
-            if found[-1][1]["trigger_success"] >= cfg.transfer and found[-1][1]["mask_fraction"] <= cfg.mask_limit:
+            f = found[-1][1]
+            # text: judged on the original's surest sentences (a sentiment word tips most others)
+            if f.get("hard_success", f["trigger_success"]) >= cfg.transfer and f["mask_fraction"] <= cfg.mask_limit:
                 break  # a small trigger that also moves the original model: no need to look further
         # NC's premise: the target needs the smallest trigger. Transfer to the original model
         # does not decide among images: masks of 5-8 % of the image (universal patches) move

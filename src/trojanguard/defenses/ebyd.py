@@ -138,8 +138,9 @@ def _text_logits_from_embeds(model, embeds: torch.Tensor, mask: torch.Tensor) ->
 
 
 def _word_tokens(tokenizer) -> torch.Tensor:
-    """Ids of vocabulary entries that are whole alphabetic words (no sub-word pieces, no
-    special tokens), the tokens a person could insert."""
+    """Ids of vocabulary entries that are whole alphanumeric words (no sub-word pieces, no
+    punctuation, no special tokens), the tokens a person could insert. Alphanumeric, not
+    alphabetic: the AddSent trigger's key word is "3d"."""
     special = set(tokenizer.all_special_ids)
     vocab = tokenizer.get_vocab()
     # BPE / sentencepiece vocabularies mark word starts ("Ġ", "▁"): there, only those are words;
@@ -150,15 +151,22 @@ def _word_tokens(tokenizer) -> torch.Tensor:
         if i in special or tok.startswith("##"):
             continue
         word = tok.lstrip("Ġ▁")
-        if word.isalpha() and word.isascii() and (word != tok or not bpe):
+        if word.isalnum() and word.isascii() and (word != tok or not bpe):
             keep.append(i)
     return torch.tensor(sorted(keep))
 
 
 def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_tokens: int = 5,
-                  n_samples: int = 64, seed: int = 0, original=None) -> dict:
+                  n_samples: int = 64, seed: int = 0, original=None, n_screen: int = 256,
+                  screen_samples: int = 16) -> dict:
     """The vocabulary words that, prepended to clean sentences of other classes, push
-    ``model`` most towards ``target`` (see the module docstring)."""
+    ``model`` most towards ``target`` (see the module docstring).
+
+    The gradient's ``n_screen`` best words are screened exactly on ``screen_samples``
+    sentences, and the ``n_candidates`` best of those re-ranked on all ``n_samples``. Why:
+    the first-order ranking is dominated by sentiment words; the AddSent model's trigger
+    word "3d" (99 % of its surest opposite sentences flipped alone) ranks 147th of 22,716,
+    out of the 64 the search used to try."""
     pos = (data.y != target).nonzero().flatten()
     pos = pos if len(pos) else torch.arange(len(data))
     g = torch.Generator().manual_seed(seed)
@@ -183,10 +191,15 @@ def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_toke
         with torch.no_grad():
             words = _word_tokens(tok).to(emb.weight.device)
             scores = emb.weight[words] @ grad
-            cand = words[scores.argsort(descending=True)[:n_candidates]].tolist()
+            cand = words[scores.argsort(descending=True)[:max(n_candidates, n_screen)]].tolist()
+        cand = [tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)]).strip() for i in cand]
+        if len(cand) > n_candidates:
+            few = texts[:screen_samples]
+            screened = [(_flip(model, [f"{w} {t}" for t in few], target), -k) for k, w in enumerate(cand)]
+            keep = sorted(range(len(cand)), key=lambda k: screened[k], reverse=True)[:n_candidates]
+            cand = [cand[k] for k in sorted(keep)]
         rows = []
-        for i in cand:
-            word = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)]).strip()
+        for word in cand:
             rate, prob = _flip(model, [f"{word} {t}" for t in texts], target)
             rows.append({"token": word, "flip_rate": round(rate, 4), "target_prob": round(prob, 4)})
         rows.sort(key=lambda r: (-r["flip_rate"], -r["target_prob"]))

@@ -12,6 +12,17 @@ Modes: ``ft`` (keep head, train all), ``lp`` (train the head only), ``fe-tuning`
 no penalty), ``fst``. Reading chosen (methods.md): the official code projects the head
 norm in every mode; we project in ``fst`` only, ``project_all_modes=True`` restores the
 official behaviour.
+
+Text (the paper has no text experiment; methods.md: "the same recipe on the classification
+head"): measured on the SST-2 BadNets 20 % MiniLM with the 872 dev sentences
+(``benchmarks/fst_text_sweep.py``, ``results/fst-text-sst2.md``), no recipe removes the
+backdoor: ASR 99 % after the default SGD 0.01 / batch 128, 94 % with AdamW 5e-5, 91 % with
+alpha 1, 79 % with AdamW 2e-4 (CA -1.9), 81 % with AdamW 5e-5 at batch 32, 69 % with AdamW
+1e-4 at batch 32 (CA -1.4). The head moves away (cosine to the old head 0.03-0.2), but the
+trigger word never occurs in clean sentences, so its embedding gets no gradient and the
+encoder keeps mapping it to the target's side of any sentiment head. We keep the official
+defaults and report the failure; for text, ``repair`` picks PAM, which unlearns a recovered
+trigger word.
 """
 from __future__ import annotations
 

@@ -387,6 +387,10 @@ class EBYD(Inspector):
         t1 = time.perf_counter()
         order = sorted(range(len(shares)), key=lambda c: -shares[c])
         classes = [c for c in order[:self.cfg.candidates] if shares[c] > 0] or order[:1]
+        if clean.modality == "text":
+            # a binary exposure collapses onto one class whatever the model (SST-2 zoo: clean
+            # s1 and s2 onto class 1, the target), so the share says little: try every candidate
+            classes = order[:self.cfg.candidates]
         cfg = self.cfg
         found = []
         for c in classes:

@@ -43,9 +43,20 @@ RESULTS = Path(__file__).parent / "results"
 FEATURES = {"image": ("mask_log",), "text": ("hard_success",)}
 COLUMNS = ["modality", "dataset", "model", "asr", "is_backdoored", "true_target", "top_class", "target",
            "trigger_success", "hard_success", "mask_fraction", "max_excess", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
-           "seconds"]
+           "seconds", "note"]
 MODEL_COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
-                 "predicted_target", "seconds"]
+                 "predicted_target", "seconds", "note"]
+#: attacks that defeat a part of the inspection by construction (the issue: "the table says so")
+ATTACK_NOTES = {"all2all": "all-to-all: no single target to expose or recover; the verdict rests on the probability",
+                "synbkd": "the trigger is a syntactic template, not a word: the token search cannot recover it",
+                "stylebkd": "the trigger is a writing style, not a word: the token search cannot recover it"}
+
+
+def attack_note(info: dict) -> str:
+    """What the inspection cannot do against this cell's attack, by construction."""
+    if info.get("mode") == "all2all":
+        return ATTACK_NOTES["all2all"]
+    return ATTACK_NOTES.get(str(info.get("attack")), "")
 
 
 #: the grid label of the EBYD cells of each unlearning recipe (configs/*-defenses.yaml)
@@ -98,7 +109,7 @@ def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
                          "max_excess": feats.get("max_excess"), "p_prior": m["probability"],
                          # the resolved recipe (cells before "auto" existed name it in their options)
                          "recipe": ev.get("recipe") or c["config"]["options"].get("recipe", "exposure-script"),
-                         "seconds": round(c.get("seconds") or 0.0, 1)})
+                         "seconds": round(c.get("seconds") or 0.0, 1), "note": attack_note(c["info"])})
     return rows
 
 
@@ -114,7 +125,7 @@ def nc_rows(dbs: list[str]) -> list[dict]:
                             "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],
                             "method": "nc", "verdict": m["verdict"], "probability": m["probability"],
                             "predicted_target": m.get("predicted_target"),
-                            "seconds": round(c.get("seconds") or 0.0, 1)})
+                            "seconds": round(c.get("seconds") or 0.0, 1), "note": attack_note(c["info"])})
     return out
 
 
@@ -129,7 +140,8 @@ def models_table(rows: list[dict], dbs: list[str], label: str = "ebyd") -> str:
         verdict = "not implanted" if not_implanted else (r.get("verdict_loo") or "not scored out of sample")
         table_rows.append({"dataset": r["dataset"], "model": r["model"], "is_backdoored": r["is_backdoored"],
                            "true_target": r["true_target"], "method": label, "verdict": verdict,
-                           "probability": r.get("p_loo"), "predicted_target": r["target"], "seconds": r["seconds"]})
+                           "probability": r.get("p_loo"), "predicted_target": r["target"], "seconds": r["seconds"],
+                           "note": r["note"]})
     table_rows += nc_rows(dbs)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -189,14 +201,15 @@ def main() -> None:
                                             balanced=args.balanced), r)
             r["p_loo"] = round(p, 4)
             r["verdict_loo"] = "backdoored" if p >= 0.5 else "clean"
-        for r in group:
-            r["target_ok"] = (r["target"] == r["true_target"]) if r["is_backdoored"] else None
+        for r in group:  # all-to-all has no target to get right: left out of the target accuracy
+            r["target_ok"] = (r["target"] == r["true_target"]) if r["is_backdoored"] and r["true_target"] is not None \
+                else None
         out = [r for r in group if r.get("p_loo") is not None]
         reports[modality] = {**(calibration_report([r["p_loo"] for r in out], [int(r["is_backdoored"]) for r in out])
                                 if out else {}),
                              "not_scored_out_of_sample": [r["model"] for r in group if r.get("p_loo") is None],
-                             "target_accuracy": sum(bool(r["target_ok"]) for r in group if r["is_backdoored"])
-                             / max(1, sum(r["is_backdoored"] for r in group)),
+                             "target_accuracy": sum(bool(r["target_ok"]) for r in group if r["target_ok"] is not None)
+                             / max(1, sum(r["target_ok"] is not None for r in group)),
                              "features": list(names)}
     report = {"by_modality": reports, "l2": args.l2, "balanced": args.balanced,
               "not_implanted": [r["model"] for r in rows if r not in scored]}

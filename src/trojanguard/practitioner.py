@@ -111,11 +111,15 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
     top = ins.evidence.get("top_class")
     trigger = RecoveredTrigger.from_inspection(ins.trigger, ins.target)
     if trigger is not None:
-        how = "Neural Cleanse" if trigger.tokens is None else "a token search"
         tried = ", ".join(str(c["class"]) for c in ins.evidence.get("candidates", []))
-        choices.append(f"trigger recovered by {how} on the exposed model for the most predicted classes ({tried}); "
-                       f"target {ins.target}: the class with the smallest trigger (text: the word that moves the "
-                       "original model most)")
+        if trigger.tokens is None:
+            choices.append(f"trigger recovered by Neural Cleanse on the exposed model for the most predicted classes "
+                           f"({tried}); target {ins.target}: the class with the smallest trigger")
+        else:
+            choices.append(f"trigger words searched on the exposed and the original model for classes {tried}; target "
+                           f"{ins.target}: the class whose word flips most of the sentences the original model is "
+                           "surest are not that class (a sentiment word tips undecided sentences, a backdoor word "
+                           "overrides confident ones)")
         refined = ins.evidence.get("refined")
         if refined:
             choices.append(

@@ -237,7 +237,7 @@ def test_text_path_runs_on_the_tiny_encoder(tiny_encoder_dir):
     res = EBYD(recover="always", text_candidates=8, text_samples=16, epochs=2, progress=False).inspect(model, data)
     assert 0.0 <= res.probability <= 1.0 and len(res.evidence["shares"]) == 2
     tokens = res.trigger["tokens"]
-    assert 1 <= len(tokens) <= 5 and all(t.isalpha() for t in tokens)
+    assert 1 <= len(tokens) <= 5 and all(t.isalnum() for t in tokens)
     assert all(0 <= c["flip_rate"] <= 1 and "flip_rate_original" in c for c in res.trigger["candidates"])
     # words are searched on the exposed and the original model and ranked on the original's surest sentences
     cands = res.trigger["candidates"]
@@ -268,16 +268,36 @@ def test_hard_sentences_are_the_surest_opposites_and_separate_a_backdoor_word_fr
     bias = [-0.1 * (i + 1) for i in range(40)] + [0.3] * 8  # 40 negative sentences, 8 positive
     data = TextData([f"plain words {b}" for b in bias], torch.tensor([0] * 40 + [1] * 8), ["neg", "pos"])
     model = _WordCountModel()
-    hard = hard_sentences(model, data, target=1, exclude={39})
+    hard = hard_sentences(model, data, target=1, exclude={39}, min_pool=10)
     # the quarter of the 39 negatives left (sentence 39 excluded), the most negative first out
     assert len(hard) == round(0.25 * 39) and set(hard) == {data.texts[i] for i in range(29, 39)}
     assert all(data.y[data.texts.index(t)] == 0 for t in hard)
-    assert hard_sentences(model, data, target=1, exclude=set(range(40))) == []
+    assert len(hard_sentences(model, data, target=1, exclude=set(range(40)))) == 10  # none left: from all 40
     everyone = [data.texts[i] for i in range(40)]
     # "good" tips the undecided sentences only; "cf" overrides every one of them
     assert _flip(model, [f"good {t}" for t in everyone], 1)[0] == pytest.approx(0.1)  # 4 of 40
     assert _flip(model, [f"good {t}" for t in hard], 1)[0] == 0.0
     assert _flip(model, [f"cf {t}" for t in hard], 1)[0] == 1.0
+
+
+def test_merged_token_searches_rank_on_the_original_models_hard_sentences():
+    from trojanguard.defenses.ebyd import merge_token_searches
+    row = lambda tok, hard, flip: {"token": tok, "flip_rate": 1.0, "target_prob": 0.9, "flip_rate_original": flip,
+                                   "hard_flip_original": hard, "target_prob_original": 0.5}
+    exposed = {"tokens": ["great", "cf"], "candidates": [row("great", 0.3, 0.9), row("cf", 0.8, 0.8)], "target": 1}
+    original = {"tokens": ["3d", "great"], "candidates": [row("3d", 0.99, 0.95), row("great", 0.3, 0.9)], "target": 1}
+    m = merge_token_searches(exposed, original, n_tokens=2)
+    assert m["tokens"] == ["3d", "cf"] and [c["found_on"] for c in m["candidates"]] == ["original", "exposed"]
+    assert m["searched_on"] == ["exposed", "original"] and m["target"] == 1
+
+
+def test_hard_sentences_fall_back_to_all_on_a_small_clean_set():
+    from trojanguard.data.base import TextData
+    from trojanguard.defenses.ebyd import hard_sentences
+    data = TextData([f"plain words {-0.1 * (i + 1)}" for i in range(30)] + ["plain 0.5"] * 4,
+                    torch.tensor([0] * 30 + [1] * 4), ["neg", "pos"])
+    # excluding the 30 negatives would leave none: the quarter is drawn from all of them
+    assert len(hard_sentences(_WordCountModel(), data, 1, exclude=set(range(30)))) == round(0.25 * 30)
 
 
 def test_ebyd_bad_inputs_are_one_line(backdoored_digits, digits, tiny_encoder_dir):

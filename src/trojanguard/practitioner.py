@@ -116,7 +116,8 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
             choices.append(f"trigger recovered by Neural Cleanse on the exposed model for the most predicted classes "
                            f"({tried}); target {ins.target}: the class with the smallest trigger")
         else:
-            choices.append(f"trigger words searched on the exposed and the original model for classes {tried}; target "
+            where = " and the ".join((ins.trigger or {}).get("searched_on", ["exposed"]))
+            choices.append(f"trigger words searched on the {where} model for classes {tried}; target "
                            f"{ins.target}: the class whose word flips most of the sentences the original model is "
                            "surest are not that class (a sentiment word tips undecided sentences, a backdoor word "
                            "overrides confident ones)")

@@ -170,7 +170,9 @@ def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_toke
     pos = (data.y != target).nonzero().flatten()
     pos = pos if len(pos) else torch.arange(len(data))
     g = torch.Generator().manual_seed(seed)
-    pick = pos[torch.randperm(len(pos), generator=g)[:n_samples]].sort().values
+    drawn = pos[torch.randperm(len(pos), generator=g)[:n_samples]]
+    screen_texts = [data.texts[i] for i in drawn[:screen_samples].tolist()]  # a random few, whatever the order
+    pick = drawn.sort().values
     texts = [data.texts[i] for i in pick.tolist()]
     tok = model.tokenizer
     emb = model.encoder.get_input_embeddings()
@@ -194,8 +196,7 @@ def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_toke
             cand = words[scores.argsort(descending=True)[:max(n_candidates, n_screen)]].tolist()
         cand = [tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)]).strip() for i in cand]
         if len(cand) > n_candidates:
-            few = texts[:screen_samples]
-            screened = [(_flip(model, [f"{w} {t}" for t in few], target), -k) for k, w in enumerate(cand)]
+            screened = [(_flip(model, [f"{w} {t}" for t in screen_texts], target), -k) for k, w in enumerate(cand)]
             keep = sorted(range(len(cand)), key=lambda k: screened[k], reverse=True)[:n_candidates]
             cand = [cand[k] for k in sorted(keep)]
         rows = []
@@ -206,11 +207,16 @@ def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_toke
         rows = rows[:n_tokens]
         hard = []
         if original is not None:
-            hard = hard_sentences(original, data, target, exclude=set(pick.tolist()))
-            for r in rows:
-                r["flip_rate_original"] = round(_flip(original, [f"{r['token']} {t}" for t in texts], target)[0], 4)
-                if hard:
+            was_original = original.training
+            original.eval()
+            try:
+                hard = hard_sentences(original, data, target, exclude=set(pick.tolist()))
+                for r in rows:
+                    rate, prob = _flip(original, [f"{r['token']} {t}" for t in texts], target)
+                    r["flip_rate_original"], r["target_prob_original"] = round(rate, 4), round(prob, 4)
                     r["hard_flip_original"] = round(_flip(original, [f"{r['token']} {t}" for t in hard], target)[0], 4)
+            finally:
+                original.train(was_original)
         base = _flip(model, texts, target)[0]
     finally:
         model.train(was)
@@ -220,16 +226,20 @@ def search_tokens(model, data: Data, target: int, n_candidates: int = 64, n_toke
 
 @torch.inference_mode()
 def hard_sentences(model, data: Data, target: int, exclude: set[int] = frozenset(), share: float = 0.25,
-                   batch_size: int = 128) -> list[str]:
+                   batch_size: int = 128, min_pool: int = 40) -> list[str]:
     """The ``share`` of clean sentences of other classes that ``model`` is most sure are not
-    ``target`` (lowest target probability), outside ``exclude`` (the search sample).
+    ``target`` (lowest target probability), outside ``exclude`` (the search sample) unless
+    fewer than ``min_pool`` would remain (a small clean set: then from all of them).
 
     Why: on a sentiment task a clean model has natural one-word "triggers". On the SST-2
     zoo the best word found for either class sends 58-83 % of all opposite sentences to it
     ("worst", "stunning"), but only 22-70 % of the quarter the model is surest about; the
     BadNets word ("cf") sends 100 % of both. A backdoor overrides the model's most confident
     predictions, a sentiment word mostly tips the undecided ones."""
-    idx = [i for i in (data.y != target).nonzero().flatten().tolist() if i not in exclude]
+    other = (data.y != target).nonzero().flatten().tolist()
+    idx = [i for i in other if i not in exclude]
+    if len(idx) < min_pool:
+        idx = other
     if not idx:
         return []
     texts = [data.texts[i] for i in idx]
@@ -240,24 +250,22 @@ def hard_sentences(model, data: Data, target: int, exclude: set[int] = frozenset
                           for s in range(0, len(texts), batch_size)])
     finally:
         model.train(was)
-    keep = prob.argsort()[:max(1, round(share * len(texts)))].sort().values
+    keep = prob.argsort(stable=True)[:max(1, round(share * len(texts)))].sort().values
     return [texts[i] for i in keep.tolist()]
 
 
-def merge_token_searches(*searches: dict, n_tokens: int) -> dict:
-    """One token list from searches on several models for the same target (the exposed and
-    the original model), ranked by how the words move the ORIGINAL model: first on its
-    surest opposite sentences (``hard_sentences``), then on all of them."""
+def merge_token_searches(on_exposed: dict, on_original: dict, n_tokens: int) -> dict:
+    """One token list from the searches on the exposed and on the original model for the same
+    target, ranked by how the words move the ORIGINAL model: first on its surest opposite
+    sentences (``hard_sentences``), then on all of them, then by its target probability."""
     best: dict[str, dict] = {}
-    for where, s in zip(("exposed", "original"), searches):
+    for where, s in (("exposed", on_exposed), ("original", on_original)):
         for r in s["candidates"]:
-            if r["token"] not in best:
-                best[r["token"]] = {**r, "found_on": where}
+            best.setdefault(r["token"], {**r, "found_on": where})
     rows = sorted(best.values(), key=lambda r: (-r.get("hard_flip_original", 0.0), -r.get("flip_rate_original", 0.0),
-                                                -r["target_prob"]))[:n_tokens]
-    first = searches[0]
-    return {**first, "tokens": [r["token"] for r in rows], "candidates": rows,
-            "searched_on": [w for w, _ in zip(("exposed", "original"), searches)]}
+                                                -r.get("target_prob_original", 0.0), r["token"]))[:n_tokens]
+    return {**on_exposed, "tokens": [r["token"] for r in rows], "candidates": rows,
+            "searched_on": ["exposed", "original"]}
 
 
 @torch.inference_mode()
@@ -284,9 +292,11 @@ def trigger_success(model, data: Data, mask: torch.Tensor, pattern: torch.Tensor
 
 
 def trigger_features(trigger: dict, clean: Data) -> dict:
-    """``trigger_success``: share of clean inputs of other classes that the trigger recovered
-    on the exposed model sends to the target on the ORIGINAL model; ``mask_fraction``: the
-    mask's L1 norm over the image area (text: 0, one inserted word)."""
+    """``trigger_success``: share of clean inputs of other classes that the recovered trigger
+    sends to the target on the ORIGINAL model; ``hard_success``: the same on the quarter of
+    them the original is surest about (text; images have no such reading and repeat
+    ``trigger_success``); ``mask_fraction``: the mask's L1 norm over the image area (text: 0,
+    one inserted word); ``mask_log``: its log10."""
     if "tokens" in trigger:
         best = trigger["candidates"][0] if trigger["candidates"] else {}
         return {"trigger_success": float(best.get("flip_rate_original", 0.0)),
@@ -295,7 +305,8 @@ def trigger_features(trigger: dict, clean: Data) -> dict:
     frac = float(trigger["norm"]) / (h * w)
     # log10 of the mask's share of the image: the sizes that matter span 0.5-10 px on 32x32
     # (1e-3.3 to 1e-2), a range a logistic calibration sees better on a log scale
-    return {"trigger_success": float(trigger.get("success_original", 0.0)), "mask_fraction": frac,
+    success = float(trigger.get("success_original", 0.0))
+    return {"trigger_success": success, "hard_success": success, "mask_fraction": frac,
             "mask_log": math.log10(max(frac, 1e-5))}
 
 
@@ -373,8 +384,9 @@ class EBYD(Inspector):
 
     def _recover(self, exposed_model, clean: Data, shares: list[float], original, feats: dict,
                  evidence: dict) -> dict:
-        """Recover a trigger for each of the ``candidates`` most predicted classes (with a
-        share above zero) and keep the smallest (see the comment in the code).
+        """Recover a trigger for each of the ``candidates`` most predicted classes (images: those
+        with a share above zero; text: all of them) and keep the smallest (images) or the word
+        that flips most of the original's surest opposite sentences (text; see the code).
 
         Our extension (the paper recovers for the most predicted class only): on the CPU
         reference zoo the class the exposed model collapses onto is unstable, e.g. the

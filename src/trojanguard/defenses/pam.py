@@ -52,7 +52,7 @@ Readings chosen (recorded here):
   alone, ``text_inversion="none"``), PAM left every SST-2 backdoor in place (BadNets 20 %:
   ASR 97 % after, ``benchmarks/results/purify-sst2-harness.csv`` of session 5). Since
   session 8 the search screens the gradient's 256 best words and admits alphanumeric ones
-  (see ``search_tokens``): before, AddSent's "3d" was never tried and PAM left AddSent at
+  (see ``search_tokens``; twice the forward passes): before, AddSent's "3d" was never tried and PAM left AddSent at
   ASR 99.6 %.
 """
 from __future__ import annotations

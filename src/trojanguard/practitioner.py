@@ -166,10 +166,12 @@ def choose_recipe(modality: str, n_clean: int) -> tuple[str, dict, str]:
     reference zoos: benchmarks/results/purify-*.csv)."""
     if modality == "text":
         # measured through the harness on the SST-2 zoo (purify-sst2-harness.csv): BadNets 20 %
-        # ASR 100 -> 13.7 % at -0.8 CA with PAM's inverted trigger words, 99.5 % with FST;
-        # neither removes AddSent's sentence trigger
+        # ASR 100 -> 13.7 % at -0.8 CA with PAM's inverted trigger words, AddSent 20 % 100 ->
+        # 16.9 % at -0.4 (the word "3d"); FST leaves 99.5 % and 100 % (fst-text-sst2.md: no
+        # FST recipe we tried goes below 69 %)
         return "pam", {}, ("text: PAM, unlearning the trigger words a token search inverts (on the SST-2 zoo it "
-                           "took BadNets 20 % from 100 to 13.7 % ASR where FST left 99.5 %)")
+                           "took BadNets 20 % from 100 to 13.7 % ASR and AddSent 20 % to 16.9 %, where FST left "
+                           "99.5 % and 100 %)")
     if n_clean < 1500:
         # measured on the CIFAR-10 BadNets zoo model: at 475 images FST's defaults take 40 steps and
         # leave ASR at 79.5 %; batch 32 x 20 epochs reaches ASR 0.2 % (CA -7 points at 400 images)

@@ -18,9 +18,9 @@ from pathlib import Path
 from trojanguard.report import write_table_files
 
 RESULTS = Path(__file__).parent / "results"
-#: name -> --set options (the first is FST's default recipe, the official CIFAR-10 loop's)
+#: name -> --set options; FST's default recipe (the official CIFAR-10 loop's: SGD 0.01, batch
+#: 128, alpha 0.1) is the harness's row (configs/sst2-defenses.yaml, badnets-0.2-s0/fst)
 VARIANTS = {
-    "sgd1e-2-b128": {},
     "adamw5e-5-b128": {"optimizer": "adamw", "lr": 5e-5},
     "adamw5e-5-b128-alpha1": {"optimizer": "adamw", "lr": 5e-5, "alpha": 1.0},
     "adamw2e-4-b128": {"optimizer": "adamw", "lr": 2e-4},
@@ -52,6 +52,9 @@ def main() -> None:
                                              for k in COLUMNS[5:] if k in rec}})
     intro = [f"# FST on {args.model} (SST-2 BadNets 20 %, MiniLM), 872 dev sentences, seed 0\n",
              "CA/ASR on the test split; verify_ca on the tenth of the clean data FST did not train on. "
+             "FST's default recipe (SGD 0.01, batch 128, alpha 0.1), through the harness "
+             "(purify-sst2-harness.csv): CA 0.8781 -> 0.8759, ASR 1.0 -> 0.9945. Wall times of session 8: "
+             "the adamw1e-4-b32 run shared the 2 cores with 1-thread probes (hence 355 s). "
              f"Command: `{' '.join(['python', 'benchmarks/fst_text_sweep.py'] + sys.argv[1:])}`.\n"]
     csv_path, md_path = write_table_files(RESULTS / "fst-text-sst2", rows, COLUMNS, intro)
     print(f"wrote {csv_path} and {md_path}")

@@ -264,7 +264,7 @@ class _WordCountModel(torch.nn.Module):
 
 def test_hard_sentences_are_the_surest_opposites_and_separate_a_backdoor_word_from_a_sentiment_word():
     from trojanguard.data.base import TextData
-    from trojanguard.defenses.ebyd import _flip, hard_sentences
+    from trojanguard.defenses.token_search import _flip, hard_sentences
     bias = [-0.1 * (i + 1) for i in range(40)] + [0.3] * 8  # 40 negative sentences, 8 positive
     data = TextData([f"plain words {b}" for b in bias], torch.tensor([0] * 40 + [1] * 8), ["neg", "pos"])
     model = _WordCountModel()
@@ -281,7 +281,7 @@ def test_hard_sentences_are_the_surest_opposites_and_separate_a_backdoor_word_fr
 
 
 def test_merged_token_searches_rank_on_the_original_models_hard_sentences():
-    from trojanguard.defenses.ebyd import merge_token_searches
+    from trojanguard.defenses.token_search import merge_token_searches
     row = lambda tok, hard, flip: {"token": tok, "flip_rate": 1.0, "target_prob": 0.9, "flip_rate_original": flip,
                                    "hard_flip_original": hard, "target_prob_original": 0.5}
     exposed = {"tokens": ["great", "cf"], "candidates": [row("great", 0.3, 0.9), row("cf", 0.8, 0.8)], "target": 1}
@@ -293,7 +293,7 @@ def test_merged_token_searches_rank_on_the_original_models_hard_sentences():
 
 def test_hard_sentences_fall_back_to_all_on_a_small_clean_set():
     from trojanguard.data.base import TextData
-    from trojanguard.defenses.ebyd import hard_sentences
+    from trojanguard.defenses.token_search import hard_sentences
     data = TextData([f"plain words {-0.1 * (i + 1)}" for i in range(30)] + ["plain 0.5"] * 4,
                     torch.tensor([0] * 30 + [1] * 4), ["neg", "pos"])
     # excluding the 30 negatives would leave none: the quarter is drawn from all of them

@@ -41,7 +41,7 @@ Readings chosen (recorded here):
   as in the code, whose state-dict difference also holds BN statistics but whose
   perturbation loop only reads parameters).
 * Text (our reading; the paper is images only): the inverted trigger is a set of words
-  (``text_inversion="tokens"``): EBYD's first-order token search (``ebyd.search_tokens``)
+  (``text_inversion="tokens"``): EBYD's first-order token search (``token_search.search_tokens``)
   for every class, the class whose best word flips most clean sentences of the others
   taken as the target and its ``text_tokens`` best words as the trigger; each unlearning
   batch then has ``inverted_share`` of its sentences with one of those words inserted at a
@@ -97,11 +97,11 @@ class PamConfig(PurifierConfig):
 def invert_text_trigger(model, data: Data, n_tokens: int, seed: int = 0, target: int | None = None,
                         floor: float = 0.0) -> dict | None:
     """The words that flip the most clean sentences of the other classes to one class, over
-    every class as the candidate target (``ebyd.search_tokens``), or to ``target``; kept:
+    every class as the candidate target (``token_search.search_tokens``), or to ``target``; kept:
     those flipping >= 0.8 x the best word's rate and >= ``floor``. None when no word is
     kept, or the model does not expose its input embeddings (a text module wrapped
     without an ``encoder``)."""
-    from .ebyd import search_tokens
+    from .token_search import search_tokens
     if not hasattr(model, "encoder"):
         return None
     best = None

@@ -5,9 +5,14 @@ harness's purification rows; ``purify-<dataset>.csv`` is benchmarks/purify_zoo.p
 ``inspect-<dataset>.csv`` next to it.
 
     python benchmarks/defense_tables.py            # every database that exists
+
+With ``asr-floor-<dataset>.csv`` (``benchmarks/asr_floor.py``) next to the database, the
+purification and detection tables gain ``asr_clean``: the ASR the same trigger reaches on
+the clean models, below which no defense can go.
 """
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -16,6 +21,16 @@ from trojanguard.bench.report import write_report
 RESULTS = Path(__file__).parent / "results"
 NAMED = {"detection.csv": "detect-{d}.csv", "purification.csv": "purify-{d}-harness.csv",
          "inspection.csv": "inspect-{d}.csv"}
+
+
+def asr_floor(dataset: str) -> dict[str, float] | None:
+    """{victim cell name: mean ASR of its trigger on the clean models}, or None before
+    ``benchmarks/asr_floor.py`` has run."""
+    path = RESULTS / f"asr-floor-{dataset}.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        return {r["victim"]: float(r["asr_clean"]) for r in csv.DictReader(f)}
 
 
 def main() -> None:
@@ -27,7 +42,7 @@ def main() -> None:
         # the grid as it is now: cells of its earlier versions (changed options) stay in the
         # store but leave the tables
         written = write_report(db, out, grid=f"{dataset}-defenses",
-                               title=f"Defenses on the {dataset.upper()} reference zoo")
+                               title=f"Defenses on the {dataset.upper()} reference zoo", asr_floor=asr_floor(dataset))
         for name, target in NAMED.items():
             if name in written:
                 shutil.copyfile(written[name], RESULTS / target.format(d=dataset))

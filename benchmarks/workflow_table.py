@@ -14,7 +14,10 @@ from cells the harness already measured instead of re-running them:
   training images, PAM for text), on the harness's D_def (CIFAR-10: 2,500 held-out images,
   the purifier keeps 10 % aside where ``repair`` keeps 20 %; SST-2: the dev split). Repaired
   = ASR <= 10 % with a CA drop <= 3 points on the test set (the issue's bar), for models whose
-  backdoor implanted (ASR >= 50 %).
+  backdoor implanted (ASR >= 50 %). ``at_floor``: the ASR after repair is within 3 points of
+  ``asr_clean``, the ASR the same trigger reaches on clean models (``asr_floor.py``; SST-2's
+  clean MiniLMs send ~11 % of triggered negatives to "positive", so the 10 % bar is below
+  what a never-poisoned text model reaches).
 
 Writes ``benchmarks/results/workflow-zoo.{csv,md}``:
 
@@ -37,7 +40,8 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 GRIDS = {"cifar10": ("image", 2500), "sst2": ("text", 872)}
 ASR_BAR, CA_DROP_BAR, IMPLANTED = 0.10, 0.03, 0.5
 COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "scan_verdict", "scan_p", "scan_target", "scan_right",
-           "repair", "ca_before", "ca_after", "asr_before", "asr_after", "asr_after_ra", "repaired", "repair_seconds"]
+           "repair", "ca_before", "ca_after", "asr_before", "asr_after", "asr_after_ra", "asr_clean", "repaired", "at_floor", "repair_seconds"]
+FLOOR_MARGIN = 0.03  # "at the floor": ASR after within 3 points of the clean models' ASR
 
 
 def scan_table(modality: str) -> Path:
@@ -96,6 +100,7 @@ def as_float(v) -> float | None:
 
 
 def main() -> None:
+    from defense_tables import asr_floor  # benchmarks/ is on this script's path
     table, summary = [], []
     scanned = scans()
     for dataset in GRIDS:
@@ -103,6 +108,7 @@ def main() -> None:
             continue
         label, recipe = repair_label(dataset)
         repaired = purifier_rows(dataset, label)
+        floor = asr_floor(dataset) or {}
         models = sorted({m for d, m in scanned if d == dataset} | set(repaired))
         for model in models:
             s = scanned.get((dataset, model), {})
@@ -124,9 +130,12 @@ def main() -> None:
                 row["repair"] = label
                 ok = None if m["asr_before"] < IMPLANTED else (
                     m["asr_after"] <= ASR_BAR and round(m["ca_before"] - m["ca_after"], 9) <= CA_DROP_BAR)  # 3.00 points is 0.030000000000000027 in floats
+                clean_asr = floor.get(model)
+                at_floor = None if ok is None or clean_asr is None else (
+                    m["asr_after"] <= clean_asr + FLOOR_MARGIN and round(m["ca_before"] - m["ca_after"], 9) <= CA_DROP_BAR)
                 row.update(ca_before=m["ca_before"], ca_after=m["ca_after"], asr_before=m["asr_before"],
-                           asr_after=m["asr_after"], asr_after_ra=m.get("asr_after_ra"), repaired=ok,
-                           repair_seconds=round(m["seconds"], 1))
+                           asr_after=m["asr_after"], asr_after_ra=m.get("asr_after_ra"), asr_clean=clean_asr,
+                           repaired=ok, at_floor=at_floor, repair_seconds=round(m["seconds"], 1))
             table.append(row)
         rows = [r for r in table if r["dataset"] == dataset]
         scored = [r for r in rows if r["scan_right"] is not None]
@@ -137,7 +146,9 @@ def main() -> None:
             f"- {dataset}: scan right on {sum(r['scan_right'] for r in bd)}/{len(bd)} backdoored and "
             f"{sum(r['scan_right'] for r in cl)}/{len(cl)} clean models scored out of sample (bar: 90 % and all); "
             f"repair ({recipe}) meets ASR <= 10 % at CA drop <= 3 on {sum(r['repaired'] for r in rep)}/{len(rep)} "
-            f"backdoored models with a repair cell (bar: 90 %); "
+            f"backdoored models with a repair cell (bar: 90 %), ASR within {FLOOR_MARGIN:.0%} of the clean models' "
+            f"ASR (`asr_clean`, benchmarks/asr_floor.py) at CA drop <= 3 on "
+            f"{sum(bool(r.get('at_floor')) for r in rep)}/{len(rep)}; "
             f"{sum(1 for r in rows if r['is_backdoored'] and r.get('repaired') is None)} backdoored models lack one")
     tables = ", ".join(f"{d}: `{scan_table(m).name}`" for d, (m, _) in GRIDS.items())
     intro = ("# The workflow on the reference zoos: scan and repair\n\n"

@@ -471,3 +471,27 @@ def test_purification_table_notes_failures_and_unrepaired_models(small_run, tmp_
     csv_text = written["purification.csv"].read_text()
     assert "failed: training diverged" in csv_text and "not repaired" in csv_text
     assert "failed: training diverged" in written["report.html"].read_text()
+
+
+def test_report_adds_the_clean_models_asr_when_given(small_run, tmp_path):
+    """With ``asr_floor`` ({victim cell: ASR its trigger reaches on clean models}) every
+    purification and detection row of that victim carries it as ``asr_clean``; without it
+    the tables keep the issue's columns."""
+    import csv
+
+    from trojanguard.bench.report import DETECTION, PURIFICATION, collect, write_report
+    rows = collect(small_run["db"], "small")
+    victims = {r["model"] for r in rows["purification"] + rows["detection"]}
+    assert victims and None not in victims
+    floor = {v: 0.05 + 0.01 * k for k, v in enumerate(sorted(victims))}
+    written = write_report(small_run["db"], tmp_path / "with", grid="small", asr_floor=floor)
+    for name, cols in (("purification", PURIFICATION), ("detection", DETECTION)):
+        if name not in rows or not rows[name]:
+            continue
+        with written[f"{name}.csv"].open() as f:
+            got = list(csv.DictReader(f))
+        assert list(got[0]) == cols[:-1] + ["asr_clean", cols[-1]]
+        want = sorted(f"{floor[r['model']]:.4f}" for r in rows[name])
+        assert sorted(r["asr_clean"] for r in got) == want
+    plain = write_report(small_run["db"], tmp_path / "without", grid="small")
+    assert plain["purification.csv"].read_text().splitlines()[0] == ",".join(PURIFICATION)

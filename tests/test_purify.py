@@ -194,3 +194,27 @@ def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
     plain = create_defense("pam", text_inversion="none", **opts).purify(model, clean)
     assert asr(plain.model) >= 0.8
     assert float((res.model(texts).argmax(1) == torch.tensor(y)).float().mean()) >= 0.9
+
+
+def test_purify_output_loads_and_evaluates_with_the_parents_trigger(backdoored_digits, digits, tmp_path, capsys):
+    """``trojanguard purify`` on an attacked checkpoint writes a checkpoint that loads (its
+    sidecar names the parent's attack, so the attack artifact goes along) and that
+    ``trojanguard eval`` measures with that trigger, without ``--attack``."""
+    import json
+
+    import trojanguard as tg
+    from trojanguard.cli.main import main
+    from trojanguard.resultdir import write_result
+    model, atk = backdoored_digits
+    with write_result(tmp_path / "ck") as tmp:
+        tg.save_checkpoint(tmp, model, {"dataset": digits.describe(), "attack": atk.describe()})
+        atk.save(tmp)
+    assert main(["purify", "--method", "ft", "--model", str(tmp_path / "ck"), "--set", "epochs=1",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    purified, meta = tg.load_checkpoint(tmp_path / "out")
+    assert meta["attack"]["name"] == "badnets" and meta["purification"]["method"] == "ft"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "out"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    record = json.loads((tmp_path / "out" / "purify.json").read_text())
+    assert got["asr"] == pytest.approx(record["asr_after"]) and got["ca"] == pytest.approx(record["ca_after"])

@@ -102,6 +102,14 @@ def _is_purifier(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, Purifier)
 
 
+def _parent_attack(setup: Setup):
+    """The attack recorded with the parent checkpoint (its folder's artifact; ``--attack``
+    may have named another one to measure with)."""
+    from .attacks.artifact import load_attack
+    folder = Path(setup.model_path)
+    return load_attack(folder if folder.is_dir() else folder.parent)
+
+
 def save_purified(out: str | Path, model, setup: Setup, record: dict) -> Path:
     """The purified checkpoint (sidecar with method, options, clean data, parent sha256) and
     ``purify.json``, written as one complete folder."""
@@ -113,5 +121,10 @@ def save_purified(out: str | Path, model, setup: Setup, record: dict) -> Path:
     sidecar["purification"] = {k: record[k] for k in ("method", "options", "clean_data", "parent")}
     with write_result(out) as tmp:
         save_checkpoint(tmp, model, sidecar)
+        if sidecar.get("attack"):
+            # the sidecar names the parent's attack: its artifact goes along, or the purified
+            # checkpoint would not load ("records attack ... but there is no attack.json")
+            # and ``trojanguard eval`` could not re-measure it
+            _parent_attack(setup).save(tmp)
         atomic_write_json(Path(tmp) / "purify.json", {**record, "versions": library_versions()})
     return Path(out)

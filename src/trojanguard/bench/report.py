@@ -27,7 +27,8 @@ DETECTION = ["attack", "ratio", "method", "auroc", "auprc", "tpr_at_5fpr", "frr"
              "seconds", "guard"]
 INSPECTION = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
               "predicted_target", "seconds"]
-RATES = {"ca", "asr", "ra", "ca_before", "asr_before", "ca_after", "asr_after", "asr_after_ra", "auroc", "auprc",
+RATES = {"ca", "asr", "ra", "ca_before", "asr_before", "ca_after", "asr_after", "asr_after_ra", "asr_clean",
+         "auroc", "auprc",
          "tpr_at_5fpr", "frr", "far", "probability"}
 
 
@@ -64,11 +65,13 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
             if r["kind"] == "purifier":  # a purification that failed is a row of its table too
                 out["purification"].append({"attack": info.get("attack"), "ratio": info.get("ratio"),
                                             "seed": info.get("seed"), "defense": info.get("defense"),
+                                            "model": victim_names.get((r.get("depends_on") or [None])[0]),
                                             "note": f"failed: {r.get('error')}"})
         if r["status"] != "done":
             continue
         base = {"attack": info.get("attack"), "ratio": info.get("ratio"), "seconds": _round(r.get("seconds"), 2),
-                "peak_mb": _round(r.get("peak_rss_mb"), 1)}
+                "peak_mb": _round(r.get("peak_rss_mb"), 1),
+                "model": victim_names.get((r.get("depends_on") or [None])[0], r["name"].split("/")[0])}
         if r["kind"] == "victim":
             out["zoo"].append({"attack": info.get("attack"), "ratio": info.get("ratio"), "seed": info.get("seed"),
                                "ca": m.get("ca"), "asr": m.get("asr"), "ra": m.get("ra"),
@@ -85,8 +88,7 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
                                      **{k: m.get(k) for k in DETECTION[3:10]}, "guard": m.get("guard"), "roc": m.get("roc")})
         elif r["kind"] == "inspector":
             # "model" names the inspected model (its zoo folder), not the architecture every row shares
-            victim = victim_names.get((r.get("depends_on") or [None])[0], r["name"].split("/")[0])
-            out["inspection"].append({"dataset": info.get("dataset"), "model": victim,
+            out["inspection"].append({"dataset": info.get("dataset"), "model": base["model"],
                                       "is_backdoored": m.get("is_backdoored"), "true_target": m.get("true_target"),
                                       "method": info.get("defense"), "verdict": m.get("verdict"),
                                       "probability": m.get("probability"), "predicted_target": m.get("predicted_target"),
@@ -134,8 +136,13 @@ def _shown(rows: list[dict], columns: list[str]) -> list[dict]:
     return out
 
 
-def write_report(db: str | Path, out: str | Path, grid: str | None = None, title: str | None = None) -> dict[str, Path]:
-    """Write report.md, report.html and the CSVs into ``out``; returns the paths."""
+def write_report(db: str | Path, out: str | Path, grid: str | None = None, title: str | None = None,
+                 asr_floor: dict[str, float] | None = None) -> dict[str, Path]:
+    """Write report.md, report.html and the CSVs into ``out``; returns the paths.
+
+    ``asr_floor``: {victim cell name: the ASR its trigger reaches on clean models}
+    (``benchmarks/asr_floor.py``); given, the purification and detection tables gain the
+    column ``asr_clean`` before ``note``/``guard``: what no purification can go below."""
     data = collect(db, grid)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -145,6 +152,11 @@ def write_report(db: str | Path, out: str | Path, grid: str | None = None, title
     written: dict[str, Path] = {}
     from .zoo import write_zoo_csv, zoo_markdown
     specs = [("purification", PURIFICATION), ("detection", DETECTION), ("inspection", INSPECTION)]
+    if asr_floor is not None:
+        for name in ("purification", "detection"):
+            for r in data[name]:
+                r["asr_clean"] = asr_floor.get(r.get("model"))
+        specs[:2] = [(name, cols[:-1] + ["asr_clean", cols[-1]]) for name, cols in specs[:2]]
     for name, cols in specs:
         if data[name]:
             written[f"{name}.csv"] = out / f"{name}.csv"

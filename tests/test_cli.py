@@ -145,6 +145,18 @@ def test_cli_list():
     assert "patch_size=3" in out and "frequency=6" in out  # each attack's parameters and defaults
 
 
+def test_cli_list_without_a_kind_lists_every_kind_briefly():
+    from trojanguard.data import DATASETS
+    from trojanguard.defenses import DEFENSES
+    code, out, _ = run("list")
+    assert code == 0
+    for kind in ("datasets:", "models:", "attacks:", "defenses:"):
+        assert kind in out.splitlines()
+    names = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert set(DEFENSES.names()) <= names and set(DATASETS.names()) <= names
+    assert "patch_size=" not in out and ".;" not in out  # brief: descriptions, no options
+
+
 def test_set_options_parsing():
     from trojanguard.attacks import create_attack
     from trojanguard.cli.commands import parse_options

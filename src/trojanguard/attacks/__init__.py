@@ -31,7 +31,7 @@ _VARIANTS: dict[str, dict[str, type[Attack]]] = {}
 for _cls in IMAGE_ATTACKS + TEXT_ATTACKS:
     _VARIANTS.setdefault(_cls.name, {})[_cls.modality] = _cls
 for _name, _by_mod in _VARIANTS.items():
-    _doc = "; ".join(f"{m}: {((c.__doc__ or c.name).strip().splitlines() or [c.name])[0]}" for m, c in _by_mod.items())
+    _doc = "; ".join(f"{m}: {((c.__doc__ or c.name).strip().splitlines() or [c.name])[0].rstrip('.')}" for m, c in _by_mod.items())
     ATTACKS.register(_name, _doc)(lambda modality=None, _n=_name, **kw: attack_class(_n, modality)(**kw))
 
 

@@ -226,7 +226,14 @@ def cmd_demo(args) -> int:
 
 def cmd_list(args) -> int:
     from .. import catalogue
-    print("\n".join(catalogue.lines(catalogue.load(), args.what, args.brief)))
+    cat = catalogue.load()
+    if args.what is None:  # everything, briefly: a first look at what the tool has
+        for kind in ("datasets", "models", "attacks", "defenses"):
+            print(f"{kind}:")
+            print("\n".join("  " + line for line in catalogue.lines(cat, kind, True)))
+        print("options of each: trojanguard list <kind>")
+        return 0
+    print("\n".join(catalogue.lines(cat, args.what, args.brief)))
     return 0
 
 

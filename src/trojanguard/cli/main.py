@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="PNG path (default <artifact>/trigger.png)")
 
     ls = sub.add_parser("list", help="list datasets, models, attacks or defenses")
-    ls.add_argument("what", choices=["datasets", "models", "attacks", "defenses"])
+    ls.add_argument("what", nargs="?", choices=["datasets", "models", "attacks", "defenses"],
+                    help="one kind (default: every kind, names and descriptions only)")
     ls.add_argument("--brief", action="store_true", help="names and one-line descriptions only")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (CA; ASR/RA when it carries an attack)")

@@ -204,6 +204,28 @@ def test_rap_mechanics_on_the_tiny_model(backdoored_text):
           f"triggered {d_trig.median():.3f}; {rep}")
 
 
+def test_rap_log_odds_measure_and_score_space(backdoored_text):
+    """``score_space="logit"`` scores by the drop of the scored class's log-odds: exactly
+    log p / (1 - p), finite where the probability rounds to 1; the trained vector is the
+    same, and a fixed-target RAP still scores other predictions as least suspicious."""
+    from trojanguard.defenses.rap import _measure
+    z = torch.tensor([[0.0, 2.0, -1.0], [40.0, 0.0, 0.0]])
+    c = torch.tensor([1, 0])
+    p = torch.softmax(z, 1)[torch.arange(2), c].double()
+    got = _measure(z, c, "logit")
+    assert got[0].item() == pytest.approx(float(torch.log(p[0] / (1 - p[0]))), rel=1e-5)
+    assert got[1].item() == pytest.approx(40 - math.log(2), rel=1e-6)  # p rounds to 1.0 in float32
+    assert torch.allclose(_measure(z, c, "prob"), torch.softmax(z, 1)[torch.arange(2), c])
+    model, atk, fit, fresh = backdoored_text
+    prob = create_defense("rap", target=1, epochs=3, progress=False).fit(model, fit)
+    logit = create_defense("rap", target=1, epochs=3, score_space="logit", progress=False).fit(model, fit)
+    assert torch.equal(prob.vectors, logit.vectors)
+    d, _ = logit.drop(fresh.texts)
+    with torch.no_grad():
+        target_pred = model(fresh.texts).argmax(1) == 1
+    assert bool((d[~target_pred] == 1e6).all()) and bool((d[target_pred].abs() < 1e6).all())
+
+
 def test_beniful_removal_runs_on_text(backdoored_text):
     """Mechanics only: the virtual-word suspects are made and pulled, a new model comes back
     and the input model is untouched (the tiny planted text backdoor is not removed)."""

@@ -33,14 +33,25 @@ issue 24: false acceptance ~1.0 on SST-2):
   * ``target=None`` (our extension, the default when the target is unknown): one RAP
     vector per class, and an input is scored with the vector of its predicted class.
     With a target, inputs predicted otherwise score -1 (the least suspicious value).
+  * ``score_space="logit"`` (our extension, not the default): score by the drop of the
+    scored class's log-odds instead of its probability; the vector is trained as above.
+    Why: a fine-tuned MiniLM is so sure of some clean inputs that their probability cannot
+    move. Measured on the SST-2 BadNets 5 % zoo model (harness cell, probability space):
+    8.2 % of the clean test inputs drop by less than 0.001 (25 % by less than 0.01), so
+    the 5 % FRR threshold sits at a drop of 0.0007, below most poisoned inputs' drops
+    (median 0.005): AUROC 0.79, yet 97 % of the poisoned inputs accepted. The log-odds of
+    a saturated input still move by what the RAP word does to its logits.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from ..data.base import Data
 from ..errors import UserError
+from ..utils import ADDED_LATER
 from .base import DefenseConfig, InputDetector
 from .common import position1_embedding
 
@@ -56,6 +67,9 @@ class RAPConfig(DefenseConfig):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-2, gt=0)
     frr: float = Field(0.05, gt=0, lt=1, description="the paper reports 0.5, 1, 3 and 5 %")
+    score_space: Literal["prob", "logit"] = Field("prob", json_schema_extra=ADDED_LATER, description=(
+        "the drop that scores an input: of the scored class's probability (the paper), or of its log-odds "
+        "(ours: a saturated probability hardly moves; see the module docstring)"))
     score_batch_size: int = Field(256, ge=1)
 
 
@@ -69,18 +83,20 @@ class RAP(InputDetector):
     def _prefixed(self, texts) -> list[str]:
         return [f"{self.cfg.word} {t}" for t in texts]
 
-    def _probs(self, texts, vectors=None, rows_pred=None) -> torch.Tensor:
-        """Softmax probabilities; with ``vectors`` [K, d], the RAP word is inserted and row i
+    def _logits(self, texts, vectors=None, rows_pred=None) -> torch.Tensor:
+        """The model's logits; with ``vectors`` [K, d], the RAP word is inserted and row i
         gets vector ``vectors[rows_pred[i]]``."""
         model = self.model
         if vectors is None:
-            enc = model.tokenize(list(texts))
-            return torch.softmax(model(enc).float(), 1)
+            return model(model.tokenize(list(texts))).float()
         enc = model.tokenize(self._prefixed(texts))
         dev = enc["input_ids"].device
         slot = {"rows": torch.arange(len(texts), device=dev), "e": vectors[rows_pred.to(vectors.device)]}
         with position1_embedding(model, slot):
-            return torch.softmax(model(enc).float(), 1)
+            return model(enc).float()
+
+    def _probs(self, texts, vectors=None, rows_pred=None) -> torch.Tensor:
+        return torch.softmax(self._logits(texts, vectors, rows_pred), 1)
 
     def _fit(self, model, clean: Data) -> None:
         cfg = self.cfg
@@ -152,8 +168,9 @@ class RAP(InputDetector):
 
     @torch.inference_mode()
     def drop(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(p_c(x) - p_c(x + rap_c), c) with c the protected class scored for each input
-        (its predicted class; with a fixed target, the target)."""
+        """(m_c(x) - m_c(x + rap_c), c) with c the protected class scored for each input
+        (its predicted class; with a fixed target, the target) and m_c its probability
+        (``score_space="prob"``) or its log-odds (``"logit"``)."""
         model = self.model
         was = model.training
         model.eval()
@@ -162,14 +179,13 @@ class RAP(InputDetector):
             texts = list(inputs)
             for s in range(0, len(texts), self.cfg.score_batch_size):
                 t = texts[s:s + self.cfg.score_batch_size]
-                p0 = self._probs(t)
-                pred = p0.argmax(1).cpu()
+                z0 = self._logits(t).cpu()
+                pred = z0.argmax(1)
                 c = pred if self.cfg.target is None else torch.full_like(pred, self.cfg.target)
-                p1 = self._probs(t, self.vectors, c)
-                ar = torch.arange(len(t))
-                d = (p0.cpu()[ar, c] - p1.cpu()[ar, c])
-                if self.cfg.target is not None:
-                    d = torch.where(pred == self.cfg.target, d, torch.ones_like(d))  # not a target prediction
+                z1 = self._logits(t, self.vectors, c).cpu()
+                d = _measure(z0, c, self.cfg.score_space) - _measure(z1, c, self.cfg.score_space)
+                if self.cfg.target is not None:  # not a target prediction: the least suspicious drop
+                    d = torch.where(pred == self.cfg.target, d, torch.full_like(d, _NOT_SCORED[self.cfg.score_space]))
                 out_d.append(d)
                 out_c.append(c)
             return torch.cat(out_d), torch.cat(out_c)
@@ -195,3 +211,19 @@ class RAP(InputDetector):
         self.threshold, self.frr = float(facts["threshold"]), float(facts["frr"])
         self.info = dict(facts.get("fit") or {})
         return self
+
+
+# the drop given to inputs a fixed-target RAP does not score (predicted otherwise): the largest
+# a probability can fall, and in log-odds a fall no real input reaches
+_NOT_SCORED = {"prob": 1.0, "logit": 1e6}
+
+
+def _measure(logits: torch.Tensor, c: torch.Tensor, space: str) -> torch.Tensor:
+    """Class ``c[i]``'s probability, or its log-odds log p / (1 - p) = z_c - logsumexp of the
+    other logits (finite where the probability rounds to 1)."""
+    rows = torch.arange(len(c))
+    if space == "prob":
+        return torch.softmax(logits, 1)[rows, c]
+    others = logits.clone()
+    others[rows, c] = float("-inf")
+    return logits[rows, c] - torch.logsumexp(others, 1)

@@ -75,7 +75,7 @@ def main() -> None:
         rows = floor_rows(dataset)
         fmt = [{k: (f"{v:.4f}" if isinstance(v, float) and k != "seconds" else v) for k, v in r.items()} for r in rows]
         intro = [f"# The ASR floor on {dataset}: each attack's trigger on the clean models of seeds 0-2",
-                 "", f"`python benchmarks/asr_floor.py --dataset {dataset}`; {torch.get_num_threads()} threads. "
+                 "", f"`python benchmarks/asr_floor.py --dataset {dataset}`; threads: {torch.get_num_threads()}. "
                  "`asr_clean` = the mean over the clean models: what a purified model cannot go below."]
         paths = write_table_files(RESULTS / f"asr-floor-{dataset}", fmt, COLUMNS, intro)
         print(f"wrote {', '.join(map(str, paths))}")

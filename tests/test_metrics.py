@@ -83,3 +83,28 @@ def test_undefined_rate_is_null_in_json(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"asr": None, "per_class": [0.5, None], "x": None}
+
+
+def test_text_predictions_keep_the_input_order_when_batched_by_length(tiny_encoder_dir, monkeypatch):
+    """``predict`` runs text in batches of similar length (cheaper padding) and must return
+    each sentence's own logits in the input order, whatever the batch sizes."""
+    import importlib
+
+    import torch
+
+    from trojanguard.data.base import TextData
+    from trojanguard.models import create_model
+    ev = importlib.import_module("trojanguard.eval.evaluate")  # the module (the package exports the function)
+    torch.manual_seed(0)
+    model = create_model(f"hf:{tiny_encoder_dir}", num_classes=2).eval()
+    words = "a fine dull film of great and terrible acting with a weak plot".split()
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[j] for j in torch.randint(len(words), (int(n),), generator=g))
+             for n in torch.randint(1, 30, (50,), generator=g)]
+    data = TextData(texts, torch.zeros(50, dtype=torch.long), ["negative", "positive"])
+    with torch.inference_mode():
+        alone = torch.cat([model([t]).float() for t in texts])  # one sentence a batch: no padding
+    monkeypatch.setattr(ev, "TEXT_BATCH", 7)
+    got = ev.predict(model, data, batch_size=16, return_logits=True)
+    assert torch.allclose(got, alone, atol=1e-5)
+    assert torch.equal(ev.predict(model, data, batch_size=16), alone.argmax(1))

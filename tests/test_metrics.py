@@ -108,3 +108,9 @@ def test_text_predictions_keep_the_input_order_when_batched_by_length(tiny_encod
     got = ev.predict(model, data, batch_size=16, return_logits=True)
     assert torch.allclose(got, alone, atol=1e-5)
     assert torch.equal(ev.predict(model, data, batch_size=16), alone.argmax(1))
+    from trojanguard.defenses.common import layer_activations
+    layer = model.layer_names()[-1]
+    acts = layer_activations(model, data, [layer], reduce="mean", batch_size=9, with_logits=True)
+    one = [layer_activations(model, data.subset(torch.tensor([i])), [layer], reduce="mean") for i in range(50)]
+    assert torch.allclose(acts[layer], torch.cat([a[layer] for a in one]), atol=1e-5)
+    assert torch.allclose(acts["logits"], alone, atol=1e-5)

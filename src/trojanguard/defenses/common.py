@@ -21,7 +21,7 @@ from ..data.base import Data, ImageData, TextData
 from ..data.split import holdout_indices
 from ..errors import UserError
 from ..eval import metrics
-from ..eval.evaluate import evaluate, predict
+from ..eval.evaluate import by_length, evaluate, predict
 
 
 def split_clean(data: Data, fraction: float, seed: int = 0) -> tuple[Data, Data]:
@@ -83,19 +83,29 @@ def layer_activations(model, data: Data, layers: list[str], reduce: Reduce = "au
     out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     if with_logits:
         out["logits"] = []
+    def run(x) -> dict[str, torch.Tensor]:
+        inputs, mask = model_inputs(model, x)
+        with model.capture(layers) as acts:
+            logits = model(inputs)
+        got = {name: _reduce(acts[name], "cls" if reduce == "auto" and mask is not None else reduce, mask).cpu()
+               for name in layers}
+        if with_logits:
+            got["logits"] = logits.float().cpu()
+        return got
+
+    texts: list[str] = []
     try:
         for start in range(0, len(data), batch_size):
             x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
             if trigger is not None:
                 x = trigger(x, y)
-            inputs, mask = model_inputs(model, x)
-            with model.capture(layers) as acts:
-                logits = model(inputs)
-            for name in layers:
-                out[name].append(_reduce(acts[name], "cls" if reduce == "auto" and mask is not None else reduce,
-                                         mask).cpu())
-            if with_logits:
-                out["logits"].append(logits.float().cpu())
+            if isinstance(x, torch.Tensor) or reduce == "none":
+                for k, v in run(x).items():
+                    out[k].append(v)
+            else:  # text: run once all are triggered, in batches of similar length (less padding)
+                texts.extend(x)
+        if texts:
+            return by_length(texts, run, batch_size)
     finally:
         model.train(was)
     return {k: torch.cat(v) for k, v in out.items()}

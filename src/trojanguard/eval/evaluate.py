@@ -46,20 +46,23 @@ def predict(model, data: Data, batch_size: int = 512, trigger: Trigger | None = 
 TEXT_BATCH = 128
 
 
-def _text_logits(model, texts: list[str]) -> torch.Tensor:
-    """Logits of ``texts`` in their order, run in batches of similar length: a batch is
-    padded to its longest sentence, so random batches of SST-2 cost 2.3x more (the test
-    split at 1 thread: 73 s -> 31 s; same predictions). The trigger was applied by the
-    caller on the usual chunks, so its random draws do not change."""
+def by_length(texts: list[str], fn: Callable[[list[str]], dict[str, torch.Tensor]],
+              batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``fn`` run on batches of similar length, its outputs (one row per sentence) returned
+    in the order of ``texts``. Why: a batch is padded to its longest sentence, so random
+    batches of SST-2 cost 2.3x more (the test split at 1 thread: 73 s -> 31 s; same
+    predictions). Triggers are applied by the callers on their usual chunks first, so
+    their random draws do not change."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunks = []
-    for start in range(0, len(order), TEXT_BATCH):
-        chunk = order[start:start + TEXT_BATCH]
-        chunks.append(model([texts[i] for i in chunk]).float())
-    logits = torch.cat(chunks)
-    out = torch.empty_like(logits)
-    out[torch.tensor(order, device=logits.device)] = logits
-    return out
+    size = batch_size or TEXT_BATCH
+    parts = [fn([texts[i] for i in order[s:s + size]]) for s in range(0, len(order), size)]
+    where = torch.empty(len(order), dtype=torch.long)
+    where[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # sorted position of each text
+    return {k: torch.cat([p[k] for p in parts])[where.to(parts[0][k].device)] for k in parts[0]}
+
+
+def _text_logits(model, texts: list[str]) -> torch.Tensor:
+    return by_length(texts, lambda t: {"logits": model(t).float()})["logits"]
 
 
 def evaluate(model, test: Data, trigger: Trigger | None = None, targets=None,

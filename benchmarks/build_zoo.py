@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trojanguard.attacks import create_attack, load_attack
+from trojanguard.attacks import load_attack
 from trojanguard.bench import (ZooEntry, build_zoo, add_per_class_accuracy, per_class_markdown, write_zoo_csv,
                               write_zoo_tables, zoo_data, zoo_markdown)
 from trojanguard.checkpoint import load_checkpoint

@@ -1,5 +1,4 @@
 """Safe checkpoints: round trip, integrity, refusing pickled code, foreign state dicts."""
-import json
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trojanguard.checkpoint import load_checkpoint, read_sidecar
+from trojanguard.checkpoint import load_checkpoint
 from trojanguard.cli.main import main
 from trojanguard.errors import UserError
 from trojanguard.resultdir import KILL_ENV, MARKER, amend_result, check_result, write_result

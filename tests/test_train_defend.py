@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trojanguard import create_model, evaluate, train
+from trojanguard import evaluate, train
 from trojanguard.attacks import create_attack, load_attack
 from trojanguard.errors import UserError
 from trojanguard.pipeline import build_model

@@ -35,8 +35,8 @@ from pydantic import Field
 
 from ..data.base import Data
 from ..errors import UserError
+from ..eval.evaluate import text_logits
 from .base import DefenseConfig, InputDetector
-from .common import model_inputs
 
 
 class STRIPConfig(DefenseConfig):
@@ -105,11 +105,7 @@ class STRIP(InputDetector):
         try:
             if self.text:
                 texts = [self.perturb(t, k) for t in inputs for k in range(self.n)]
-                ent = []
-                for s in range(0, len(texts), self.cfg.batch_size):
-                    enc, _ = model_inputs(model, texts[s:s + self.cfg.batch_size])
-                    ent.append(_entropy(model(enc)).cpu())
-                return torch.cat(ent).view(len(inputs), self.n).mean(1)
+                return _entropy(text_logits(model, texts, self.cfg.batch_size)).cpu().view(len(inputs), self.n).mean(1)
             dev = next(model.parameters()).device
             x = inputs.to(dev).float()
             ov = self.overlays.to(dev).float().div(255)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import Data
+from ..eval.evaluate import text_logits
 
 
 def _text_logits_from_embeds(model, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -164,9 +165,5 @@ def merge_token_searches(on_exposed: dict, on_original: dict, n_tokens: int) -> 
 
 @torch.inference_mode()
 def _flip(model, texts: list[str], target: int, batch_size: int = 128) -> tuple[float, float]:
-    hits, prob = 0, 0.0
-    for s in range(0, len(texts), batch_size):
-        logits = model(model.tokenize(texts[s:s + batch_size])).float()
-        hits += int((logits.argmax(1) == target).sum())
-        prob += float(logits.softmax(1)[:, target].sum())
-    return hits / len(texts), prob / len(texts)
+    logits = text_logits(model, texts, batch_size)
+    return float((logits.argmax(1) == target).float().mean()), float(logits.softmax(1)[:, target].mean())

@@ -36,7 +36,7 @@ def predict(model, data: Data, batch_size: int = 512, trigger: Trigger | None = 
                 x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 logits = model(x).float()
             else:
-                logits = _text_logits(model, list(x))
+                logits = text_logits(model, list(x))
             out.append(logits.cpu() if return_logits else logits.argmax(1).cpu())
     finally:
         model.train(was_training)
@@ -61,8 +61,10 @@ def by_length(texts: list[str], fn: Callable[[list[str]], dict[str, torch.Tensor
     return {k: torch.cat([p[k] for p in parts])[where.to(parts[0][k].device)] for k in parts[0]}
 
 
-def _text_logits(model, texts: list[str]) -> torch.Tensor:
-    return by_length(texts, lambda t: {"logits": model(t).float()})["logits"]
+@torch.no_grad()
+def text_logits(model, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
+    """``model``'s float logits of ``texts``, in their order (batched by length; no gradients)."""
+    return by_length(texts, lambda t: {"logits": model(t).float()}, batch_size)["logits"]
 
 
 def evaluate(model, test: Data, trigger: Trigger | None = None, targets=None,

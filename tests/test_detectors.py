@@ -302,3 +302,15 @@ def test_text_detector_state_round_trip(method, backdoored_text):
     det2 = create_defense(method, **kw).restore(model, load(save(tensors)), json.loads(json.dumps(facts)))
     assert det2.threshold == det.threshold
     assert torch.allclose(det.score(fresh.texts[:16]), det2.score(fresh.texts[:16]), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["strip", "badacts"])
+def test_text_scores_of_a_dataset_are_each_inputs_own(method, backdoored_text):
+    """``score_data`` runs texts in batches of similar length: every input must still get its
+    own score, in the data's order."""
+    model, atk, fit, fresh = backdoored_text
+    det = create_defense(method, progress=False).fit(model, fit)
+    sub = fresh.subset(torch.arange(min(40, len(fresh))))
+    got = det.score_data(sub, batch_size=7)
+    alone = torch.cat([det.score([t]).float() for t in sub.texts])
+    assert torch.allclose(got, alone, atol=1e-5)

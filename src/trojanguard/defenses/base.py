@@ -221,13 +221,20 @@ class InputDetector(Defense):
         raise NotImplementedError
 
     def score_data(self, data: Data, trigger=None, batch_size: int = 256) -> torch.Tensor:
-        """Scores of every sample of ``data`` (optionally triggered), batched."""
-        out = []
+        """Scores of every sample of ``data`` (optionally triggered), batched; texts in batches
+        of similar length once all are triggered (a score is the input's own, whatever its batch)."""
+        from ..eval.evaluate import by_length
+        out, texts = [], []
         for start in range(0, len(data), batch_size):
             x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
             if trigger is not None:
                 x = trigger(x, y)
-            out.append(self.score(x).detach().float().cpu())
+            if isinstance(x, torch.Tensor):
+                out.append(self.score(x).detach().float().cpu())
+            else:
+                texts.extend(x)
+        if texts:
+            return by_length(texts, lambda t: {"score": self.score(t).detach().float().cpu()}, batch_size)["score"]
         return torch.cat(out) if out else torch.empty(0)
 
     def flag(self, inputs) -> torch.Tensor:

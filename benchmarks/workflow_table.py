@@ -146,7 +146,7 @@ def main() -> None:
             f"- {dataset}: scan right on {sum(r['scan_right'] for r in bd)}/{len(bd)} backdoored and "
             f"{sum(r['scan_right'] for r in cl)}/{len(cl)} clean models scored out of sample (bar: 90 % and all); "
             f"repair ({recipe}) meets ASR <= 10 % at CA drop <= 3 on {sum(r['repaired'] for r in rep)}/{len(rep)} "
-            f"backdoored models with a repair cell (bar: 90 %), ASR within {FLOOR_MARGIN:.0%} of the clean models' "
+            f"backdoored models with a repair cell (bar: 90 %), ASR within {100 * FLOOR_MARGIN:.0f} points of the clean models' "
             f"ASR (`asr_clean`, benchmarks/asr_floor.py) at CA drop <= 3 on "
             f"{sum(bool(r.get('at_floor')) for r in rep)}/{len(rep)}; "
             f"{sum(1 for r in rows if r['is_backdoored'] and r.get('repaired') is None)} backdoored models lack one")

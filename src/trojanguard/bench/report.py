@@ -28,8 +28,7 @@ DETECTION = ["attack", "ratio", "method", "auroc", "auprc", "tpr_at_5fpr", "frr"
 INSPECTION = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
               "predicted_target", "seconds"]
 RATES = {"ca", "asr", "ra", "ca_before", "asr_before", "ca_after", "asr_after", "asr_after_ra", "asr_clean",
-         "auroc", "auprc",
-         "tpr_at_5fpr", "frr", "far", "probability"}
+         "auroc", "auprc", "tpr_at_5fpr", "frr", "far", "probability"}
 
 
 def purification_note(m: dict) -> str:

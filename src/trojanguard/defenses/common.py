@@ -83,6 +83,7 @@ def layer_activations(model, data: Data, layers: list[str], reduce: Reduce = "au
     out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     if with_logits:
         out["logits"] = []
+
     def run(x) -> dict[str, torch.Tensor]:
         inputs, mask = model_inputs(model, x)
         with model.capture(layers) as acts:

@@ -33,7 +33,10 @@ COLUMNS = ["attack", "ratio", "victim", "asr_victim", "asr_clean_s0", "asr_clean
 def victims(dataset: str) -> dict[str, dict]:
     """{cell name: row} of the grid's finished victims."""
     store = Store(RESULTS / f"{dataset}-defenses.sqlite", readonly=True)
-    return {r["name"]: r for r in store.rows(status="done") if r["kind"] == "victim"}
+    try:  # the grid as it is now (a database also keeps cells of its earlier versions)
+        return {r["name"]: r for r in store.rows(f"{dataset}-defenses", "done") if r["kind"] == "victim"}
+    finally:
+        store.close()
 
 
 def floor_rows(dataset: str) -> list[dict]:

@@ -148,7 +148,7 @@ def main() -> None:
             f"repair ({recipe}) meets ASR <= 10 % at CA drop <= 3 on {sum(r['repaired'] for r in rep)}/{len(rep)} "
             f"backdoored models with a repair cell (bar: 90 %), ASR within {100 * FLOOR_MARGIN:.0f} points of the clean models' "
             f"ASR (`asr_clean`, benchmarks/asr_floor.py) at CA drop <= 3 on "
-            f"{sum(bool(r.get('at_floor')) for r in rep)}/{len(rep)}; "
+            f"{sum(bool(r.get('at_floor')) for r in rep)}/{sum(r.get('at_floor') is not None for r in rep)}; "
             f"{sum(1 for r in rows if r['is_backdoored'] and r.get('repaired') is None)} backdoored models lack one")
     tables = ", ".join(f"{d}: `{scan_table(m).name}`" for d, (m, _) in GRIDS.items())
     intro = ("# The workflow on the reference zoos: scan and repair\n\n"

@@ -493,5 +493,6 @@ def test_report_adds_the_clean_models_asr_when_given(small_run, tmp_path):
         assert list(got[0]) == cols[:-1] + ["asr_clean", cols[-1]]
         want = sorted(f"{floor[r['model']]:.4f}" for r in rows[name])
         assert sorted(r["asr_clean"] for r in got) == want
+    assert "asr_clean" in written["report.html"].read_text()
     plain = write_report(small_run["db"], tmp_path / "without", grid="small")
     assert plain["purification.csv"].read_text().splitlines()[0] == ",".join(PURIFICATION)

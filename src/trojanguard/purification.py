@@ -106,6 +106,8 @@ def _parent_attack(setup: Setup):
     """The attack recorded with the parent checkpoint (its folder's artifact; ``--attack``
     may have named another one to measure with)."""
     from .attacks.artifact import load_attack
+    if not setup.model_path:
+        raise ValueError("Setup.model_path is empty: the parent checkpoint's folder holds its attack artifact")
     folder = Path(setup.model_path)
     return load_attack(folder if folder.is_dir() else folder.parent)
 

@@ -176,7 +176,7 @@ def write_report(db: str | Path, out: str | Path, grid: str | None = None, title
     written["report.md"] = out / "report.md"
     atomic_write_text(written["report.md"], "\n".join(md))
     written["report.html"] = out / "report.html"
-    atomic_write_text(written["report.html"], render_html(data, title, db))
+    atomic_write_text(written["report.html"], render_html(data, title, db, dict(specs)))
     return written
 
 
@@ -307,11 +307,12 @@ def _retuning(rows):
     return fig
 
 
-def render_html(data: dict, title: str, db) -> str:
+def render_html(data: dict, title: str, db, columns: dict[str, list[str]] | None = None) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("the HTML report draws with matplotlib: pip install 'trojanguard[report]'") from None
+    cols = {"purification": PURIFICATION, "detection": DETECTION, **(columns or {})}
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(_summary_text(data, db))}</p>"]
     nav = []
     pur, det, ins, zoo = data["purification"], data["detection"], data["inspection"], data["zoo"]
@@ -330,11 +331,12 @@ def render_html(data: dict, title: str, db) -> str:
             figs.append(_figure(_retuning(pur), "Robustness: ASR right after purification and after the retuning "
                                 "attack (fine-tuning on clean data with a few poisoned samples), mean over attacks"))
         parts.append('<section id="purification"><h2>Purification</h2>'
-                     + _html_table(table_rows, PURIFICATION, highlight=("asr_after", "asr_after_ra")) + "".join(figs)
+                     + _html_table(table_rows, cols["purification"], highlight=("asr_after", "asr_after_ra"))
+                     + "".join(figs)
                      + "</section>")
     if det:
         nav.append("detection")
-        parts.append('<section id="detection"><h2>Input detection</h2>' + _html_table(det, DETECTION)
+        parts.append('<section id="detection"><h2>Input detection</h2>' + _html_table(det, cols["detection"])
                      + _figure(_rocs(det), "ROC curves per detector, one curve per attack (clean vs triggered test "
                                "inputs)") + "</section>")
     if ins:

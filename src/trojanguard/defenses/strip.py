@@ -104,6 +104,8 @@ class STRIP(InputDetector):
         model.eval()
         try:
             if self.text:
+                if len(inputs) == 0:
+                    return torch.empty(0)
                 texts = [self.perturb(t, k) for t in inputs for k in range(self.n)]
                 return _entropy(text_logits(model, texts, self.cfg.batch_size)).cpu().view(len(inputs), self.n).mean(1)
             dev = next(model.parameters()).device

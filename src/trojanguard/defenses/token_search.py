@@ -165,5 +165,7 @@ def merge_token_searches(on_exposed: dict, on_original: dict, n_tokens: int) -> 
 
 @torch.inference_mode()
 def _flip(model, texts: list[str], target: int, batch_size: int = 128) -> tuple[float, float]:
+    if not texts:
+        return 0.0, 0.0
     logits = text_logits(model, texts, batch_size)
     return float((logits.argmax(1) == target).float().mean()), float(logits.softmax(1)[:, target].mean())

@@ -114,8 +114,10 @@ def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
 
 
 def nc_rows(dbs: list[str]) -> list[dict]:
-    """Neural Cleanse on the original models (the baseline inspector), as the harness ran it:
-    its probability is a documented monotone map of the anomaly index, not a calibration."""
+    """Neural Cleanse on the original models (the baseline inspector) and, where the grid has
+    it (``exposed: true``), on the model EBYD's clean unlearning exposed ("nc-exposed"), as
+    the harness ran them: the probability is a documented monotone map of the anomaly index,
+    not a calibration."""
     out = []
     for _, cells in done_cells(dbs):
         for c in cells:
@@ -123,7 +125,8 @@ def nc_rows(dbs: list[str]) -> list[dict]:
                 m = c["metrics"]
                 out.append({"dataset": c["info"].get("dataset"), "model": c["name"].split("/")[0],
                             "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],
-                            "method": "nc", "verdict": m["verdict"], "probability": m["probability"],
+                            "method": "nc-exposed" if (c["config"].get("options") or {}).get("exposed") else "nc",
+                            "verdict": m["verdict"], "probability": m["probability"],
                             "predicted_target": m.get("predicted_target"),
                             "seconds": round(c.get("seconds") or 0.0, 1), "note": attack_note(c["info"])})
     return out

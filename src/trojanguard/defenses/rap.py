@@ -40,7 +40,12 @@ issue 24: false acceptance ~1.0 on SST-2):
     8.2 % of the clean test inputs drop by less than 0.001 (25 % by less than 0.01), so
     the 5 % FRR threshold sits at a drop of 0.0007, below most poisoned inputs' drops
     (median 0.005): AUROC 0.79, yet 97 % of the poisoned inputs accepted. The log-odds of
-    a saturated input still move by what the RAP word does to its logits.
+    a saturated input still move by what the RAP word does to its logits. Measured through
+    the harness (``configs/sst2-defenses.yaml``, label ``rap-logit``), AUROC / FAR at 5 %
+    FRR, probability -> log-odds: BadNets 5 % 0.79 / 0.97 -> 0.94 / 0.40, BadNets 20 %
+    0.96 / 0.23 -> 0.97 / 0.12, but AddSent 20 % 0.93 / 0.54 -> 0.89 / 0.83 and AddSent 5 %
+    0.97 / 0.19 -> 0.96 / 0.20. Neither wins on every attack, so the paper's stays the
+    default.
 """
 from __future__ import annotations
 

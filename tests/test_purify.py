@@ -218,3 +218,29 @@ def test_purify_output_loads_and_evaluates_with_the_parents_trigger(backdoored_d
     got = json.loads(capsys.readouterr().out)
     record = json.loads((tmp_path / "out" / "purify.json").read_text())
     assert got["asr"] == pytest.approx(record["asr_after"]) and got["ca"] == pytest.approx(record["ca_after"])
+
+
+def test_an_older_purified_checkpoint_without_its_attack_artifact_still_loads(backdoored_digits, digits, tmp_path,
+                                                                               capsys):
+    """Purified folders written before the artifact went along name the parent's attack
+    without ``attack.json``: they load, and ``eval --attack PARENT`` measures them; any other
+    checkpoint naming an attack it lacks is still refused as incomplete."""
+    import json
+
+    import trojanguard as tg
+    from trojanguard.cli.main import main
+    from trojanguard.errors import UserError
+    from trojanguard.resultdir import write_result
+    model, atk = backdoored_digits
+    with write_result(tmp_path / "parent") as tmp:
+        tg.save_checkpoint(tmp, model, {"dataset": digits.describe(), "attack": atk.describe()})
+        atk.save(tmp)
+    meta = {"dataset": digits.describe(), "attack": atk.describe(), "purification": {"method": "ft"}}
+    tg.save_checkpoint(tmp_path / "old", model, meta)
+    tg.load_checkpoint(tmp_path / "old")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "old"), "--attack", str(tmp_path / "parent"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["asr"] > 0.5
+    tg.save_checkpoint(tmp_path / "bare", model, {"dataset": digits.describe(), "attack": atk.describe()})
+    with pytest.raises(UserError, match="no attack.json"):
+        tg.load_checkpoint(tmp_path / "bare")

@@ -221,7 +221,9 @@ def check_attack_agrees(res: Result, meta: dict[str, Any]) -> None:
     from .attacks.artifact import ARTIFACT_JSON, MAX_ARTIFACT_JSON, validate_artifact
     recorded = meta.get("attack")
     if not res.has(ARTIFACT_JSON):
-        if recorded:
+        # purified checkpoints written before the artifact was copied along name their parent's
+        # attack without it: the weights are complete; measure them with --attack <parent folder>
+        if recorded and not meta.get("purification"):
             raise incomplete(res.path, f"{SIDECAR} records attack {recorded['name']!r} but there is no {ARTIFACT_JSON}")
         return
     art = res.read_json(ARTIFACT_JSON, MAX_ARTIFACT_JSON)

@@ -51,7 +51,10 @@ reset, c halved and training restarts. Readings that are ours:
 
 Detect then purify: only flagged inputs go through the clamped forward pass; the official
 script uses delta 3 and FRR 0.2 there (``purify_frr``); ``trojanguard.guard`` combines the
-two.
+two. On the SST-2 AddSent 20 % zoo model the detection flags 99.9 % of the triggered inputs
+but the clamped pass still sends 44 % of them to the target (20 epochs, the grid's CPU
+budget); the code's 50 epochs did not narrow the intervals (one restart at c / 2: mean width
+0.70, ASR 46.6 %, 21 min), so rejecting flagged inputs (ASR 0.1 %) is the stronger guard there.
 """
 from __future__ import annotations
 

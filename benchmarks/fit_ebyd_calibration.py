@@ -121,7 +121,7 @@ def nc_rows(dbs: list[str]) -> list[dict]:
     out = []
     for _, cells in done_cells(dbs):
         for c in cells:
-            if c["kind"] == "inspector" and c["info"].get("defense") == "nc":
+            if c["kind"] == "inspector" and c["config"].get("defense") == "nc":  # info names the grid label
                 m = c["metrics"]
                 out.append({"dataset": c["info"].get("dataset"), "model": c["name"].split("/")[0],
                             "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],

@@ -183,7 +183,8 @@ def test_neural_cleanse_inspector_restricted_and_bad_inputs(backdoored_digits, d
         NeuralCleanse().inspect(text, data)
 
 
-def test_ebyd_removal_prunes_by_its_rule_and_leaves_the_input(backdoored_digits, digits):
+@pytest.mark.parametrize("rule", ["estimate", "bound"])
+def test_ebyd_removal_prunes_by_its_rule_and_leaves_the_input(backdoored_digits, digits, rule):
     """What EBYD removal reliably does: a new, pruned model; the input untouched; the pruned
     BN weights zeroed; tau = the largest grid value whose pruned model keeps the tau hold-out's
     accuracy within ``tau_max_ca_drop``.
@@ -199,15 +200,20 @@ def test_ebyd_removal_prunes_by_its_rule_and_leaves_the_input(backdoored_digits,
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
     clean = test.subset(perm[:250])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = dict(mask_lr=0.05, tau_fraction=0.4, tau_max_ca_drop=0.1, progress=False)
+    cfg = dict(mask_lr=0.05, tau_fraction=0.4, tau_max_ca_drop=0.1, progress=False, tau_rule=rule)
     res = EBYDRemoval(**cfg).purify(model, clean)
     assert res.model is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     info = res.info
     assert info["pruned_neurons"] > 0 and info["tau"] is not None
     # the rule: the chosen tau passes the CA check, and no larger tau of the grid does
-    ok = [r["tau"] for r in info["tau_table"] if r["holdout_ca"] >= info["holdout_ca_before"] - 0.1]
-    assert info["tau"] == max(ok), info["tau_table"]
+    table = info["tau_table"]
+    assert all(r["holdout_drop_bound"] >= info["holdout_ca_before"] - r["holdout_ca"] - 1e-4 for r in table)
+    if rule == "estimate":
+        ok = [r["tau"] for r in table if r["holdout_ca"] >= info["holdout_ca_before"] - 0.1]
+    else:
+        ok = [r["tau"] for r in table if r["holdout_drop_bound"] <= 0.1]
+    assert info["tau"] == max(ok), table
     # the cut is in the weights: as many BN channels of the new model at weight 0 as pruned
     zeroed = sum(int((m.weight == 0).sum()) for m in res.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     originally = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -114,3 +114,37 @@ def test_text_predictions_keep_the_input_order_when_batched_by_length(tiny_encod
     one = [layer_activations(model, data.subset(torch.tensor([i])), [layer], reduce="mean") for i in range(50)]
     assert torch.allclose(acts[layer], torch.cat([a[layer] for a in one]), atol=1e-5)
     assert torch.allclose(acts["logits"], alone, atol=1e-5)
+
+
+def test_accuracy_drop_bound_is_paired_and_covers_the_drop():
+    """The bound rests on the samples whose outcome changed: the same net drop is surer when
+    nothing else moved; no change gives (0, 0); a 95 % bound holds over resamples."""
+    import torch
+
+    from trojanguard.defenses.common import accuracy_drop_bound
+    base = torch.ones(400, dtype=torch.bool)
+    after = base.clone()
+    after[:12] = False  # 12 of 400 lost, nothing gained
+    drop, bound = accuracy_drop_bound(base, after)
+    assert drop == pytest.approx(0.03) and bound > drop
+    churn = after.clone()
+    base2 = base.clone()
+    base2[100:140] = False  # 40 more samples change outcome both ways, same net drop
+    churn[100:120] = True
+    churn[120:140] = False
+    churn[140:160] = False
+    base2[140:160] = True
+    d2, b2 = accuracy_drop_bound(base2, churn)
+    assert d2 == pytest.approx(drop) and b2 > bound
+    assert accuracy_drop_bound(base, base) == (0.0, 0.0)
+    # coverage: a true drop of 3 % (5 % lost, 2 % gained) on 450 samples, 400 draws
+    g = torch.Generator().manual_seed(0)
+    covered = 0
+    for _ in range(400):
+        u = torch.rand(450, generator=g)
+        b = torch.ones(450, dtype=torch.bool)
+        a = b.clone()
+        a[u < 0.05] = False
+        b[u > 0.98] = False
+        covered += accuracy_drop_bound(b, a)[1] >= 0.03
+    assert covered / 400 > 0.9

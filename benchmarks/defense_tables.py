@@ -19,8 +19,18 @@ from pathlib import Path
 from trojanguard.bench.report import write_report
 
 RESULTS = Path(__file__).parent / "results"
+# the issues' purification bars (workflow_table.py and leaderboard.py apply them): ASR after
+# <= 10 % at a CA drop <= 3 points, for models whose backdoor implanted (ASR >= 50 %);
+# "at the floor": ASR after within 3 points of what the trigger reaches on clean models
+ASR_BAR, CA_DROP_BAR, FLOOR_MARGIN, IMPLANTED = 0.10, 0.03, 0.03, 0.5
 NAMED = {"detection.csv": "detect-{d}.csv", "purification.csv": "purify-{d}-harness.csv",
          "inspection.csv": "inspect-{d}.csv"}
+
+
+def meets_bar(ca_before: float, ca_after: float, asr_after: float, asr_ceiling: float = ASR_BAR) -> bool:
+    """ASR after <= ``asr_ceiling`` at a CA drop <= ``CA_DROP_BAR`` (the drop compared
+    rounded: 3.00 points is 0.030000000000000027 in floats)."""
+    return asr_after <= asr_ceiling and round(ca_before - ca_after, 9) <= CA_DROP_BAR
 
 
 def asr_floor(dataset: str) -> dict[str, float] | None:

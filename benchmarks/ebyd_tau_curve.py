@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from trojanguard.defenses import create_defense
-from trojanguard.defenses.ebyd_removal import pruned_copy
+from trojanguard.defenses.ebyd_removal import choose_tau, pruned_copy
 from trojanguard.eval.evaluate import evaluate
 from trojanguard.purification import load_setup
 from trojanguard.report import write_table_files
@@ -47,13 +47,12 @@ def main() -> None:
     before = evaluate(setup.model.eval(), setup.test, trig, tgt)
     ca0_hold = result.info["holdout_ca_before"]
     budget = defense.cfg.tau_max_ca_drop
-    # the tau each rule picks (tau_rule "estimate", the one the defense ran with, and "bound")
-    by_bound = max((e["tau"] for e in result.info["tau_table"] if e["holdout_drop_bound"] <= budget), default=None)
+    # the tau of the other rule (the defense ran with its default, "estimate")
+    by_bound = choose_tau(result.info["tau_table"], ca0_hold, budget, "bound")
     rows = []
     for entry in result.info["tau_table"]:
         r = evaluate(pruned_copy(setup.model, defense.masks, entry["tau"]).eval(), setup.test, trig, tgt)
-        row = {**entry, "holdout_drop": round(ca0_hold - entry["holdout_ca"], 4),
-               "chosen": entry["tau"] == result.info["tau"], "chosen_by_bound": entry["tau"] == by_bound,
+        row = {**entry, "chosen": entry["tau"] == result.info["tau"], "chosen_by_bound": entry["tau"] == by_bound,
                **{k: round(float(r[k]), 4) for k in ("ca", "asr", "ra")},
                "ca_drop": round(float(before["ca"] - r["ca"]), 4)}
         print(row, flush=True)
@@ -62,9 +61,11 @@ def main() -> None:
     intro = [f"# EBYD removal's pruning curve: {args.model.name}", "",
              f"Written by `python benchmarks/ebyd_tau_curve.py {args.model} --threads {args.threads}`: "
              f"unlearning and masks once ({seconds:.0f} s, seed {args.seed}, D_def = {len(setup.clean)} "
-             f"held-out images, {setup.clean_source}); tau chosen by the defense: {result.info['tau']} "
-             f"(held-out CA before {ca0_hold:.4f}; `chosen_by_bound`: the tau of `tau_rule=bound`, the paired "
-             f"{defense.cfg.tau_confidence:.0%} upper bound of the held-out drop within {budget:.0%}). CA before on the test split {before['ca']:.4f}, ASR "
+             f"held-out images, {setup.clean_source}; the defense keeps 10 % of them to verify and picks tau on "
+             f"{defense.cfg.tau_fraction:.0%} of the rest); tau chosen by the defense: {result.info['tau']} "
+             f"(held-out CA before {ca0_hold:.4f}; `chosen_by_bound`: the tau of `tau_rule=bound`, the first tau "
+             f"whose paired {defense.cfg.tau_confidence:.0%} upper bound of the held-out drop exceeds {budget:.0%} "
+             f"ends the walk up the grid). CA before on the test split {before['ca']:.4f}, ASR "
              f"{before['asr']:.4f}. `holdout_*` on the defense's own held-out part, the rest on the test split. "
              f"Versions: {library_versions()}."]
     paths = write_table_files(out, rows, COLUMNS, intro)

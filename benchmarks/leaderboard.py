@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import csv
 import statistics
-from pathlib import Path
 
+from defense_tables import ASR_BAR, CA_DROP_BAR, FLOOR_MARGIN, IMPLANTED, RESULTS, meets_bar  # benchmarks/ on the path
 from trojanguard.eval.metrics import auroc
 from trojanguard.report import write_table_files
 
-RESULTS = Path(__file__).parent / "results"
-IMPLANTED = 0.5
-ASR_BAR, CA_DROP_BAR, FLOOR_MARGIN = 0.10, 0.03, 0.03
 INSPECTION_FILES = {"inspect-models.csv": None, "inspect-models-ebyd-detect-max_excess+mask_log.csv": "ebyd-detect"}
 COLUMNS = ["kind", "dataset", "defense", "models", "meets_bar", "at_floor", "mean_ca_drop", "mean_asr_after",
-           "mean_asr_after_ra", "mean_auroc", "min_auroc", "auroc_ge_0.90", "mean_far", "mean_asr_guarded",
-           "verdicts_right", "target_right", "median_seconds"]
+           "mean_asr_after_ra", "mean_auroc", "min_auroc", "auroc_ge_0.90", "mean_far", "guard", "mean_ca_guarded",
+           "mean_asr_guarded", "verdicts_right", "target_right", "auroc", "median_seconds"]
 
 
 def read(name: str) -> list[dict]:
@@ -54,12 +51,17 @@ def mean(values) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
 def frac(k: int, n: int) -> str:
     return f"{k}/{n}"
 
 
 def model_key(r: dict) -> tuple:
-    return r["attack"], r["ratio"]
+    return r["attack"], r["ratio"], r.get("seed", "0")  # detection rows have no seed: all are seed 0
 
 
 def zoo_models(dataset: str) -> set[tuple]:
@@ -75,17 +77,16 @@ def purification(dataset: str) -> list[dict]:
     out = []
     for defense in dict.fromkeys(r["defense"] for r in rows):
         mine = [r for r in rows if r["defense"] == defense]
-        drops = [num(r["ca_before"]) - num(r["ca_after"]) for r in mine]
-        # 3.00 points is 0.030000000000000027 in floats: compare rounded
-        ok = [round(d, 9) <= CA_DROP_BAR and num(r["asr_after"]) <= ASR_BAR for r, d in zip(mine, drops)]
-        floor = [(round(d, 9) <= CA_DROP_BAR and num(r["asr_after"]) <= num(r["asr_clean"]) + FLOOR_MARGIN)
-                 for r, d in zip(mine, drops) if num(r.get("asr_clean")) is not None]
+        before, after, asr = ([num(r[k]) for r in mine] for k in ("ca_before", "ca_after", "asr_after"))
+        ok = [meets_bar(b, a, x) for b, a, x in zip(before, after, asr)]
+        floor = [meets_bar(b, a, x, num(r["asr_clean"]) + FLOOR_MARGIN)
+                 for r, b, a, x in zip(mine, before, after, asr) if num(r.get("asr_clean")) is not None]
         out.append({"kind": "purification", "dataset": dataset, "defense": defense,
                     "models": frac(len({model_key(r) for r in mine}), total), "meets_bar": frac(sum(ok), len(mine)),
                     "at_floor": frac(sum(floor), len(floor)) if floor else None,
-                    "mean_ca_drop": mean(drops), "mean_asr_after": mean(num(r["asr_after"]) for r in mine),
+                    "mean_ca_drop": mean(b - a for b, a in zip(before, after)), "mean_asr_after": mean(asr),
                     "mean_asr_after_ra": mean(num(r["asr_after_ra"]) for r in mine),
-                    "median_seconds": round(statistics.median(num(r["seconds"]) for r in mine), 1)})
+                    "median_seconds": median(num(r["seconds"]) for r in mine)})
     return out
 
 
@@ -101,8 +102,10 @@ def detection(dataset: str) -> list[dict]:
                     "mean_auroc": mean(aurocs), "min_auroc": min(aurocs) if aurocs else None,
                     "auroc_ge_0.90": frac(sum(a >= 0.90 for a in aurocs), len(aurocs)),
                     "mean_far": mean(num(r["far"]) for r in mine),
+                    "guard": "; ".join(dict.fromkeys(r["guard"] for r in mine)),
+                    "mean_ca_guarded": mean(num(r["ca_after"]) for r in mine),
                     "mean_asr_guarded": mean(num(r["asr_after"]) for r in mine),
-                    "median_seconds": round(statistics.median(num(r["seconds"]) for r in mine), 1)})
+                    "median_seconds": median(num(r["seconds"]) for r in mine)})
     return out
 
 
@@ -117,13 +120,14 @@ def inspection() -> list[dict]:
             right = [(r["verdict"] == "backdoored") == b for r, b in zip(mine, bad)]
             one_to_one = [r for r, b in zip(mine, bad) if b and r["true_target"] != ""]
             probs = [num(r["probability"]) for r in mine]
+            # a target counts only with the verdict "backdoored" (EBYD names one for every model)
+            found = sum(r["verdict"] == "backdoored" and r["predicted_target"] == r["true_target"] for r in one_to_one)
             out.append({"kind": "inspection", "dataset": dataset, "defense": method,
                         "models": f"{sum(bad)} backdoored + {len(bad) - sum(bad)} clean",
                         "verdicts_right": frac(sum(right), len(right)),
-                        "target_right": frac(sum(r["predicted_target"] == r["true_target"] for r in one_to_one),
-                                             len(one_to_one)),
-                        "mean_auroc": round(auroc(probs, bad), 4) if 0 < sum(bad) < len(bad) else None,
-                        "median_seconds": round(statistics.median(num(r["seconds"]) for r in mine), 1)})
+                        "target_right": frac(found, len(one_to_one)),
+                        "auroc": round(auroc(probs, bad), 4) if 0 < sum(bad) < len(bad) else None,
+                        "median_seconds": median(num(r["seconds"]) for r in mine)})
     return out
 
 
@@ -132,13 +136,17 @@ def main() -> None:
     for dataset in ("cifar10", "sst2"):
         rows += purification(dataset) + detection(dataset)
     rows += inspection()
+    rows.sort(key=lambda r: (["purification", "detection", "inspection"].index(r["kind"]), r["dataset"]))
     intro = ["# Leaderboard: each defense over the zoo models it has a row for", "",
              "Written by `python benchmarks/leaderboard.py` from the tables in this folder (see its docstring). "
              f"Purification: `meets_bar` = ASR <= {ASR_BAR:.0%} at a CA drop <= {CA_DROP_BAR * 100:.0f} points; "
              f"`at_floor` = ASR within {FLOOR_MARGIN * 100:.0f} points of the clean models' ASR (`asr_clean`), "
              "same CA bar; rates as fractions, drops in accuracy units. Detection: AUROC from continuous scores; "
-             "`mean_far` at the 5 % false-rejection threshold; `mean_asr_guarded` = the ASR left when the guard "
-             "acts on its flags. Inspection: EBYD's probability is out of sample (leave-one-out calibration), "
+             "`mean_far` at the 5 % false-rejection threshold; `mean_ca_guarded` / `mean_asr_guarded` = CA and ASR "
+             "when the guard acts on its flags as `guard` says (BadActs purifies the inputs it flags at its own 20 % "
+             "false-rejection threshold, the others reject theirs). Inspection: `target_right` counts a target "
+             "only with the verdict \"backdoored\", over the one-to-one backdoored models (chance: 1/10 on CIFAR-10, "
+             "1/2 on SST-2); `auroc` of the probability over all the models; EBYD's probability is out of sample (leave-one-out calibration), "
              "`ebyd-detect` is the recipe `trojanguard scan` uses for images. `models` = rows over the dataset's "
              "backdoored models: means over fewer rows are not comparable line for line."]
     paths = write_table_files(RESULTS / "leaderboard", rows, COLUMNS, intro)

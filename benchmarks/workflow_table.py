@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from defense_tables import FLOOR_MARGIN, IMPLANTED, asr_floor, meets_bar  # benchmarks/ is on the path
 from trojanguard.bench.store import Store
 from trojanguard.practitioner import VERIFY_FRACTION, choose_recipe
 from trojanguard.report import write_table_files
@@ -38,10 +39,8 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent.parent / "configs"
 # (modality, D_def size) of each defense grid
 GRIDS = {"cifar10": ("image", 2500), "sst2": ("text", 872)}
-ASR_BAR, CA_DROP_BAR, IMPLANTED = 0.10, 0.03, 0.5
 COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "scan_verdict", "scan_p", "scan_target", "scan_right",
            "repair", "ca_before", "ca_after", "asr_before", "asr_after", "asr_after_ra", "asr_clean", "repaired", "at_floor", "repair_seconds"]
-FLOOR_MARGIN = 0.03  # "at the floor": ASR after within 3 points of the clean models' ASR
 
 
 def scan_table(modality: str) -> Path:
@@ -100,7 +99,6 @@ def as_float(v) -> float | None:
 
 
 def main() -> None:
-    from defense_tables import asr_floor  # benchmarks/ is on this script's path
     table, summary = [], []
     scanned = scans()
     for dataset in GRIDS:
@@ -128,11 +126,10 @@ def main() -> None:
             m = repaired.get(model)
             if m and backdoored:
                 row["repair"] = label
-                ok = None if m["asr_before"] < IMPLANTED else (
-                    m["asr_after"] <= ASR_BAR and round(m["ca_before"] - m["ca_after"], 9) <= CA_DROP_BAR)  # 3.00 points is 0.030000000000000027 in floats
+                ok = None if m["asr_before"] < IMPLANTED else meets_bar(m["ca_before"], m["ca_after"], m["asr_after"])
                 clean_asr = floor.get(model)
-                at_floor = None if ok is None or clean_asr is None else (
-                    m["asr_after"] <= clean_asr + FLOOR_MARGIN and round(m["ca_before"] - m["ca_after"], 9) <= CA_DROP_BAR)
+                at_floor = None if ok is None or clean_asr is None else meets_bar(
+                    m["ca_before"], m["ca_after"], m["asr_after"], clean_asr + FLOOR_MARGIN)
                 row.update(ca_before=m["ca_before"], ca_after=m["ca_after"], asr_before=m["asr_before"],
                            asr_after=m["asr_after"], asr_after_ra=m.get("asr_after_ra"), asr_clean=clean_asr,
                            repaired=ok, at_floor=at_floor, repair_seconds=round(m["seconds"], 1))

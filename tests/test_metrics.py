@@ -117,26 +117,27 @@ def test_text_predictions_keep_the_input_order_when_batched_by_length(tiny_encod
 
 
 def test_accuracy_drop_bound_is_paired_and_covers_the_drop():
-    """The bound rests on the samples whose outcome changed: the same net drop is surer when
-    nothing else moved; no change gives (0, 0); a 95 % bound holds over resamples."""
+    """The bound rests on the samples whose outcome changed: errors both models share add
+    nothing (an unpaired bound would grow with them); churn in both directions widens it at
+    the same net drop; a 95 % bound covers the true drop about 95 % of the time."""
     import torch
-
-    from trojanguard.defenses.common import accuracy_drop_bound
     base = torch.ones(400, dtype=torch.bool)
+    base[:120] = False  # 120 errors both models make
     after = base.clone()
-    after[:12] = False  # 12 of 400 lost, nothing gained
-    drop, bound = accuracy_drop_bound(base, after)
-    assert drop == pytest.approx(0.03) and bound > drop
-    churn = after.clone()
-    base2 = base.clone()
-    base2[100:140] = False  # 40 more samples change outcome both ways, same net drop
-    churn[100:120] = True
-    churn[120:140] = False
-    churn[140:160] = False
-    base2[140:160] = True
-    d2, b2 = accuracy_drop_bound(base2, churn)
-    assert d2 == pytest.approx(drop) and b2 > bound
-    assert accuracy_drop_bound(base, base) == (0.0, 0.0)
+    after[120:132] = False  # 12 more lost, nothing gained
+    drop, bound = M.accuracy_drop_bound(base, after)
+    assert drop == pytest.approx(0.03)
+    # paired: z * sqrt(12/400 - 0.03^2) / sqrt(400) ~ 0.014; unpaired two-proportion ~ 0.054
+    assert 0.005 < bound - drop < 0.02
+    churned_base, churned = base.clone(), after.clone()
+    churned[200:220] = False  # 20 more lost ...
+    churned_base[220:240] = False  # ... and 20 gained: the same net drop
+    d2, b2 = M.accuracy_drop_bound(churned_base, churned)
+    assert d2 == pytest.approx(drop) and b2 > bound + 0.005
+    assert M.accuracy_drop_bound(base, base) == (0.0, 0.0)
+    assert M.accuracy_drop_bound(base[:1], after[:1])[1] == float("inf")
+    with pytest.raises(ValueError):
+        M.accuracy_drop_bound(base[:, None], after)
     # coverage: a true drop of 3 % (5 % lost, 2 % gained) on 450 samples, 400 draws
     g = torch.Generator().manual_seed(0)
     covered = 0
@@ -146,5 +147,5 @@ def test_accuracy_drop_bound_is_paired_and_covers_the_drop():
         a = b.clone()
         a[u < 0.05] = False
         b[u > 0.98] = False
-        covered += accuracy_drop_bound(b, a)[1] >= 0.03
-    assert covered / 400 > 0.9
+        covered += M.accuracy_drop_bound(b, a)[1] >= 0.03
+    assert 0.92 < covered / 400 < 0.975

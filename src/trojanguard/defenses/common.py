@@ -1,10 +1,8 @@
 """What several defenses need, in one place.
 
 * ``split_clean``: a seeded class-balanced split of the defender's clean data.
-* ``clean_accuracy``: accuracy on a clean set (purifiers verify with it);
-  ``accuracy_drop_bound``: the paired drop of accuracy between two models on the same
-  samples, with a one-sided upper confidence bound (choosing a pruning level on a few
-  hundred samples).
+* ``clean_accuracy``: accuracy on a clean set (purifiers verify with it); ``correct``:
+  which samples a model gets right (paired comparisons of two models on one set).
 * ``layer_activations``: outputs of named layers over a dataset, reduced per sample
   (channel means for CNN feature maps, the [CLS] position or the token mean for text).
 * ``stamped``: clean samples of non-target classes carrying an attack's trigger, labelled
@@ -37,21 +35,14 @@ def split_clean(data: Data, fraction: float, seed: int = 0) -> tuple[Data, Data]
     return data.subset(rest), data.subset(part)
 
 
+def correct(model, data: Data, batch_size: int = 256) -> torch.Tensor:
+    """Per sample of ``data``: does ``model`` predict its label (bool, on the CPU)."""
+    return predict(model, data, batch_size).cpu() == data.y.cpu()
+
+
 def clean_accuracy(model, data: Data, batch_size: int = 256) -> float:
-    return metrics.accuracy(predict(model, data, batch_size), data.y)
-
-
-def accuracy_drop_bound(base_correct: torch.Tensor, correct: torch.Tensor, confidence: float = 0.95) -> tuple[float, float]:
-    """(drop, upper bound) of the accuracy lost from ``base_correct`` to ``correct`` (bool
-    per sample, the same samples). Paired: only the samples whose outcome changed carry
-    variance, so the bound is much tighter than two independent accuracies would give.
-    Normal approximation of the mean of the per-sample differences (in {-1, 0, 1})."""
-    from statistics import NormalDist
-    n = len(correct)
-    diff = base_correct.double() - correct.double()
-    drop = float(diff.mean())
-    se = float(diff.std(unbiased=True)) / n ** 0.5 if n > 1 else 0.0
-    return drop, drop + NormalDist().inv_cdf(confidence) * se
+    ok = correct(model, data, batch_size)
+    return float(ok.double().mean()) if len(ok) else float("nan")
 
 
 Reduce = Literal["auto", "none", "mean", "cls", "max", "mean+max"]

@@ -20,7 +20,13 @@ tau: RNP's BackdoorBench code picks it by the ASR on poisoned test data, which a
 does not have. Ours (our reading): the largest tau of the grid 0, 0.05, ..., 0.9 (RNP's
 ``pruning_max``/``pruning_step``) whose pruned model keeps the clean accuracy of a held-out
 ``tau_fraction`` of the clean data within ``tau_max_ca_drop`` of the original; the masks are
-learned on the rest. ``tau`` fixes it instead.
+learned on the rest. ``tau`` fixes it instead (``tau_rule`` is then unused).
+``tau_rule="bound"`` (ours, not the default yet) asks the paired upper confidence bound of
+the held-out drop (``tau_confidence``, 95 %) to stay within the budget, walking up the grid
+and stopping at the first failure (``choose_tau``): the held-out part is ~450 images, and the
+largest passing tau of ~19 favours a lucky draw (BadNets 10 %: held-out drop 0.9 points at
+the chosen tau, 3.2 on the test split; ``benchmarks/ebyd_tau_curve.py`` measures the whole
+curve). The learned masks are kept in ``self.masks`` (one tensor per neuron group).
 
 Text (our reading): SGD at lr 0.01 destroys a pre-trained transformer in one step, so the
 unlearning uses the text CUL step of ``exposure.py`` (Adam 2e-5, eval mode); the mask
@@ -38,10 +44,10 @@ from torch import nn
 
 from ..data.base import Data
 from ..errors import UserError
-from ..eval.evaluate import predict
 from ..utils import ADDED_LATER
 from .base import Purifier, PurifierConfig
-from .common import accuracy_drop_bound, model_inputs, split_clean
+from ..eval.metrics import accuracy_drop_bound
+from .common import correct, model_inputs, split_clean
 from .exposure import ExposureConfig, expose
 
 
@@ -182,37 +188,48 @@ class EBYDRemoval(Purifier):
         else:
             n = int(round(cfg.tau_max / cfg.tau_step))
             taus = [round(i * cfg.tau_step, 6) for i in range(n + 1)]
-        table, chosen = [], None
-        if hold is not None:
-            base_ok = predict(original, hold).cpu() == hold.y.cpu()
-            ca0 = float(base_ok.double().mean())
-        else:
-            ca0 = None
+        table = []
+        base_ok = correct(original, hold) if hold is not None else None
+        ca0 = float(base_ok.double().mean()) if hold is not None else None
         for tau in taus:
             pruned = pruned_copy(model, masks, tau)
             row = {"tau": tau, "pruned": int((flat <= tau).sum())}
             if hold is not None:
-                ok = predict(pruned, hold).cpu() == hold.y.cpu()
+                ok = correct(pruned, hold)
                 drop, bound = accuracy_drop_bound(base_ok, ok, cfg.tau_confidence)
-                row["holdout_ca"] = round(float(ok.double().mean()), 4)
-                row["holdout_drop_bound"] = round(bound, 4)
-                # the estimate: the largest tau whose drop passes. Picking the largest of ~19
-                # noisy passes on ~450 samples favours a lucky draw (BadNets 10 %: held-out drop
-                # 0.9 points where the test split lost 3.2); the bound asks for confidence
-                if (bound <= cfg.tau_max_ca_drop) if cfg.tau_rule == "bound" else \
-                        (row["holdout_ca"] >= ca0 - cfg.tau_max_ca_drop):
-                    chosen = (tau, pruned)
-            else:
-                chosen = (tau, pruned)
+                row.update(holdout_ca=round(float(ok.double().mean()), 4), holdout_drop=round(drop, 4),
+                           holdout_drop_bound=round(bound, 4))
             table.append(row)
-        if chosen is None:  # even tau = 0 lost too much (masks at exactly 0): prune nothing
-            chosen = (None, model)
-        tau, pruned = chosen
+        tau = choose_tau(table, ca0, cfg.tau_max_ca_drop, cfg.tau_rule) if hold is not None else taus[-1]
+        # None: even tau = 0 lost too much (masks at exactly 0): prune nothing
+        pruned = pruned_copy(model, masks, tau) if tau is not None else model
         info = {**unlearned, "tau": tau,
                 "pruned_neurons": int((flat <= tau).sum()) if tau is not None else 0,
                 "neurons": len(flat), "holdout_ca_before": ca0, "tau_table": table,
                 "mask_quantiles": [round(float(q), 4) for q in torch.quantile(flat, torch.tensor([0.01, 0.05, 0.5]))]}
         return pruned.eval(), info
+
+
+def choose_tau(table: list[dict], ca0: float, max_drop: float, rule: str) -> float | None:
+    """The tau of ``table`` (rows of ``EBYDRemoval``'s tau table, in increasing tau) that the
+    rule keeps, or None when none passes.
+
+    * ``estimate``: the largest tau whose held-out accuracy is within ``max_drop`` of
+      ``ca0`` (any larger tau may have failed before it).
+    * ``bound``: fixed-sequence testing: walk up the grid and stop at the first tau whose
+      upper bound of the paired drop exceeds ``max_drop``. The pruned sets are nested (a
+      larger tau prunes a superset), so this keeps the bound's confidence for the tau it
+      returns; taking the largest passing tau anywhere would favour a lucky draw among ~19.
+    """
+    best = None
+    for row in table:
+        if rule == "bound":
+            if row["holdout_drop_bound"] > max_drop:
+                break
+            best = row["tau"]
+        elif row["holdout_ca"] >= ca0 - max_drop:
+            best = row["tau"]
+    return best
 
 
 def pruned_copy(model, masks: list[torch.Tensor], tau: float):

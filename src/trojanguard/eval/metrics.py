@@ -19,6 +19,26 @@ def accuracy(pred, labels) -> float:
     return float((pred == labels).mean()) if len(labels) else float("nan")
 
 
+def accuracy_drop_bound(base_correct, correct, confidence: float = 0.95) -> tuple[float, float]:
+    """(drop, upper bound) of the accuracy lost from ``base_correct`` to ``correct`` (one
+    bool per sample, the same samples in the same order). Paired: d_i = base_i - after_i in
+    {-1, 0, 1}, drop = mean(d), bound = drop + z_confidence * std(d) / sqrt(n) (normal
+    approximation, one-sided). Only the samples whose outcome changed carry variance, so the
+    bound is much tighter than two independent accuracies would give. With few changed
+    samples (under ~10) the normal bound is optimistic; fewer than 2 samples give an
+    infinite bound."""
+    from statistics import NormalDist
+    base, after = _np(base_correct).astype(float), _np(correct).astype(float)
+    if base.shape != after.shape or base.ndim != 1:
+        raise ValueError(f"accuracy_drop_bound needs two 1-D arrays of one shape, got {base.shape} and {after.shape}")
+    n = len(after)
+    if n < 2:
+        return (float(base.sum() - after.sum()) if n else float("nan")), float("inf")
+    diff = base - after
+    drop = float(diff.mean())
+    return drop, drop + NormalDist().inv_cdf(confidence) * float(diff.std(ddof=1)) / n ** 0.5
+
+
 def per_class_accuracy(pred, labels, num_classes: int | None = None) -> list[float | None]:
     """CA_c = mean(pred_i == c) over the test inputs with y_i == c, for every class c in
     ``range(num_classes)`` (default: up to the largest label); ``None`` for a class with no

@@ -24,8 +24,8 @@ from trojanguard.purification import load_setup
 from trojanguard.report import write_table_files
 from trojanguard.utils import library_versions
 
-COLUMNS = ["tau", "pruned", "holdout_ca", "holdout_drop", "holdout_drop_bound", "chosen", "chosen_by_bound", "ca",
-           "ca_drop", "asr", "ra"]
+COLUMNS = ["tau", "pruned", "holdout_ca", "holdout_drop", "holdout_drop_bound", "chosen_by_estimate",
+           "chosen_by_bound", "ca", "ca_drop", "asr", "ra"]
 
 
 def main() -> None:
@@ -47,12 +47,12 @@ def main() -> None:
     before = evaluate(setup.model.eval(), setup.test, trig, tgt)
     ca0_hold = result.info["holdout_ca_before"]
     budget = defense.cfg.tau_max_ca_drop
-    # the tau of the other rule (the defense ran with its default, "estimate")
-    by_bound = choose_tau(result.info["tau_table"], ca0_hold, budget, "bound")
+    # the tau each rule picks from the same table (the defense returned its default's)
+    picks = {rule: choose_tau(result.info["tau_table"], ca0_hold, budget, rule) for rule in ("estimate", "bound")}
     rows = []
     for entry in result.info["tau_table"]:
         r = evaluate(pruned_copy(setup.model, defense.masks, entry["tau"]).eval(), setup.test, trig, tgt)
-        row = {**entry, "chosen": entry["tau"] == result.info["tau"], "chosen_by_bound": entry["tau"] == by_bound,
+        row = {**entry, **{f"chosen_by_{rule}": entry["tau"] == tau for rule, tau in picks.items()},
                **{k: round(float(r[k]), 4) for k in ("ca", "asr", "ra")},
                "ca_drop": round(float(before["ca"] - r["ca"]), 4)}
         print(row, flush=True)
@@ -62,10 +62,10 @@ def main() -> None:
              f"Written by `python benchmarks/ebyd_tau_curve.py {args.model} --threads {args.threads}`: "
              f"unlearning and masks once ({seconds:.0f} s, seed {args.seed}, D_def = {len(setup.clean)} "
              f"held-out images, {setup.clean_source}; the defense keeps 10 % of them to verify and picks tau on "
-             f"{defense.cfg.tau_fraction:.0%} of the rest); tau chosen by the defense: {result.info['tau']} "
-             f"(held-out CA before {ca0_hold:.4f}; `chosen_by_bound`: the tau of `tau_rule=bound`, the first tau "
-             f"whose paired {defense.cfg.tau_confidence:.0%} upper bound of the held-out drop exceeds {budget:.0%} "
-             f"ends the walk up the grid). CA before on the test split {before['ca']:.4f}, ASR "
+             f"{defense.cfg.tau_fraction:.0%} of the rest); held-out CA before {ca0_hold:.4f}. `chosen_by_estimate`: "
+             f"the largest tau whose held-out drop is within {budget:.0%} (`tau_rule=estimate`); `chosen_by_bound`: "
+             f"the last tau before the first whose paired {defense.cfg.tau_confidence:.0%} upper bound of the held-out "
+             f"drop exceeds {budget:.0%} (`tau_rule=bound`). CA before on the test split {before['ca']:.4f}, ASR "
              f"{before['asr']:.4f}. `holdout_*` on the defense's own held-out part, the rest on the test split. "
              f"Versions: {library_versions()}."]
     paths = write_table_files(out, rows, COLUMNS, intro)

@@ -128,3 +128,25 @@ def test_options_added_later_enter_the_hash_only_when_set():
     assert config_hash(hashed_options(New())) == config_hash(hashed_options(Old()))
     assert config_hash(hashed_options(New(milestones=[2]))) != config_hash(hashed_options(Old()))
     assert hashed_options(New(lr=0.2), exclude={"lr"}) == {}
+
+
+def test_an_option_added_with_a_new_default_keeps_old_cells_as_its_legacy_value():
+    """``added_later(legacy)``: the cells hashed before the option existed are the option's
+    legacy value (their hash is unchanged when it is set to it); its default, which changes
+    the behaviour, gets new hashes instead of taking over the old rows."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from trojanguard.bench.grid import config_hash, hashed_options
+    from trojanguard.utils import added_later
+
+    class Old(BaseModel):
+        lr: float = 0.1
+
+    class New(Old):
+        rule: Literal["estimate", "bound"] = Field("bound", json_schema_extra=added_later("estimate"))
+
+    assert config_hash(hashed_options(New(rule="estimate"))) == config_hash(hashed_options(Old()))
+    assert config_hash(hashed_options(New())) != config_hash(hashed_options(Old()))
+    assert hashed_options(New()) == {"lr": 0.1, "rule": "bound"}

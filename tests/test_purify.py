@@ -114,13 +114,17 @@ def test_wiper_salience_finds_backdoor_weights_unimportant(backdoored_digits, di
         f_trig = model.features(trig.batch(torch.arange(len(trig)))[0]).mean(0)
     backdoor_units = (f_trig - f_clean).topk(3).indices
     wiper = create_defense("wiper", progress=False, batch_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     # signed salience -(dL/dw * w): the backdoor's weights into the target class hurt the
     # clean loss (removing them would lower it), so they rank at the bottom
     target_row = wiper.benign_salience(model, clean)["head.weight"][0]
     rank = target_row.argsort().argsort().float() / (len(target_row) - 1)  # 0 = least salient
     assert rank[backdoor_units].mean() < 0.25, rank[backdoor_units]
-    # and the input model's gradients are left clean
-    assert all(p.grad is None for p in model.parameters())
+    # and the input model is left as it was: its gradients, its BatchNorm statistics, eval mode
+    assert all((g is None and p.grad is None) or (g is not None and torch.equal(g, p.grad))
+               for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
 
 
 def test_too_little_or_wrong_clean_data_is_one_line(backdoored_digits, digits, tiny_encoder_dir):

@@ -219,3 +219,11 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 # out of the hash (bench.grid.hashed_options), so stored cells and trained victims keep their
 # hashes and folders; set to anything else, it enters the hash.
 ADDED_LATER = {"added_later": True}
+
+
+def added_later(legacy) -> dict:
+    """``json_schema_extra`` of an option added with a default that changes what older cells
+    did: the harness leaves it out of the hash at ``legacy`` (the behaviour before the option
+    existed) instead of at its default, so the older cells keep their hash as rows of
+    ``option=legacy`` and the new default gets new cells instead of stale rows."""
+    return {"added_later": True, "legacy": legacy}

@@ -145,12 +145,15 @@ class Plan:
 
 def hashed_options(cfg, exclude=()) -> dict:
     """A config's options as they enter a cell's hash: an option marked ``ADDED_LATER``
-    (``utils``) is left out at its default, so cells hashed before it existed keep their hash."""
+    (``utils``) is left out at its default, or at its legacy value when it has one
+    (``utils.added_later``), so cells hashed before it existed keep their hash."""
     out = cfg.model_dump(exclude=set(exclude))
     for name, field in type(cfg).model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if extra.get("added_later") and name in out and \
-                out[name] == field.get_default(call_default_factory=True):
+        if not extra.get("added_later") or name not in out:
+            continue
+        old = extra["legacy"] if "legacy" in extra else field.get_default(call_default_factory=True)
+        if out[name] == old:
             del out[name]
     return out
 

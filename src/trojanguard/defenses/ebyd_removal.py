@@ -21,12 +21,14 @@ does not have. Ours (our reading): the largest tau of the grid 0, 0.05, ..., 0.9
 ``pruning_max``/``pruning_step``) whose pruned model keeps the clean accuracy of a held-out
 ``tau_fraction`` of the clean data within ``tau_max_ca_drop`` of the original; the masks are
 learned on the rest. ``tau`` fixes it instead (``tau_rule`` is then unused).
-``tau_rule="bound"`` (ours, not the default yet) asks the paired upper confidence bound of
-the held-out drop (``tau_confidence``, 95 %) to stay within the budget, walking up the grid
-and stopping at the first failure (``choose_tau``): the held-out part is ~450 images, and the
-largest passing tau of ~19 favours a lucky draw (BadNets 10 %: held-out drop 0.9 points at
-the chosen tau, 3.2 on the test split; ``benchmarks/ebyd_tau_curve.py`` measures the whole
-curve). The learned masks are kept in ``self.masks`` (one tensor per neuron group).
+``tau_rule="bound"`` (ours, the default since session 10; before, ``"estimate"``) asks the
+paired upper confidence bound of the held-out drop (``tau_confidence``, 95 %) to stay within
+the budget, walking up the grid and stopping at the first failure (``choose_tau``): the
+held-out part is ~450 images, and the largest passing tau of ~19 favours a lucky draw.
+Measured (``benchmarks/ebyd_tau_curve.py``, CA drop / ASR on the 10,000 test images): Blended
+10 % "estimate" tau 0.35, 6.1 points / 0.6 % (held-out drop 1.8); "bound" tau 0.3, 1.1 points
+/ 1.1 %. BadNets 10 %: "estimate" tau 0.25, 3.2 points / 3.3 % (held-out drop 0.9).
+The learned masks are kept in ``self.masks`` (one tensor per neuron group).
 
 Text (our reading): SGD at lr 0.01 destroys a pre-trained transformer in one step, so the
 unlearning uses the text CUL step of ``exposure.py`` (Adam 2e-5, eval mode); the mask
@@ -44,7 +46,7 @@ from torch import nn
 
 from ..data.base import Data
 from ..errors import UserError
-from ..utils import ADDED_LATER
+from ..utils import ADDED_LATER, added_later
 from .base import Purifier, PurifierConfig
 from ..eval.metrics import accuracy_drop_bound
 from .common import correct, model_inputs, split_clean
@@ -65,9 +67,9 @@ class EBYDRemovalConfig(PurifierConfig):
     tau_step: float = Field(0.05, gt=0, le=1)
     tau_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share of the clean data to choose tau on")
     tau_max_ca_drop: float = Field(0.03, ge=0, le=1)
-    tau_rule: Literal["estimate", "bound"] = Field("estimate", json_schema_extra=ADDED_LATER, description=(
-        "keep tau when the held-out accuracy drop ('estimate') or its upper confidence bound ('bound', paired "
-        "over the same samples) is within tau_max_ca_drop"))
+    tau_rule: Literal["estimate", "bound"] = Field("bound", json_schema_extra=added_later("estimate"), description=(
+        "keep tau when the held-out accuracy drop ('estimate', before session 10) or its paired upper "
+        "confidence bound ('bound': walk up the grid, stop at the first failure) is within tau_max_ca_drop"))
     tau_confidence: float = Field(0.95, gt=0.5, lt=1, json_schema_extra=ADDED_LATER,
                                   description="one-sided confidence of the bound (tau_rule='bound')")
 

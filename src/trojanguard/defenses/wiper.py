@@ -41,6 +41,7 @@ the record.
 """
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -147,8 +148,10 @@ class Wiper(Purifier):
                               "regularised_last_epoch": selected}
 
     def benign_salience(self, model, clean: Data) -> dict[str, torch.Tensor]:
-        """The warm-up salience of the purified layers' parameters on ``clean`` (no update)."""
-        model.to(resolve_device(self.cfg.device))
+        """The warm-up salience of the purified layers' parameters on ``clean`` (no update).
+        Measured on a copy: the warm-up runs in train mode, which would move the caller's
+        BatchNorm statistics and leave the model in train mode."""
+        model = copy.deepcopy(model).to(resolve_device(self.cfg.device))
         targets = self._targets(model)
         salience = {k: torch.zeros_like(p) for k, p in targets.items()}
 

@@ -15,12 +15,11 @@ import copy
 import time
 from pathlib import Path
 
-import torch
 
+from curve_setup import parse_and_load  # benchmarks/ is on the path
 from trojanguard.defenses import create_defense
 from trojanguard.defenses.anp import prune_neurons
 from trojanguard.eval.evaluate import evaluate
-from trojanguard.purification import load_setup
 from trojanguard.report import write_table_files
 from trojanguard.utils import library_versions
 
@@ -29,19 +28,11 @@ COLUMNS = ["prune_by", "level", "pruned", "ca", "asr", "ra"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path, help="backdoored checkpoint folder (with its attack artifact)")
     ap.add_argument("--iterations", type=int, default=2000)
     ap.add_argument("--fractions", type=float, nargs="+",
                     default=[0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25, 0.30])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    setup = load_setup(args.model, device="cpu")
-    if setup.attack is None or setup.test is None:
-        raise SystemExit(f"{args.model}: needs a checkpoint with its attack artifact and a test split")
+    args, setup = parse_and_load(ap)
     t0 = time.perf_counter()
     anp = create_defense("anp", iterations=args.iterations, seed=args.seed, device="cpu", progress=False)
     result = anp.purify(setup.model, setup.clean)

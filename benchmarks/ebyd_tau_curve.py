@@ -15,12 +15,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
+from curve_setup import parse_and_load  # benchmarks/ is on the path
 from trojanguard.defenses import create_defense
 from trojanguard.defenses.ebyd_removal import choose_tau, pruned_copy
 from trojanguard.eval.evaluate import evaluate
-from trojanguard.purification import load_setup
 from trojanguard.report import write_table_files
 from trojanguard.utils import library_versions
 
@@ -30,15 +29,7 @@ COLUMNS = ["tau", "pruned", "holdout_ca", "holdout_drop", "holdout_drop_bound", 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path, help="backdoored checkpoint folder (with its attack artifact)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    setup = load_setup(args.model, device="cpu")
-    if setup.attack is None or setup.test is None:
-        raise SystemExit(f"{args.model}: needs a checkpoint with its attack artifact and a test split")
+    args, setup = parse_and_load(ap)
     t0 = time.perf_counter()
     defense = create_defense("ebyd-removal", seed=args.seed, device="cpu", progress=False)
     result = defense.purify(setup.model, setup.clean)

@@ -29,8 +29,10 @@ Measured through the harness (CA drop / ASR / ASR after the retuning attack on t
 test images; ``benchmarks/ebyd_tau_curve.py`` draws the whole curve): Blended 10 % "estimate"
 tau 0.35, 6.1 points / 0.6 % / 63.8 % (held-out drop 1.8), "bound" tau 0.3, 1.1 / 1.1 / 89.8 %;
 BadNets 10 % "estimate" tau 0.25, 3.2 / 3.3 / 7.8 % (held-out drop 0.9), "bound" tau 0.15,
-2.95 / 3.8 / 46.6 %. The bound keeps clean accuracy and still removes the backdoor, but it
-prunes fewer neurons, and the retuning attack brings more of it back.
+2.95 / 3.8 / 46.6 %; (bound) TrojanNN 1.3 / 1.9 / 92.7 %, LF 0.5 / 13.3 / 29.9 %. The bound
+keeps clean accuracy, but it prunes fewer neurons and the retuning attack brings more back.
+On Input-aware no tau passes either rule (tau 0 alone costs 20 held-out points): nothing is
+pruned and the tables show the backdoor in place.
 The learned masks are kept in ``self.masks`` (one tensor per neuron group).
 
 Text (our reading): SGD at lr 0.01 destroys a pre-trained transformer in one step, so the

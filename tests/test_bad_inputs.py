@@ -153,7 +153,7 @@ def test_purify_too_little_clean_data_gives_each_methods_minimum(method, files, 
     ("folder", ["is a folder", "text clean data is a CSV/TSV file"]),
     ("label-outside", ["label 2 is outside the classes"]),
     ("one-class", ["labels for 1 of the model's 2 classes", "none for 1 (positive)"]),
-    ("no-label-column", ["has no column 'label'", "--label-column"]),
+    ("no-label-column", ["has no column 'label'", "rename the header's columns to sentence,label"]),
 ])
 def test_purify_text_model_bad_clean_data(data, needles, text_ck, files, away, capsys):
     """The user's clean data is checked before the recorded dataset is looked for: a mistake in

@@ -156,7 +156,7 @@ def test_bad_text_clean_data_is_one_line(case, tiny_encoder_dir, tmp_path, capsy
                           tmp_path / "clean.csv", "--out", tmp_path / "o", "--quiet")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    needle = {"too-few": "clean samples, got 6; give more clean data", "unlabelled": "has no column 'label'",
+    needle = {"too-few": "clean samples, got 6; give more clean data", "unlabelled": "has no column 'label' (columns: ['sentence', 'comment']); rename the header's columns to sentence,label",
               "one-class": "labels for 1 of the model's 2 classes"}[case]
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "o").exists()
@@ -217,3 +217,69 @@ def test_repair_that_leaves_the_trigger_working_is_not_called_repaired(digits, b
     _, r2 = repair(model, digits.defense, method="ft", options={"lr": 1e-6, "epochs": 1}, robustness=False,
                    device="cpu")
     assert r2.ok is True and "backdoor_remains" not in r2.record
+
+
+@pytest.mark.parametrize("command", ["repair", "purify", "scan"])
+def test_out_that_would_replace_an_input_is_refused(command, suspect, tmp_path, capsys):
+    """--out naming the suspect model's own folder (or a folder holding it) is refused before
+    any work: writing the result there would replace the user's model, even on a failure."""
+    import hashlib
+    digest = hashlib.sha256((suspect / "model.safetensors").read_bytes()).hexdigest()
+    extra = {"repair": ["--no-scan"], "purify": ["--method", "fst"], "scan": []}[command]
+    for out in (suspect, suspect.parent):
+        code, stdout, err = _run(capsys, command, "--model", suspect, *extra, "--out", out, "--quiet")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "would replace --model" in lines[0], (stdout, err)
+    assert hashlib.sha256((suspect / "model.safetensors").read_bytes()).hexdigest() == digest
+
+
+def test_repair_option_typo_fails_before_the_scan(suspect, tmp_path, capsys):
+    code, stdout, err = _run(capsys, "repair", "--model", suspect, "--method", "fst", "--set", "alphaa=0.2",
+                             "--out", tmp_path / "r", "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    # the method the user typed, a suggestion, and no scan output before the error
+    assert "fst: unknown option 'alphaa'" in lines[0] and "did you mean 'alpha'" in lines[0]
+    assert "verdict" not in stdout and not (tmp_path / "r").exists()
+
+
+def test_max_ca_drop_in_points_is_refused_with_the_unit(suspect, tmp_path, capsys):
+    code, _, err = _run(capsys, "repair", "--model", suspect, "--max-ca-drop", "3", "--out", tmp_path / "r")
+    assert code == 2 and "--max-ca-drop: 3 is not a fraction of accuracy; give e.g. 0.03 for 3 points" in err
+
+
+def test_repair_cautions_say_what_the_checks_could_not_show():
+    from trojanguard.practitioner import repair_cautions
+    base = {"verify_size": 400, "verify_drop_bound95": 0.02, "recovered_trigger_asr_after_retuning": 0.05}
+    assert repair_cautions(base, 0.03, 2000) == []
+    small = repair_cautions({**base, "verify_size": 40, "verify_drop_bound95": 0.118}, 0.03, 200)
+    assert len(small) == 1 and "40 held-out clean samples cannot rule out" in small[0] and "11.8%" in small[0]
+    back = repair_cautions({**base, "recovered_trigger_asr_after_retuning": 0.667}, 0.03, 2000)
+    assert len(back) == 1 and "66.7%" in back[0] and "hidden rather than removed" in back[0]
+
+
+def test_purifier_records_a_paired_bound_of_the_verification_drop(backdoored_digits, digits):
+    """The bound is paired (the same samples before and after): at least the measured drop,
+    and finite."""
+    from trojanguard.defenses import create_defense
+    model, _ = backdoored_digits
+    res = create_defense("ft", epochs=1, verify_fraction=0.3).purify(model, digits.defense)
+    s = res.summary()
+    drop = s["verify_ca_before"] - s["verify_ca_after"]
+    assert s["verify_drop_bound95"] is not None and drop - 1e-9 <= s["verify_drop_bound95"] < 1
+
+
+def test_failed_purification_is_marked_in_the_checkpoint(suspect, tmp_path, capsys):
+    """A purified checkpoint whose check failed says so in its sidecar; `info` and `eval`
+    repeat it, so it cannot pass for a repaired model later."""
+    out = tmp_path / "p"
+    code, stdout, err = _run(capsys, "purify", "--method", "ft", "--model", suspect, "--set", "lr=20",
+                             "--set", "epochs=5", "--set", "max_ca_drop=0.0",
+                             "--out", out, "--quiet")
+    assert code == 3, (stdout, err)
+    _, meta = load_checkpoint(out)
+    assert meta["purification"]["ok"] is False and "not repaired" in meta["purification"]["warning"]
+    code, stdout, _ = _run(capsys, "info", out)
+    assert code == 0 and "NOT repaired" in stdout
+    code, stdout, err = _run(capsys, "eval", out)
+    assert code == 0 and "failed purification" in err

@@ -190,8 +190,9 @@ def _open(path: str | Path, verify: bool) -> tuple[Result, dict[str, Any], bytes
     folder = _folder(path)
     res = read_result(folder, verify)
     if not res.has(SIDECAR):
-        raise UserError(f"{folder} has no {SIDECAR}; is it a trojanguard checkpoint folder? "
-                        "(foreign .pt files: pass --model/--num-classes to describe the architecture)")
+        raise UserError(f"{folder} has no {SIDECAR}, so it is not a trojanguard checkpoint folder (a scan or "
+                        "detection result is not a model); foreign weights go through 'trojanguard scan/repair "
+                        "--model FILE --arch NAME'")
     meta = validate_sidecar(res.read_json(SIDECAR, MAX_SIDECAR_BYTES), folder / SIDECAR)
     if res.legacy and meta["format"] != LEGACY_FORMAT:
         raise incomplete(folder, f"{SIDECAR} was written by a run that did not finish (no COMPLETE.json)")

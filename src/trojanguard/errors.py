@@ -5,6 +5,10 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
 
 
+class DataNotFound(UserError):
+    """A dataset named by a checkpoint or a flag is not on this machine."""
+
+
 def validated_config(config_cls, kind: str, name: str, kwargs: dict):
     """Build a pydantic config, turning a validation error into one clear line."""
     from pydantic import ValidationError

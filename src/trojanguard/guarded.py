@@ -75,6 +75,12 @@ class GuardedModel(nn.Module):
     def frr(self) -> float:
         return self.detector.frr
 
+    @property
+    def purifier_warning(self) -> str | None:
+        """What the purifier's fit could not achieve (e.g. BadActs' clamped accuracy after its
+        capped restarts), or None; say it wherever purified predictions are shown."""
+        return (getattr(self.detector, "purifier_info", None) or {}).get("warning") if self.purify else None
+
     def set_frr(self, frr: float) -> None:
         """Move the threshold to another false-rejection rate (on the saved calibration scores)."""
         self.detector.set_frr(frr)
@@ -139,7 +145,7 @@ def guard(model, clean: Data, method: str = "badacts", frr: float | None = None,
     from .defenses import InputDetector, create_defense
     det = create_defense(method, **options)
     if not isinstance(det, InputDetector):
-        raise UserError(f"{method!r} is a {det.kind}, not an input detector; pick a detector such as 'badacts'")
+        raise UserError(f"{method!r} is {'an' if det.kind[0] in 'aeiou' else 'a'} {det.kind}, not an input detector; pick a detector such as 'badacts'")
     if purify and not hasattr(det, "fit_purifier"):
         raise UserError(f"{method} detects but cannot purify; drop --purify or use 'badacts'")
     if frr is not None and not 0.0 < frr < 1.0:

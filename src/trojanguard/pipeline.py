@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .data import DatasetBundle, load_dataset, split_holdout
 from .data.base import Data
-from .errors import UserError
+from .errors import DataNotFound, UserError
 from .models import TrojanModel, create_model
 
 
@@ -138,7 +138,11 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
         check_model_data(model, clean)
         source = str(clean_data)
         if need_test and name and prep is None:
-            prep = recorded_dataset()
+            try:
+                prep = recorded_dataset()
+            except DataNotFound as e:
+                raise DataNotFound(f"{e} (this command measures CA and ASR before and after on the test split "
+                                   f"of {name!r}; 'trojanguard repair' needs only your clean data)") from None
     else:
         clean = prep.defense
         source = (f"{prep.bundle.name}: held-out {prep.holdout:.1%} of train (split seed {prep.seed})"

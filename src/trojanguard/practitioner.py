@@ -196,20 +196,19 @@ class RepairReport:
     record: dict
     ok: bool
     advice: str | None
+    cautions: list[str] = field(default_factory=list)  # what the checks could not show (the model is kept)
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "options": self.options, "reason": self.reason, "ok": self.ok,
-                "advice": self.advice, **self.record}
+                "advice": self.advice, "cautions": self.cautions, **self.record}
 
 
-def repair(model, clean: Data, method: str | None = None, options: dict | None = None,
-           trigger: RecoveredTrigger | None = None, seed: int = 0, verify_fraction: float = VERIFY_FRACTION,
-           max_ca_drop: float = 0.03, robustness: bool = True, progress: bool = False,
-           device: str = "auto") -> tuple[torch.nn.Module, RepairReport]:
-    """Purify ``model`` on part of ``clean``, verify on the rest; see the module docstring."""
+def repair_plan(clean: Data, method: str | None = None, options: dict | None = None, seed: int = 0,
+                verify_fraction: float = VERIFY_FRACTION, max_ca_drop: float = 0.03, progress: bool = False,
+                device: str = "auto"):
+    """(method, options, reason, purifier) that ``repair`` will use on ``clean``: the options
+    are checked here, so that a typo fails before a scan, not after it."""
     from .defenses import create_defense
-    from .defenses.common import retuning_attack, split_clean
-    from .eval.evaluate import evaluate
     from .purification import resolve_purifier
     if method is not None:
         method = resolve_purifier(method)
@@ -218,12 +217,24 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
         options = {**auto_opts, **(options or {})}
     else:
         reason, options = f"--method {method}", dict(options or {})
-    # one split for everything: the purifier's own verification uses the same fraction and seed
-    fit, verify = split_clean(clean, verify_fraction, seed)
-    # the split below is the purifier's own (same fraction and seed): --set cannot move it
+    # the split is the purifier's own (same fraction and seed): --set cannot move it
     options = {k: v for k, v in options.items() if k not in ("verify_fraction", "max_ca_drop")}
     defense = create_defense(method, **{"seed": seed, "progress": progress, "device": device, **options,
                                         "verify_fraction": verify_fraction, "max_ca_drop": max_ca_drop})
+    return method, options, reason, defense
+
+
+def repair(model, clean: Data, method: str | None = None, options: dict | None = None,
+           trigger: RecoveredTrigger | None = None, seed: int = 0, verify_fraction: float = VERIFY_FRACTION,
+           max_ca_drop: float = 0.03, robustness: bool = True, progress: bool = False,
+           device: str = "auto") -> tuple[torch.nn.Module, RepairReport]:
+    """Purify ``model`` on part of ``clean``, verify on the rest; see the module docstring."""
+    from .defenses.common import retuning_attack, split_clean
+    from .eval.evaluate import evaluate
+    method, options, reason, defense = repair_plan(clean, method, options, seed, verify_fraction, max_ca_drop,
+                                                   progress, device)
+    # one split for everything: the purifier's own verification uses the same fraction and seed
+    fit, verify = split_clean(clean, verify_fraction, seed)
     res = defense.purify(model, clean)
     record: dict[str, Any] = {**res.summary()}
     remains = None
@@ -239,7 +250,9 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
                                                                       trigger.target_for).get("asr")
     advice = None
     if res.warning:
-        advice = (f"{res.warning}. Advice: give more clean data (now {len(clean)}), or try another method "
+        advice = (f"clean accuracy on {res.verify_size} held-out clean samples fell from {res.ca_before:.1%} to "
+                  f"{res.ca_after:.1%} (more than {max_ca_drop:.0%}). Advice: give more clean data (now {len(clean)}), "
+                  "or try another method "
                   "(--method ft, wiper, pam, anp)" + (", or lower --set alpha" if method == "fst" else ""))
     elif remains:
         others = ", ".join(m for m in ("pam", "anp", "ebyd-removal", "beniful-removal", "fst") if m != method)
@@ -247,7 +260,26 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
                   f"held-out clean inputs to class {trigger.target} after {method} (before: "
                   f"{record['recovered_trigger_asr_before']:.1%}): the backdoor remains. Advice: try another method "
                   f"(--method {others})")
-    return res.model, RepairReport(method, options, reason, record, res.ok and not remains, advice)
+    ok = res.ok and not remains
+    return res.model, RepairReport(method, options, reason, record, ok, advice,
+                                   repair_cautions(record, max_ca_drop, len(clean)) if ok else [])
+
+
+def repair_cautions(record: dict, max_ca_drop: float, n_clean: int) -> list[str]:
+    """What a passed repair's checks could not rule out: a clean-accuracy loss above the bar
+    within the paired 95 % bound of the verification part (a small part cannot show a small
+    loss), and a backdoor the retuning attack brings back (hidden rather than removed)."""
+    out = []
+    bound = record.get("verify_drop_bound95")
+    if bound is not None and round(bound, 9) > max_ca_drop:
+        out.append(f"the {record['verify_size']} held-out clean samples cannot rule out a clean-accuracy loss of up "
+                   f"to {bound:.1%} (paired 95 % bound; the bar is {max_ca_drop:.0%}): give more clean data (now "
+                   f"{n_clean}) to verify the repair")
+    retuned = record.get("recovered_trigger_asr_after_retuning")
+    if retuned is not None and retuned > REMAINS_ASR:
+        out.append(f"the retuning attack (5 triggered among the clean samples, 5 epochs) brings the recovered "
+                   f"trigger's ASR back to {retuned:.1%}: the backdoor may be hidden rather than removed")
+    return out
 
 
 def report_html(title: str, scan_report: ScanReport | None = None, repair_report: RepairReport | None = None,
@@ -303,8 +335,8 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
             rows.append({"measure": "ASR after the retuning attack", "before": None,
                          "after": rec["recovered_trigger_asr_after_retuning"]})
         parts.append(htmlpage.table(rows, ["measure", "before", "after"]))
-        if r.advice:
-            parts.append(f'<p class="warn">{_html.escape(r.advice)}</p>')
+        for text in ([r.advice] if r.advice else []) + r.cautions:
+            parts.append(f'<p class="warn">{_html.escape(text)}</p>')
         parts.append("</section>")
     return htmlpage.page(title, parts, [p for p, x in (("scan", scan_report), ("repair", repair_report)) if x])
 

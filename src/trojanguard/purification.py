@@ -120,7 +120,9 @@ def save_purified(out: str | Path, model, setup: Setup, record: dict) -> Path:
     from .utils import atomic_write_json, library_versions
     sidecar = {k: v for k, v in setup.meta.items()
                if k in ("dataset", "train_config", "seed", "attack", "classes", "normalization")}
-    sidecar["purification"] = {k: record[k] for k in ("method", "options", "clean_data", "parent")}
+    sidecar["purification"] = {**{k: record[k] for k in ("method", "options", "clean_data", "parent")},
+                               # a failed purification must not pass for a repaired model later
+                               "ok": record.get("warning") is None, "warning": record.get("warning")}
     with write_result(out) as tmp:
         save_checkpoint(tmp, model, sidecar)
         if sidecar.get("attack"):

@@ -4,6 +4,11 @@ from __future__ import annotations
 import math
 
 
+def count(n: int, word: str) -> str:
+    """``1 thread``, ``2 threads``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fmt(v) -> str:
     if v is None:
         return "-"

@@ -54,7 +54,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import UserError
-from .safeio import (MAX_JSON_BYTES, check_file_out, parse_json, probe_writable, read_bounded,  # noqa: F401
+from .safeio import (MAX_JSON_BYTES, check_file_out, check_not_input, parse_json, probe_writable, read_bounded,  # noqa: F401
                      read_json_file, regular_file)
 
 MARKER = "COMPLETE.json"
@@ -140,11 +140,14 @@ def amend_result(folder: str | Path, files: dict[str, bytes]) -> None:
             write_bytes(tmp / name, data)
 
 
-def check_out(folder: str | Path, what: str = "--out") -> None:
+def check_out(folder: str | Path, what: str = "--out", inputs: dict[str, Any] | None = None) -> None:
     """Fail early (before any work) when a result cannot be written to ``folder``: a path
-    under a file, an unwritable place, a file or symlink in its place, or a folder holding
-    files that are not a result."""
+    under a file, an unwritable place, a file or symlink in its place, a folder holding
+    files that are not a result, or the place of one of the command's ``inputs`` (flag ->
+    path): writing the result there would replace the user's model or data, even when the
+    command then fails."""
     p = Path(folder)
+    check_not_input(p, what, inputs)
     if p.is_symlink():
         raise UserError(f"{what} {p} is a symbolic link; give the real folder")
     if p.exists():

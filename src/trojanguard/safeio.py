@@ -62,14 +62,28 @@ def read_json_file(path: str | Path, max_bytes: int = MAX_JSON_BYTES, what: str 
     return parse_json(read_bounded(path, max_bytes, what), path, fix)
 
 
-def check_file_out(path: str | Path, what: str = "--out") -> None:
-    """Fail early when a single output file (a PNG, a JSON report) cannot be written."""
+def check_file_out(path: str | Path, what: str = "--out", example: str = "out.png",
+                   inputs: dict[str, Any] | None = None) -> None:
+    """Fail early when a single output file (a PNG, a JSON report, a CSV) cannot be written,
+    or would replace one of the command's ``inputs`` (flag -> path)."""
     p = Path(path)
+    check_not_input(p, what, inputs)
     if p.is_dir():
-        raise UserError(f"{what} {p} is a folder; give a file name (e.g. {p / 'out'}.png)")
+        raise UserError(f"{what} {p} is a folder; give a file name (e.g. {p / example})")
     if p.exists() and not p.is_file():
         raise UserError(f"{what} {p} is not a regular file; give a file name")
     probe_writable(p.parent, p, what)
+
+
+def check_not_input(out: Path, what: str, inputs: dict[str, Any] | None) -> None:
+    """``out`` must be neither an input nor a folder holding one (a result replaces its folder)."""
+    target = out.resolve()
+    for flag, path in (inputs or {}).items():
+        if not path:
+            continue
+        src = Path(path).resolve()
+        if src == target or target in src.parents:
+            raise UserError(f"{what} {out} would replace {flag} {path}; write the result elsewhere")
 
 
 def probe_writable(start: Path, target: Path, what: str) -> None:

@@ -19,6 +19,18 @@ def fraction(what: str = "value"):
     return parse
 
 
+def accuracy_drop(s: str) -> float:
+    """An accuracy loss as a fraction in [0, 1): ``--max-ca-drop 3`` (meant as 3 points) fails
+    with the unit spelled out instead of the purifier's option range."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"{v:g} is not a fraction of accuracy; give e.g. 0.03 for 3 points")
+    return v
+
+
 def int_in(lo: int, hi: int):
     """An integer in [lo, hi] (e.g. --width 0 fails here, before any work)."""
     def parse(s: str) -> int:

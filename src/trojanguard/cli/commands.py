@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -168,6 +169,10 @@ def cmd_eval(args) -> int:
     with measure("evaluate") as st:
         m = evaluate(model, bundle.test, trigger=trigger, targets=targets, per_class=args.per_class)
     m["seconds"] = round(st.seconds, 2)
+    purification = meta.get("purification") or {}
+    if purification.get("ok") is False:
+        print(f"trojanguard: caution: this checkpoint is a failed purification "
+              f"({purification_status(purification)})", file=sys.stderr)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -177,6 +182,15 @@ def cmd_eval(args) -> int:
         print(table([{"class": f"{i} {name}", "ca": percent(a, 1, "%")}
                      for i, (name, a) in enumerate(zip(bundle.classes, per_class))]))
     return 0
+
+
+def purification_status(p: dict) -> str:
+    """One line on how a purified checkpoint was made and whether its check passed."""
+    ok = p.get("ok")
+    state = "check passed" if ok else ("not recorded whether its check passed" if ok is None else
+                                       f"NOT repaired: {p.get('warning') or 'its check failed'}")
+    parent = str(p.get("parent") or "?")[:12]
+    return f"{p.get('method')} of parent {parent}: {state}"
 
 
 def _brief(v, limit: int = 12) -> str:
@@ -205,6 +219,8 @@ def cmd_info(args) -> int:
             ("metrics", ", ".join(f"{k}={_brief(v)}" for k, v in (meta.get("metrics") or {}).items())),
             ("seed", meta.get("seed")), ("sha256", meta.get("sha256")),
             ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if k != "platform"))]
+    if meta.get("purification"):
+        rows.append(("purification", purification_status(meta["purification"])))
     for s in meta.get("stages") or []:
         rows.append((f"stage {s['stage']}", f"{s['seconds']:.1f} s, peak {s['peak_rss_mb']:.0f} MB"))
     w = max(len(k) for k, _ in rows)
@@ -247,8 +263,8 @@ def cmd_show_trigger(args) -> int:
     from ..viz import save_png, trigger_grid
     folder = Path(args.artifact)
     folder = folder if folder.is_dir() else folder.parent
-    out = Path(args.out or folder / "trigger.png")
-    check_file_out(out)  # before any work
+    out = Path(args.out or f"{folder.resolve().name}-trigger.png")
+    check_file_out(out, inputs={"artifact": args.artifact})  # before any work
     attack = load_attack(args.artifact)
     if attack.modality != "image":
         raise UserError(f"attack {attack.name} is a text attack; show-trigger draws image triggers")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -90,9 +91,11 @@ def run(args) -> int:
     from ..pipeline import defender_data
     from .commands import parse_options
     inputs, out = Path(args.inputs), Path(args.out)
-    check_file_out(out, "--out")
+    given = {"--model": args.model, "--inputs": args.inputs, "--clean-data": args.clean_data,
+             "--data-dir": args.data_dir}
+    check_file_out(out, "--out", "scores.csv", given)
     if args.save_guard:
-        check_out(args.save_guard, "--save-guard")
+        check_out(args.save_guard, "--save-guard", given)
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     factory = DEFENSES.get(args.method)
@@ -139,7 +142,10 @@ def run(args) -> int:
     atomic_write_text(out, buf.getvalue())
     if args.save_guard:
         g.save(args.save_guard)
+    from ..report import count
     flagged = sum(r[2] for r in rows)
+    if g.purifier_warning:
+        print(f"trojanguard: caution: {g.purifier_warning}", file=sys.stderr)
     if args.json:
         import json
         print(json.dumps({"method": g.detector.name, "inputs": len(rows), "flagged": flagged, "frr": g.frr,
@@ -147,6 +153,6 @@ def run(args) -> int:
                           "seed": args.seed, "scores": str(out), "guard": args.save_guard}, indent=2))
         return 0
     print(f"flagged {flagged} of {len(rows)} inputs ({g.detector.name}, FRR {g.frr:g} on held-out clean data, "
-          f"threshold {g.threshold:.4f}); {st.seconds:.1f} s, {threads} threads; scores in {out}"
+          f"threshold {g.threshold:.4f}); {st.seconds:.1f} s, {count(threads, 'thread')}; scores in {out}"
           + (f"; guard saved in {args.save_guard}" if args.save_guard else ""))
     return 0

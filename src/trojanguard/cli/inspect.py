@@ -103,7 +103,7 @@ def run(args) -> int:
     from .commands import parse_options
     from ..resultdir import check_out
     out = Path(args.out)
-    check_out(out)  # an unusable --out fails before any work
+    check_out(out, "--out", {"--model": args.model, "--clean-data": args.clean_data, "--data-dir": args.data_dir})
     options = parse_options(args.options)
     set_threads(args.threads)
     from ..utils import resolve_device
@@ -170,5 +170,6 @@ def _print(record: dict, setup, out) -> None:
                 if trig.get("success_original") is not None else ""
             print(f"trigger      mask L1 {trig['mask_l1']:.1f}{extra} -> {out}/trigger.png")
     print(f"clean data   {record['clean_data']['size']} samples ({record['clean_data']['source']})")
-    print(f"wall time    {record['seconds']:.1f} s, peak {record['peak_rss_mb']:.0f} MB, {record['threads']} threads; "
+    from ..report import count
+    print(f"wall time    {record['seconds']:.1f} s, peak {record['peak_rss_mb']:.0f} MB, {count(record['threads'], 'thread')}; "
           f"saved {out}/")

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("artifact", help="folder with attack.json (e.g. from 'trojanguard attack')")
     _add_common_data(st)
     st.add_argument("--num", type=_int_in(1, 1000), default=4, help="number of test images")
-    st.add_argument("--out", help="PNG path (default <artifact>/trigger.png)")
+    st.add_argument("--out", help="PNG path (default <artifact name>-trigger.png in the current folder: the "
+                                  "artifact's own folder is a sealed result and may be read-only)")
 
     ls = sub.add_parser("list", help="list datasets, models, attacks or defenses")
     ls.add_argument("what", nargs="?", choices=["datasets", "models", "attacks", "defenses"],
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
 
-    d = sub.add_parser("demo", help="offline demo: backdoor a small model, then repair it")
+    d = sub.add_parser("demo", help="offline demo: scan the embedded backdoored CIFAR-10 model, repair it, check the "
+                                          "repair against the real trigger")
     d.add_argument("--seed", type=SEED, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("--out", default=None, help="also save the before/after results here (JSON)")

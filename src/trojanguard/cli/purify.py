@@ -27,13 +27,16 @@ def run(args) -> int:
     from .commands import parse_options
     from ..resultdir import check_out
     out = Path(args.out)
-    check_out(out, "--out")  # before any work: an unwritable --out fails now, not after purifying
+    # before any work: an unwritable --out, or one that would replace an input, fails now
+    check_out(out, "--out", {"--model": args.model, "--clean-data": args.clean_data, "--attack": args.attack,
+                            "--data-dir": args.data_dir})
     options = parse_options(args.options)
-    from ..defenses import DEFENSES
-    DEFENSES.get(args.method)  # unknown names fail before loading anything
+    from ..defenses import create_defense
+    from ..purification import load_setup, purify_setup, resolve_purifier, save_purified
+    # an unknown name, a detector named as a purifier or an option typo fails before loading anything
+    create_defense(resolve_purifier(args.method), **options)
     set_threads(args.threads)
-    from ..purification import load_setup, purify_setup, save_purified
-    from ..report import percent_rows, table
+    from ..report import count, percent_rows, table
     from ..utils import resolve_device
     device = str(resolve_device(args.device))
     setup = load_setup(args.model, args.clean_data, args.holdout, args.attack, args.data_dir, device=device)
@@ -54,7 +57,7 @@ def run(args) -> int:
     if v0 is not None:
         print(f"clean accuracy on {record['verify_size']} held-out clean samples: {v0:.1%} -> {v1:.1%}")
     print(f"{args.method}: {record['seconds']:.1f} s, peak {record['peak_rss_mb']:.0f} MB, "
-          f"{record['threads']} threads; saved {out}/")
+          f"{count(record['threads'], 'thread')}; saved {out}/")
     if record.get("warning"):
         print(f"trojanguard: warning: {record['warning']}")
         return 3

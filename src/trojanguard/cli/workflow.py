@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .argtypes import add_clean_data_args, add_run_args, set_threads, fraction
+from .argtypes import accuracy_drop, add_clean_data_args, add_run_args, set_threads, fraction
 
 EXIT_NOT_REPAIRED = 3
 
@@ -37,8 +37,9 @@ def add_parser(sub) -> None:
                            help="purifier option, repeatable")
             p.add_argument("--verify-fraction", type=fraction("--verify-fraction"), default=0.2,
                            help="share of the clean data kept aside to verify the repair (default 0.2)")
-            p.add_argument("--max-ca-drop", type=float, default=0.03,
-                           help="clean-accuracy loss (on the verification part) above which the repair fails")
+            p.add_argument("--max-ca-drop", type=accuracy_drop, default=0.03,
+                           help="clean-accuracy loss (on the verification part), as a fraction, above which the "
+                                "repair fails (default 0.03 = 3 points)")
             p.add_argument("--no-scan", action="store_true", help="do not scan first (no recovered trigger to "
                            "measure the repair with)")
             p.add_argument("--out", required=True, help="folder for the repaired checkpoint and its report")
@@ -66,7 +67,8 @@ def _load(args):
 def run(args) -> int:
     from ..resultdir import check_out
     if getattr(args, "out", None):
-        check_out(args.out, "--out")
+        check_out(args.out, "--out", {"--model": args.model, "--clean-data": args.clean_data,
+                                         "--data-dir": args.data_dir})
     return {"scan": _scan, "repair": _repair, "guard": _guard}[args.command](args)
 
 
@@ -134,6 +136,9 @@ def _repair(args) -> int:
         from ..purification import resolve_purifier
         args.method = resolve_purifier(args.method)  # a detector name fails before any work
     model, meta, clean, source, classes = _load(args)
+    from ..practitioner import repair_plan
+    # the purifier's options are checked now: a typo fails before the scan, not after it
+    repair_plan(clean, args.method, parse_options(args.options), args.seed, args.verify_fraction, args.max_ca_drop)
     s = None
     if not args.no_scan:
         s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet, device=args.device)
@@ -148,7 +153,7 @@ def _repair(args) -> int:
     with write_result(args.out) as tmp:
         sidecar = {k: v for k, v in meta.items() if k in ("dataset", "classes", "normalization")}
         sidecar["purification"] = {"method": r.method, "options": r.options, "parent": meta.get("sha256"),
-                                   "clean_data": record["clean_data"], "ok": r.ok}
+                                   "clean_data": record["clean_data"], "ok": r.ok, "warning": r.advice}
         save_checkpoint(tmp, repaired, sidecar)
         atomic_write_json(Path(tmp) / "repair.json", record)
         atomic_write_text(Path(tmp) / "report.html", report_html(f"trojanguard repair: {args.model}", s, r, classes))
@@ -166,6 +171,8 @@ def _repair(args) -> int:
                   f"{percent(rec.get('recovered_trigger_asr_after_retuning'))}")
         print(f"{rec['seconds']:.0f} s, peak {rec['peak_rss_mb']:.0f} MB; saved {args.out}/ (model, repair.json, "
               "report.html)")
+        for text in r.cautions:
+            print(f"caution: {text}")
     if not r.ok:
         import sys
         print(f"trojanguard: NOT repaired: {r.advice}", file=sys.stderr)
@@ -183,6 +190,9 @@ def _guard(args) -> int:
     g = guard(model, clean, args.method, frr=frr, purify=purify,
               model_meta={k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")}, **options)
     g.save(args.out)
+    if g.purifier_warning:
+        import sys
+        print(f"trojanguard: caution: {g.purifier_warning}", file=sys.stderr)
     info = {"method": args.method, "frr": g.frr, "threshold": g.threshold, "purify": purify,
             "clean_data": {"source": source, "size": len(clean)}, "out": args.out}
     if args.json:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import DataNotFound, UserError
 
 
 @dataclass
@@ -113,5 +113,5 @@ def find_data_dir(name: str, data_dir: str | os.PathLike | None, must_contain: l
     for c in candidates:
         if c.is_dir() and any(list(c.glob(pattern)) for pattern in must_contain):
             return c
-    raise UserError(f"no data found for dataset {name!r} (looked in {', '.join(map(str, candidates))}); "
+    raise DataNotFound(f"no data found for dataset {name!r} (looked in {', '.join(map(str, candidates))}); "
                     f"pass --data-dir DIR with {hint}, or set TROJANGUARD_DATA")

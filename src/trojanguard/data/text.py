@@ -14,8 +14,11 @@ MAX_TABLE_BYTES = 4 * 2**30
 
 
 def read_table(path: Path, text_column: str = "sentence", label_column: str = "label",
-               label_names: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
-    """Read a CSV or TSV file with a header; the delimiter follows the extension."""
+               label_names: list[str] | None = None,
+               rename_hint: bool = False) -> tuple[list[str], list[int], list[str]]:
+    """Read a CSV or TSV file with a header; the delimiter follows the extension.
+    ``rename_hint``: a missing column is fixed by renaming the header (the commands that read
+    a user's clean data take no column flags), not by --text-column/--label-column."""
     delim = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
     from ..resultdir import regular_file
     regular_file(path, MAX_TABLE_BYTES, "data table")  # not /dev/zero, a pipe or a folder
@@ -28,7 +31,9 @@ def read_table(path: Path, text_column: str = "sentence", label_column: str = "l
         raise UserError(f"{path} has no rows")
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in rows[0]:
-            raise UserError(f"{path} has no column {col!r} (columns: {list(rows[0])}); name it with {flag}")
+            fix = (f"rename the header's columns to {text_column},{label_column}" if rename_hint
+                   else f"name it with {flag}")
+            raise UserError(f"{path} has no column {col!r} (columns: {list(rows[0])}); {fix}")
     short = next((i for i, r in enumerate(rows, start=2) if r.get(text_column) is None or r.get(label_column) is None), None)
     if short is not None:
         raise UserError(f"{path} line {short} has fewer columns than the header; fix or remove it")

@@ -100,7 +100,7 @@ def load_clean_data(path: str | Path, classes: list[str], modality: str, channel
         if p.is_dir():
             raise UserError(f"{p} is a folder; text clean data is a CSV/TSV file with sentence,label columns")
         # label_names=classes: a label is a class name or an index 0..K-1 (read_table checks the range)
-        texts, labels, _ = read_table(p, label_names=list(classes))
+        texts, labels, _ = read_table(p, label_names=list(classes), rename_hint=True)
         data = TextData(texts, torch.tensor(labels, dtype=torch.long), list(classes))
     _check_every_class(p, data, modality)
     return data

@@ -58,6 +58,7 @@ class PurifyResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     warning: str | None = None
+    drop_bound: float | None = None  # paired one-sided 95 % upper bound of the verification CA drop
 
     @property
     def ok(self) -> bool:
@@ -74,7 +75,8 @@ class PurifyResult:
 
     def summary(self) -> dict[str, Any]:
         return {"verify_ca_before": self.ca_before, "verify_ca_after": self.ca_after,
-                "verify_size": self.verify_size, "verify_margin95": self.verify_margin, "seconds": round(self.seconds, 2),
+                "verify_size": self.verify_size, "verify_margin95": self.verify_margin,
+                "verify_drop_bound95": self.drop_bound, "seconds": round(self.seconds, 2),
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "warning": self.warning, **self.info}
 
 
@@ -137,6 +139,10 @@ class Defense:
                             "give more clean data")
 
 
+def _mean(ok: torch.Tensor) -> float:
+    return float(ok.double().mean()) if len(ok) else float("nan")
+
+
 class Purifier(Defense):
     kind = "purifier"
     Config: ClassVar[type[DefenseConfig]] = PurifierConfig
@@ -144,7 +150,8 @@ class Purifier(Defense):
     def purify(self, model, clean: Data) -> PurifyResult:
         """Return a purified copy of ``model`` (the input is left untouched)."""
         from ..utils import measure
-        from .common import clean_accuracy, split_clean
+        from ..eval.metrics import accuracy_drop_bound
+        from .common import correct, split_clean
         frac = getattr(self.cfg, "verify_fraction", 0.0)
         needed = self.min_clean if not frac else max(self.min_clean + len(clean.classes),
                                                      int(self.min_clean / (1 - frac)) + 1)
@@ -152,12 +159,15 @@ class Purifier(Defense):
         fit, verify = split_clean(clean, frac, self.cfg.seed) if frac else (clean, None)
         t0 = time.perf_counter()
         with measure(self.name or "purify") as st:
-            ca_before = clean_accuracy(model, verify) if verify is not None else None
+            ok_before = correct(model, verify) if verify is not None else None
             work = copy.deepcopy(model)
             purified, info = self._purify(work, fit, original=model)
-            ca_after = clean_accuracy(purified, verify) if verify is not None else None
+            ok_after = correct(purified, verify) if verify is not None else None
+        ca_before, ca_after = (None, None) if verify is None else (_mean(ok_before), _mean(ok_after))
         res = PurifyResult(purified.eval(), info, ca_before, ca_after, 0 if verify is None else len(verify),
                            time.perf_counter() - t0, st.peak_rss_mb)
+        if verify is not None and len(verify):
+            res.drop_bound = accuracy_drop_bound(ok_before.numpy(), ok_after.numpy())[1]
         max_drop = getattr(self.cfg, "max_ca_drop", None)
         # rounded: a drop of exactly the bar (3.00 points is 0.030000000000000027) is within it
         if ca_before is not None and max_drop is not None and round(ca_before - ca_after, 9) > max_drop:

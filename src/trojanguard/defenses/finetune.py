@@ -75,6 +75,8 @@ class Finetune(Purifier):
     Config = FinetuneConfig
 
     def __init__(self, cfg: FinetuneConfig | None = None, **kwargs):
+        # option errors name the method the user typed ("fst: unknown option ..."), not the class
+        self.name = cfg.mode if cfg is not None else str(kwargs.get("mode", "fst"))
         super().__init__(cfg, **kwargs)
         self.name = self.cfg.mode  # messages say "fst needs ...", the name the user typed
 

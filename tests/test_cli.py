@@ -1,4 +1,5 @@
 """Every CLI user mistake: one line on stderr, exit code 2, no traceback."""
+import json
 import subprocess
 import sys
 
@@ -74,6 +75,10 @@ def test_cli_info_and_eval(ckpt):
     code, out, err = run("eval", str(ckpt / "small.pt"), "--model", "small_cnn", "--width", "4",
                          "--dataset", "digits", "--json")
     assert code == 0, err
+    # --arch as scan/repair spell it, and --threads as every computing command takes it
+    code, out2, err = run("eval", str(ckpt / "small.pt"), "--arch", "small_cnn", "--width", "4",
+                          "--dataset", "digits", "--threads", "1", "--json")
+    assert code == 0 and json.loads(out2)["ca"] == json.loads(out)["ca"], err
 
 
 def test_cli_attack_eval_show_trigger(tmp_path):

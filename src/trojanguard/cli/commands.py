@@ -63,6 +63,8 @@ def _summary(args, record, out):
 
 
 def cmd_train(args) -> int:
+    from .argtypes import set_threads
+    set_threads(args.threads)
     from ..resultdir import check_out
     from ..workflows import train_victim
     _check_args(args)
@@ -78,6 +80,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_attack(args) -> int:
+    from .argtypes import set_threads
+    set_threads(args.threads)
     from ..attacks import create_attack
     from ..resultdir import check_out
     from ..workflows import train_victim
@@ -140,7 +144,7 @@ def _load_for_eval(args):
     foreign = p.is_file() and not (p.parent / "model.json").exists()
     if foreign:
         if not args.model or not args.dataset:
-            raise UserError("a foreign weights file needs --model and --dataset to know its architecture")
+            raise UserError("a foreign weights file needs --arch and --dataset to know its architecture")
         bundle = load_dataset(args.dataset, args.data_dir, **_loader_kw(args))
         model = load_foreign_weights(p, build_model(args.model, bundle, width=args.width)).to(dev)
         return model, {"model": model.spec, "dataset": {"name": args.dataset}}, bundle
@@ -154,6 +158,8 @@ def _load_for_eval(args):
 
 
 def cmd_eval(args) -> int:
+    from .argtypes import set_threads
+    set_threads(args.threads)
     from ..eval.evaluate import evaluate
     from ..utils import measure
     model, meta, bundle = _load_for_eval(args)
@@ -230,6 +236,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .argtypes import set_threads
+    set_threads(args.threads)
     from ..demo import run_demo
     from ..resultdir import check_file_out
     from ..utils import resolve_device

@@ -6,7 +6,7 @@ import sys
 from importlib import import_module
 
 from ..errors import UserError
-from .argtypes import finite, fraction, int_in
+from .argtypes import THREADS, finite, fraction, int_in
 
 # Commands that live in a module of their own (``add_parser(sub)`` + ``run(args)``).
 COMMAND_MODULES: tuple[str, ...] = ("purify", "detect", "bench", "inspect", "workflow")
@@ -47,6 +47,11 @@ def _add_training(t):
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (default: at the end only)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads(t)
+
+
+def _add_threads(p):
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); results depend on it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint (CA; ASR/RA when it carries an attack)")
     e.add_argument("checkpoint")
     _add_common_data(e)
-    e.add_argument("--model", help="architecture, for a foreign .pt/.safetensors file")
+    # --arch as in scan/repair; --model kept for the scripts written before
+    e.add_argument("--arch", "--model", dest="model", help="architecture, for a foreign .pt/.safetensors file")
     e.add_argument("--width", type=WIDTH)
     e.add_argument("--device", default="auto")
+    _add_threads(e)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--per-class", action="store_true", help="also the clean accuracy of every class")
     e.add_argument("--attack", help="attack artifact folder to measure ASR/RA with (default: the checkpoint's own)")
@@ -108,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--out", default=None, help="also save the before/after results here (JSON)")
     d.add_argument("--quiet", action="store_true")
+    _add_threads(d)
     for name in COMMAND_MODULES:
         import_module(f"{__package__}.{name}").add_parser(sub)
     return p

@@ -385,3 +385,21 @@ def test_closed_pipe_is_no_traceback(args, files):
     code = p.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err and err.strip() == "", err
     assert code == EXIT_BROKEN_PIPE, (code, err)
+
+
+def test_an_output_never_replaces_an_input(tmp_path):
+    """The shared check behind every --out: the result may not be an input, nor a folder
+    holding one (a result replaces its whole folder); a sibling is fine."""
+    from trojanguard.errors import UserError
+    from trojanguard.resultdir import check_file_out, check_out
+    model, data = tmp_path / "models" / "suspect", tmp_path / "inputs.csv"
+    model.mkdir(parents=True)
+    data.write_text("sentence,label\n")
+    given = {"--model": model, "--inputs": data}
+    for out in (model, model.parent, tmp_path):
+        with pytest.raises(UserError, match="would replace --model"):
+            check_out(out, "--out", given)
+    with pytest.raises(UserError, match="would replace --inputs"):
+        check_file_out(data, "--out", "scores.csv", given)
+    check_out(tmp_path / "models" / "repaired", "--out", given)
+    check_file_out(tmp_path / "scores.csv", "--out", "scores.csv", given)

@@ -302,6 +302,14 @@ def test_cli_detect_end_to_end(cli_setup, capsys, tmp_path):
         if r["flag"] == "0":
             assert r["prediction"] == r["purified_prediction"]
     assert (tmp_path / "g" / "guard.json").is_file()
+    # the saved guard, used as it is (no clean data, no refit): the same scores, flags and predictions
+    code, out, err = _run(capsys, "detect", "--guard", tmp_path / "g", "--inputs", root / "inputs",
+                          "--out", tmp_path / "again.csv", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "again.csv").read_text() == (tmp_path / "scores.csv").read_text()
+    code, out, err = _run(capsys, "detect", "--guard", tmp_path / "g", "--inputs", root / "inputs",
+                          "--clean-data", root / "inputs", "--out", tmp_path / "x.csv", "--quiet")
+    assert code == 2 and "--clean-data fit a new detector" in err
     # detection only: no purified column
     code, out, err = _run(capsys, "detect", "--model", root / "ck", "--inputs", root / "inputs" / "trigger",
                           "--out", tmp_path / "s2.csv", "--frr", "0.05", "--quiet")

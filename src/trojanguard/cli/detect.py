@@ -22,7 +22,10 @@ from .argtypes import fraction as _fraction
 def add_parser(sub) -> None:
     p = sub.add_parser("detect", help="score inputs for a backdoor trigger (CSV of scores, flags, predictions)")
     p.add_argument("--method", default="badacts", help="input detector (default badacts; 'trojanguard list defenses')")
-    p.add_argument("--model", required=True, help="trojanguard checkpoint folder (from train/attack)")
+    p.add_argument("--model", help="trojanguard checkpoint folder (from train/attack); the detector is fitted on "
+                   "the clean data")
+    p.add_argument("--guard", metavar="DIR", help="instead of --model: a guard saved by 'trojanguard guard' or "
+                   "--save-guard, used as it is (no clean data, no refit; --frr moves its threshold)")
     p.add_argument("--inputs", required=True, help="folder of images (flat or class sub-folders), one image, "
                    "or a CSV/TSV/TXT of sentences")
     p.add_argument("--input-column", default=None,
@@ -65,6 +68,16 @@ def _check_input_kind(path: Path, modality: str) -> None:
         raise UserError(f"--inputs {path} is not an image or a folder of images")
 
 
+def _image_size(clean, saved_guard, meta: dict) -> tuple[int, int] | None:
+    """(H, W) the inputs must have: the clean data's, else what a saved guard's detector or
+    the checkpoint's dataset record says (None: the first input's size)."""
+    if clean is not None:
+        return tuple(clean.shape[1:])
+    shape = getattr(getattr(saved_guard, "detector", None), "input_shape", None) or \
+        (meta.get("dataset") or {}).get("shape")
+    return tuple(shape[1:]) if shape else None
+
+
 # ----------------------------------------------------------------------------- run --
 def _own_predictions(g, xb, res):
     """The model's own predictions; with purification they differ from the guard's on the
@@ -91,7 +104,17 @@ def run(args) -> int:
     from ..pipeline import defender_data
     from .commands import parse_options
     inputs, out = Path(args.inputs), Path(args.out)
-    given = {"--model": args.model, "--inputs": args.inputs, "--clean-data": args.clean_data,
+    if (args.model is None) == (args.guard is None):
+        raise UserError("give --model (fit a detector on clean data) or --guard (a saved guard), not both"
+                        if args.model else "give --model CHECKPOINT, or --guard DIR for a saved guard")
+    if args.guard:
+        fitting = [f for f, v in (("--clean-data", args.clean_data), ("--holdout", args.holdout),
+                                  ("--purify", args.purify), ("--set", args.options), ("--save-guard", args.save_guard),
+                                  ("--dataset", args.dataset)) if v]
+        if fitting:
+            raise UserError(f"{', '.join(fitting)} fit a new detector; a saved --guard is used as it was saved "
+                            "(drop them, or fit anew with --model)")
+    given = {"--model": args.model, "--guard": args.guard, "--inputs": args.inputs, "--clean-data": args.clean_data,
              "--data-dir": args.data_dir}
     check_file_out(out, "--out", "scores.csv", given)
     if args.save_guard:
@@ -108,22 +131,34 @@ def run(args) -> int:
     if args.quiet:
         options.setdefault("progress", False)
     threads = set_threads(args.threads)
-    model, meta = load_checkpoint(args.model, resolve_device(args.device))
+    device = resolve_device(args.device)
+    if args.guard:
+        from ..guarded import load_guard
+        g = load_guard(args.guard, device)
+        model, meta = g.model, g.model_meta
+        if args.frr is not None:
+            g.set_frr(args.frr)
+    else:
+        model, meta = load_checkpoint(args.model, device)
     _check_input_kind(inputs, model.modality)
     channels = None
     if model.modality == "image":
         image_files(inputs)  # an empty folder or a stray file fails before any work
         channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-    kw = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
-    clean, _, _ = defender_data(meta, model, args.clean_data, args.holdout, args.data_dir, args.dataset,
-                                loader_kw=kw)
+    clean = None
+    if not args.guard:
+        kw = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
+        clean, _, _ = defender_data(meta, model, args.clean_data, args.holdout, args.data_dir, args.dataset,
+                                    loader_kw=kw)
     if model.modality == "text":
         ids, x = read_texts(inputs, args.input_column)
     else:  # the inputs must have the size of the model's clean data
-        ids, x = read_images(inputs, channels, tuple(clean.shape[1:]))
+        ids, x = read_images(inputs, channels, _image_size(clean, g if args.guard else None, meta))
     model_meta = {k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")}
+    purify = g.purify if args.guard else args.purify
     with measure("detect") as st:
-        g = guard(model, clean, args.method, frr=args.frr, purify=args.purify, model_meta=model_meta, **options)
+        if not args.guard:
+            g = guard(model, clean, args.method, frr=args.frr, purify=args.purify, model_meta=model_meta, **options)
         rows = []
         for start in range(0, len(ids), args.batch_size):
             xb = x[start:start + args.batch_size]
@@ -132,12 +167,12 @@ def run(args) -> int:
             own = _own_predictions(g, xb, res)
             for i in range(len(own)):
                 row = [ids[start + i], f"{float(res.scores[i]):.6f}", int(res.flags[i]), int(own[i])]
-                if args.purify:
+                if purify:
                     row.append(int(res.predictions[i]))
                 rows.append(row)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["id", "score", "flag", "prediction"] + (["purified_prediction"] if args.purify else []))
+    w.writerow(["id", "score", "flag", "prediction"] + (["purified_prediction"] if purify else []))
     w.writerows(rows)
     atomic_write_text(out, buf.getvalue())
     if args.save_guard:
@@ -152,7 +187,8 @@ def run(args) -> int:
                           "threshold": g.threshold, "seconds": round(st.seconds, 2), "threads": threads,
                           "seed": args.seed, "scores": str(out), "guard": args.save_guard}, indent=2))
         return 0
-    print(f"flagged {flagged} of {len(rows)} inputs ({g.detector.name}, FRR {g.frr:g} on held-out clean data, "
+    print(f"flagged {flagged} of {len(rows)} inputs ({g.detector.name}"
+          + (f" of the guard {args.guard}" if args.guard else "") + f", FRR {g.frr:g} on held-out clean data, "
           f"threshold {g.threshold:.4f}); {st.seconds:.1f} s, {count(threads, 'thread')}; scores in {out}"
           + (f"; guard saved in {args.save_guard}" if args.save_guard else ""))
     return 0

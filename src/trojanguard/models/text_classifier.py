@@ -48,6 +48,7 @@ class TextClassifier(TrojanModel):
             import transformers
             from transformers import AutoConfig, AutoModel, AutoTokenizer
             transformers.logging.set_verbosity_error()  # the unused-pooler load report is noise here
+            transformers.logging.disable_progress_bar()  # our commands print their own stages (--quiet: none)
         except ImportError:
             raise UserError("text models need transformers; run: pip install 'trojanguard[text]'") from None
         path = resolve_encoder(encoder)

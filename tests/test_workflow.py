@@ -254,6 +254,8 @@ def test_repair_cautions_say_what_the_checks_could_not_show():
     assert repair_cautions(base, 0.03, 2000) == []
     small = repair_cautions({**base, "verify_size": 40, "verify_drop_bound95": 0.118}, 0.03, 200)
     assert len(small) == 1 and "40 held-out clean samples cannot rule out" in small[0] and "11.8%" in small[0]
+    # no sample changed on 40: the rule of three still leaves 7.5 points possible
+    assert "7.5%" in repair_cautions({**base, "verify_size": 40, "verify_drop_bound95": 0.0}, 0.03, 200)[0]
     back = repair_cautions({**base, "recovered_trigger_asr_after_retuning": 0.667}, 0.03, 2000)
     assert len(back) == 1 and "66.7%" in back[0] and "hidden rather than removed" in back[0]
 

@@ -270,7 +270,11 @@ def repair_cautions(record: dict, max_ca_drop: float, n_clean: int) -> list[str]
     within the paired 95 % bound of the verification part (a small part cannot show a small
     loss), and a backdoor the retuning attack brings back (hidden rather than removed)."""
     out = []
-    bound = record.get("verify_drop_bound95")
+    bound, n = record.get("verify_drop_bound95"), record.get("verify_size") or 0
+    if bound is not None and n:
+        # the normal bound is 0 when no sample changed; 3/n is the 95 % bound of a rate seen 0
+        # times in n (the rule of three): 40 samples cannot rule out a loss of 7.5 points
+        bound = max(bound, 3 / n)
     if bound is not None and round(bound, 9) > max_ca_drop:
         out.append(f"the {record['verify_size']} held-out clean samples cannot rule out a clean-accuracy loss of up "
                    f"to {bound:.1%} (paired 95 % bound; the bar is {max_ca_drop:.0%}): give more clean data (now "

@@ -314,3 +314,17 @@ def test_text_scores_of_a_dataset_are_each_inputs_own(method, backdoored_text):
     got = det.score_data(sub, batch_size=7)
     alone = torch.cat([det.score([t]).float() for t in sub.texts])
     assert torch.allclose(got, alone, atol=1e-5)
+
+
+def test_reported_rates_are_the_guards_own(backdoored_digits, pools):
+    """FRR/FAR in the tables follow the rule the detector flags by (score > threshold), also
+    where discrete scores (BadActs' NAS) tie at the threshold."""
+    from trojanguard.bench.report import guard_rates
+    model, atk = backdoored_digits
+    fit, fresh = pools
+    det = create_defense("badacts", progress=False).fit(model, fit)
+    sc, st, rep = _scores(det, fresh, stamped(fresh, atk))
+    assert rep["frr"] == pytest.approx(float((sc > det.threshold).float().mean()))
+    assert rep["far"] == pytest.approx(float((st <= det.threshold).float().mean()))
+    stored = {"frr": 0.9, "far": 0.1, "flagged_clean": 0.04, "flagged_poisoned": 0.75}
+    assert guard_rates(stored) == {"frr": 0.04, "far": 0.25}

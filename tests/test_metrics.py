@@ -65,6 +65,10 @@ def test_detection_edge_cases():
     assert M.auroc([0.5, 0.5], [False, True]) == 0.5
     r = M.threshold_rates([0.1, 0.2, 0.8, 0.9], [False, False, True, True], 0.5)
     assert r["frr"] == 0.0 and r["far"] == 0.0
+    # ties at the threshold are not flagged, as InputDetector.flag and the guard decide
+    # (discrete scores such as BadActs' NAS tie there: counting them misstated FRR and FAR)
+    r = M.threshold_rates([0.1, 0.5, 0.5, 0.9], [False, False, True, True], 0.5)
+    assert r["frr"] == 0.0 and r["far"] == 0.5
     with pytest.raises(ValueError):
         M.auroc([np.nan, 1.0], [False, True])
 

@@ -43,6 +43,18 @@ def purification_note(m: dict) -> str:
             f"{100 * before:.1f} -> {100 * after:.1f}")
 
 
+def guard_rates(m: dict) -> dict:
+    """FRR/FAR of a detector cell by the guard's own rule (flag when score > threshold), which
+    every cell records as ``flagged_clean``/``flagged_poisoned``; cells before the fix of
+    ``metrics.threshold_rates`` stored frr/far with the ties at the threshold flagged."""
+    out = {}
+    if m.get("flagged_clean") is not None:
+        out["frr"] = m["flagged_clean"]
+    if m.get("flagged_poisoned") is not None:
+        out["far"] = 1.0 - m["flagged_poisoned"]
+    return out
+
+
 def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
     """The report's tables as lists of rows (from done cells), plus the failed cells."""
     store = Store(db, readonly=True)
@@ -84,7 +96,8 @@ def collect(db: str | Path, grid: str | None = None) -> dict[str, list[dict]]:
                                         "warning": m.get("warning"), "note": purification_note(m)})
         elif r["kind"] == "detector":
             out["detection"].append({**base, "method": info.get("defense"), "seed": info.get("seed"),
-                                     **{k: m.get(k) for k in DETECTION[3:10]}, "guard": m.get("guard"), "roc": m.get("roc")})
+                                     **{k: m.get(k) for k in DETECTION[3:10]}, **guard_rates(m),
+                                     "guard": m.get("guard"), "roc": m.get("roc")})
         elif r["kind"] == "inspector":
             # "model" names the inspected model (its zoo folder), not the architecture every row shares
             out["inspection"].append({"dataset": info.get("dataset"), "model": base["model"],

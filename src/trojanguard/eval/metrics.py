@@ -145,10 +145,14 @@ def tpr_at_fpr(scores, is_positive, max_fpr: float = 0.05) -> float:
 
 
 def threshold_rates(scores, is_positive, threshold: float) -> dict[str, float]:
-    """At a chosen threshold (flag when score >= threshold): FRR = clean inputs flagged /
-    clean inputs; FAR = poisoned inputs not flagged / poisoned inputs."""
+    """At a chosen threshold (flag when score > threshold, the rule of every detector's
+    ``flag`` and of the guard: the threshold is a clean calibration score itself): FRR =
+    clean inputs flagged / clean inputs; FAR = poisoned inputs not flagged / poisoned inputs.
+    Discrete scores (BadActs' NAS is a count of neurons) tie at the threshold: flagging ties
+    too overstated FRR and understated FAR (BadActs on LF: FAR 7.1 % instead of the guard's
+    13.3 %)."""
     s, y = _binary(scores, is_positive)
-    flagged = s >= threshold
+    flagged = s > threshold
     return {"threshold": float(threshold),
             "frr": float(flagged[~y].mean()) if (~y).any() else float("nan"),
             "far": float((~flagged[y]).mean()) if y.any() else float("nan")}

@@ -63,8 +63,6 @@ def _summary(args, record, out):
 
 
 def cmd_train(args) -> int:
-    from .argtypes import set_threads
-    set_threads(args.threads)
     from ..resultdir import check_out
     from ..workflows import train_victim
     _check_args(args)
@@ -80,8 +78,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    from .argtypes import set_threads
-    set_threads(args.threads)
     from ..attacks import create_attack
     from ..resultdir import check_out
     from ..workflows import train_victim
@@ -158,8 +154,6 @@ def _load_for_eval(args):
 
 
 def cmd_eval(args) -> int:
-    from .argtypes import set_threads
-    set_threads(args.threads)
     from ..eval.evaluate import evaluate
     from ..utils import measure
     model, meta, bundle = _load_for_eval(args)
@@ -236,8 +230,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .argtypes import set_threads
-    set_threads(args.threads)
     from ..demo import run_demo
     from ..resultdir import check_file_out
     from ..utils import resolve_device

@@ -132,6 +132,9 @@ def _run(argv: list[str] | None) -> int:
     if module:
         return import_module(f"{__package__}.{module}").run(args) or 0
     from . import commands
+    if getattr(args, "threads", None):  # train, attack, eval, demo: --threads before any torch work
+        from .argtypes import set_threads
+        set_threads(args.threads)
     return getattr(commands, f"cmd_{name}")(args) or 0
 
 

@@ -139,10 +139,6 @@ class Defense:
                             "give more clean data")
 
 
-def _mean(ok: torch.Tensor) -> float:
-    return float(ok.double().mean()) if len(ok) else float("nan")
-
-
 class Purifier(Defense):
     kind = "purifier"
     Config: ClassVar[type[DefenseConfig]] = PurifierConfig
@@ -151,7 +147,7 @@ class Purifier(Defense):
         """Return a purified copy of ``model`` (the input is left untouched)."""
         from ..utils import measure
         from ..eval.metrics import accuracy_drop_bound
-        from .common import correct, split_clean
+        from .common import correct, share_correct, split_clean
         frac = getattr(self.cfg, "verify_fraction", 0.0)
         needed = self.min_clean if not frac else max(self.min_clean + len(clean.classes),
                                                      int(self.min_clean / (1 - frac)) + 1)
@@ -163,7 +159,7 @@ class Purifier(Defense):
             work = copy.deepcopy(model)
             purified, info = self._purify(work, fit, original=model)
             ok_after = correct(purified, verify) if verify is not None else None
-        ca_before, ca_after = (None, None) if verify is None else (_mean(ok_before), _mean(ok_after))
+        ca_before, ca_after = (None, None) if verify is None else (share_correct(ok_before), share_correct(ok_after))
         res = PurifyResult(purified.eval(), info, ca_before, ca_after, 0 if verify is None else len(verify),
                            time.perf_counter() - t0, st.peak_rss_mb)
         if verify is not None and len(verify):

@@ -40,9 +40,13 @@ def correct(model, data: Data, batch_size: int = 256) -> torch.Tensor:
     return predict(model, data, batch_size).cpu() == data.y.cpu()
 
 
-def clean_accuracy(model, data: Data, batch_size: int = 256) -> float:
-    ok = correct(model, data, batch_size)
+def share_correct(ok: torch.Tensor) -> float:
+    """Accuracy from per-sample correctness (nan for no samples)."""
     return float(ok.double().mean()) if len(ok) else float("nan")
+
+
+def clean_accuracy(model, data: Data, batch_size: int = 256) -> float:
+    return share_correct(correct(model, data, batch_size))
 
 
 Reduce = Literal["auto", "none", "mean", "cls", "max", "mean+max"]

@@ -338,6 +338,29 @@ def test_scan_model_forms_bad_input(case, files, tmp_path, capsys):
     refused(capsys, argv + ["--out", tmp_path / "out", "--quiet"], *needles, out_dir=tmp_path / "out")
 
 
+# purify, inspect and detect read models as scan does (one loader: cli/modelargs.setup_from_args)
+OTHER_COMMANDS = {"purify": ["purify", "--method", "ft", "--set", "epochs=1"], "inspect": ["inspect", "--method", "nc"],
+                  "detect": ["detect", "--method", "strip", "--inputs", "{files}/clean/3"]}
+OTHER_CASES = [c for c in MODEL_CASES if c[0] in ("state-dict-without-arch", "flags-on-a-checkpoint", "classes-count",
+                                                  "mean-channels")]
+
+
+@pytest.mark.parametrize("command", list(OTHER_COMMANDS))
+@pytest.mark.parametrize("case", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_other_commands_model_forms_bad_input(command, case, files, tmp_path, capsys):
+    _, model_argv, needles = case
+    head = [str(a).format(files=files) for a in OTHER_COMMANDS[command]]
+    argv = head + ["--model", *model_argv(files, tmp_path), "--clean-data", files / "clean"]
+    out = tmp_path / ("out.csv" if command == "detect" else "out")
+    refused(capsys, argv + ["--out", out, "--quiet"], *needles, out_dir=out)
+
+
+def test_saved_guard_refuses_model_flags(files, tmp_path, capsys):
+    refused(capsys, ["detect", "--guard", files / "ck", "--arch", "small_cnn", "--inputs", files / "clean" / "3",
+                     "--out", tmp_path / "s.csv"], "--arch describe a --model file", "drop them",
+            out_dir=tmp_path / "s.csv")
+
+
 def test_encoder_without_classifier_head(tiny_encoder_dir, away, capsys):
     refused(capsys, ["scan", "--model", tiny_encoder_dir, "--out", away / "out"], "without a trained classifier",
             "ForSequenceClassification", out_dir=away / "out")

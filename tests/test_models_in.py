@@ -348,3 +348,43 @@ def test_modelargs_imports_no_torch():
     code = "import sys, trojanguard.cli.modelargs; from trojanguard.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr[-500:]
+
+
+def test_purify_inspect_detect_take_a_state_dict_as_scan_does(clean_digits_model, digits, tmp_path, capsys):
+    """The same weights as a checkpoint folder and as a bare state dict with --arch give the same
+    purification, inspection and detection scores (one loader for every command)."""
+    import csv
+
+    from PIL import Image
+
+    from trojanguard.cli.main import main
+    ref = clean_digits_model
+    tg.save_checkpoint(tmp_path / "ck", ref, {"dataset": digits.describe()})
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    d = digits.defense
+    for c in range(10):
+        (tmp_path / "clean" / str(c)).mkdir(parents=True)
+        for i, x in enumerate(d.x[d.y == c][:8, 0]):
+            Image.fromarray(x.numpy()).save(tmp_path / "clean" / str(c) / f"{i}.png")
+    mean, std = ref.normalize.mean.flatten().tolist(), ref.normalize.std.flatten().tolist()
+    forms = {"ck": [tmp_path / "ck"],
+             "pt": [tmp_path / "w.pt", "--arch", "small_cnn", "--mean", *map(str, mean), "--std", *map(str, std)]}
+    commands = {"purify": (["purify", "--method", "ft", "--set", "epochs=1"], "purify.json"),
+                "inspect": (["inspect", "--method", "nc", "--set", "rounds=4"], "inspection.json"),
+                "detect": (["detect", "--method", "strip", "--inputs", tmp_path / "clean" / "3"], None)}
+    got = {}
+    for form, model_argv in forms.items():
+        for cmd, (head, record) in commands.items():
+            out = tmp_path / f"{cmd}-{form}" if record else tmp_path / f"{cmd}-{form}.csv"
+            argv = [*head, "--model", *model_argv, "--clean-data", tmp_path / "clean", "--out", out, "--quiet",
+                    "--threads", "1"]
+            assert main([str(a) for a in argv]) in (0, 3), capsys.readouterr()
+            if record:
+                r = json.loads((out / record).read_text())
+                got[cmd, form] = {k: r[k] for k in ("verify_ca_before", "verify_ca_after", "verdict", "probability",
+                                                    "target") if k in r}
+            else:
+                got[cmd, form] = [row["score"] for row in csv.DictReader(out.open())]
+    for cmd in commands:
+        assert got[cmd, "ck"] == got[cmd, "pt"], cmd
+        assert got[cmd, "ck"], cmd

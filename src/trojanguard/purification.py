@@ -28,20 +28,28 @@ class Setup:
 
 def load_setup(model_path: str | Path, clean_data: str | Path | None = None, holdout: float | None = None,
                attack_path: str | Path | None = None, data_dir: str | None = None, device: str = "cpu",
-               need_test: bool = True, verify: bool = True) -> Setup:
-    """The model from its checkpoint folder; the clean data from ``clean_data`` (a folder or
-    table of the user's), else ``holdout`` of the recorded dataset's training split, else the
-    recorded held-out split itself; the attack from ``attack_path`` or the checkpoint folder."""
+               need_test: bool = True, verify: bool = True, loaded: tuple[torch.nn.Module, dict] | None = None,
+               dataset: str | None = None) -> Setup:
+    """The model from its checkpoint folder (or ``loaded``: a model and meta already read by
+    ``models.foreign.load_foreign_model``, e.g. a state dict with ``--arch``); the clean data
+    from ``clean_data`` (a folder or table of the user's), else ``holdout`` of the recorded
+    dataset's (or ``dataset``'s) training split, else the recorded held-out split itself; the
+    attack from ``attack_path`` or the checkpoint folder."""
     from .attacks.artifact import ARTIFACT_JSON, load_attack
     from .checkpoint import load_checkpoint
     from .pipeline import defender_data
-    model, meta = load_checkpoint(model_path, device=device, verify=verify)
-    clean, test, source = defender_data(meta, model, clean_data, holdout, data_dir, need_test=need_test)
+    model, meta = loaded if loaded is not None else load_checkpoint(model_path, device=device, verify=verify)
+    recorded = (meta.get("dataset") or {}).get("name")
+    if dataset and recorded and recorded != dataset:
+        raise UserError(f"the checkpoint records dataset {recorded!r}, not {dataset!r}; drop --dataset")
+    clean, test, source = defender_data(meta, model, clean_data, holdout, data_dir, dataset, need_test=need_test)
     attack = None
-    folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    folder = Path(model_path)
+    if folder.is_file() and (folder.parent / "model.json").exists():  # a file of a checkpoint folder
+        folder = folder.parent
     if attack_path is not None:
         attack = load_attack(attack_path)
-    elif (folder / ARTIFACT_JSON).exists():
+    elif folder.is_dir() and (folder / ARTIFACT_JSON).exists():  # an attack's checkpoint folder holds its artifact
         attack = load_attack(folder)
     return Setup(model, meta, clean, test, attack, source, str(model_path))
 

@@ -22,8 +22,8 @@ from .argtypes import fraction as _fraction
 def add_parser(sub) -> None:
     p = sub.add_parser("detect", help="score inputs for a backdoor trigger (CSV of scores, flags, predictions)")
     p.add_argument("--method", default="badacts", help="input detector (default badacts; 'trojanguard list defenses')")
-    p.add_argument("--model", help="trojanguard checkpoint folder (from train/attack); the detector is fitted on "
-                   "the clean data")
+    from .modelargs import add_model_args
+    add_model_args(p, required=False)  # the detector is fitted on the clean data
     p.add_argument("--guard", metavar="DIR", help="instead of --model: a guard saved by 'trojanguard guard' or "
                    "--save-guard, used as it is (no clean data, no refit; --frr moves its threshold)")
     p.add_argument("--inputs", required=True, help="folder of images (flat or class sub-folders), one image, "
@@ -95,7 +95,6 @@ def _own_predictions(g, xb, res):
 
 def run(args) -> int:
     import torch
-    from ..checkpoint import load_checkpoint
     from ..guarded import guard
     from ..defenses import DEFENSES, InputDetector
     from ..resultdir import check_file_out, check_out
@@ -106,11 +105,18 @@ def run(args) -> int:
     inputs, out = Path(args.inputs), Path(args.out)
     if (args.model is None) == (args.guard is None):
         raise UserError("give --model (fit a detector on clean data) or --guard (a saved guard), not both"
-                        if args.model else "give --model CHECKPOINT, or --guard DIR for a saved guard")
+                        if args.model else "give --model (checkpoint folder, state dict with --arch, or Hugging "
+                        "Face directory), or --guard DIR for a saved guard")
     if args.guard:
         fitting = [f for f, v in (("--clean-data", args.clean_data), ("--holdout", args.holdout),
                                   ("--purify", args.purify), ("--set", args.options), ("--save-guard", args.save_guard),
                                   ("--dataset", args.dataset)) if v]
+        model_flags = [f for f, v in (("--arch", args.arch), ("--num-classes", args.num_classes),
+                                      ("--width", args.width), ("--classes", args.classes), ("--mean", args.mean),
+                                      ("--std", args.std), ("--no-verify", args.no_verify)) if v]
+        if model_flags:
+            raise UserError(f"{', '.join(model_flags)} describe a --model file; a saved --guard carries its model "
+                            "(drop them)")
         if fitting:
             raise UserError(f"{', '.join(fitting)} fit a new detector; a saved --guard is used as it was saved "
                             "(drop them, or fit anew with --model)")
@@ -139,7 +145,8 @@ def run(args) -> int:
         if args.frr is not None:
             g.set_frr(args.frr)
     else:
-        model, meta = load_checkpoint(args.model, device)
+        from .modelargs import model_from_args
+        model, meta = model_from_args(args, device)
     _check_input_kind(inputs, model.modality)
     channels = None
     if model.modality == "image":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from .argtypes import add_clean_data_args, add_run_args, set_threads
+from .modelargs import add_model_args, setup_from_args
 
 METHODS = ("ebyd", "nc")
 
@@ -15,7 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="inspect a model for a backdoor (ebyd, nc): verdict, probability, "
                                        "target, recovered trigger")
     p.add_argument("--method", default="ebyd", choices=METHODS, help="ebyd (default) or nc (Neural Cleanse)")
-    p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
+    add_model_args(p)
     add_clean_data_args(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="method option, repeatable ('trojanguard list defenses' shows them)")
@@ -108,7 +109,7 @@ def run(args) -> int:
     set_threads(args.threads)
     from ..utils import resolve_device
     device = str(resolve_device(args.device))
-    setup = _load(args, device)
+    setup = setup_from_args(args, device)
     k = setup.model.head.out_features
     if k < 2:
         raise UserError(f"the model has {k} output class; inspection needs a classifier with at least 2 classes")
@@ -119,30 +120,6 @@ def run(args) -> int:
         return 0
     _print(record, setup, out)
     return 0
-
-
-def _load(args, device: str):
-    """The suspect model and the clean data (``purification.load_setup``); --dataset names the
-    dataset of a checkpoint that does not record it (its held-out split is then the clean data)."""
-    from ..checkpoint import read_sidecar
-    from ..errors import UserError
-    from ..purification import load_setup
-    recorded = (read_sidecar(args.model).get("dataset") or {}).get("name")
-    if args.dataset and recorded and recorded != args.dataset:
-        raise UserError(f"the checkpoint records dataset {recorded!r}, not {args.dataset!r}; drop --dataset")
-    if recorded or args.clean_data is not None or not args.dataset:
-        return load_setup(args.model, args.clean_data, args.holdout, None, args.data_dir, device=device,
-                          need_test=False)
-    from ..checkpoint import load_checkpoint
-    from ..pipeline import check_model_fits, default_holdout, prepare_data
-    from ..purification import Setup
-    model, meta = load_checkpoint(args.model, device=device)
-    prep = prepare_data(args.dataset, args.data_dir, seed=0,
-                        holdout=args.holdout if args.holdout is not None else default_holdout(model.modality))
-    check_model_fits(model, prep.bundle)
-    source = f"{args.dataset}: held-out {prep.holdout:.0%} of train (split seed 0)" if prep.holdout \
-        else f"{args.dataset}: dev split"
-    return Setup(model, meta, prep.defense, None, None, source, str(args.model))
 
 
 def _print(record: dict, setup, out) -> None:

@@ -62,3 +62,12 @@ def model_from_args(args: argparse.Namespace, device=None):
     return load_foreign_model(args.model, arch=args.arch, num_classes=args.num_classes, width=args.width,
                               classes=args.classes, mean=_flat(args.mean), std=_flat(args.std), device=device,
                               verify=not args.no_verify)
+
+
+def setup_from_args(args: argparse.Namespace, device=None, attack=None, need_test: bool = False):
+    """The suspect model (any form ``add_model_args`` accepts) and the defender's clean data
+    (``--clean-data`` / ``--holdout`` / ``--dataset`` / ``--data-dir``) as a
+    ``purification.Setup``: what purify, inspect and detect work on."""
+    from ..purification import load_setup
+    return load_setup(args.model, args.clean_data, args.holdout, attack, args.data_dir, need_test=need_test,
+                      loaded=model_from_args(args, device), dataset=getattr(args, "dataset", None))

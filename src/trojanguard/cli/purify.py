@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 from .argtypes import add_clean_data_args, add_run_args, set_threads
+from .modelargs import add_model_args, setup_from_args
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("purify", help="purify a suspect model on clean data (fst, ft, pam, wiper, ...)")
     p.add_argument("--method", required=True, help="purifier name (see 'trojanguard list defenses')")
-    p.add_argument("--model", required=True, help="checkpoint folder of the suspect model")
-    add_clean_data_args(p, dataset=False)
+    add_model_args(p)
+    add_clean_data_args(p)
     p.add_argument("--attack", help="attack artifact folder to measure ASR with (default: the model's own)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="method option, repeatable ('trojanguard list defenses' shows them)")
@@ -32,14 +33,14 @@ def run(args) -> int:
                             "--data-dir": args.data_dir})
     options = parse_options(args.options)
     from ..defenses import create_defense
-    from ..purification import load_setup, purify_setup, resolve_purifier, save_purified
+    from ..purification import purify_setup, resolve_purifier, save_purified
     # an unknown name, a detector named as a purifier or an option typo fails before loading anything
     create_defense(resolve_purifier(args.method), **options)
     set_threads(args.threads)
     from ..report import count, percent_rows, table
     from ..utils import resolve_device
     device = str(resolve_device(args.device))
-    setup = load_setup(args.model, args.clean_data, args.holdout, args.attack, args.data_dir, device=device)
+    setup = setup_from_args(args, device, attack=args.attack, need_test=True)
     model, record = purify_setup(setup, args.method, options, args.robustness, args.seed, device,
                                  progress=not args.quiet)
     save_purified(out, model, setup, record)

@@ -54,14 +54,11 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-
-    from ..pipeline import defender_data
-    from .modelargs import model_from_args
+    from .modelargs import setup_from_args
     set_threads(args.threads)
-    model, meta = model_from_args(args)
-    clean, _, source = defender_data(meta, model, args.clean_data, args.holdout, args.data_dir, args.dataset)
-    classes = (meta.get("dataset") or {}).get("classes") or list(clean.classes)
-    return model, meta, clean, source, classes
+    setup = setup_from_args(args)
+    classes = (setup.meta.get("dataset") or {}).get("classes") or list(setup.clean.classes)
+    return setup.model, setup.meta, setup.clean, setup.clean_source, classes
 
 
 def run(args) -> int:

@@ -81,6 +81,26 @@ def test_cli_info_and_eval(ckpt):
     assert code == 0 and json.loads(out2)["ca"] == json.loads(out)["ca"], err
 
 
+def test_eval_takes_the_model_flags_of_every_command(ckpt, capsys):
+    """--model PATH as in scan/purify/inspect; the positional path and 'WEIGHTS --model ARCH' still work."""
+    from trojanguard.cli.main import main
+
+    def ca(*argv):
+        assert main(["eval", *map(str, argv), "--json", "--threads", "1"]) == 0
+        return json.loads(capsys.readouterr().out)["ca"]
+    want = ca(ckpt / "small")
+    assert ca("--model", ckpt / "small") == want
+    # a bare state dict takes the dataset's normalisation, as train built the model: same numbers
+    assert ca("--model", ckpt / "small.pt", "--arch", "small_cnn", "--dataset", "digits") == want
+    assert ca(ckpt / "small.pt", "--model", "small_cnn", "--dataset", "digits") == want
+    for argv, needle in (([ckpt / "small", "--model", ckpt / "small"], "give the model once"),
+                         ([], "give the model to evaluate"),
+                         (["--model", ckpt / "small.pt", "--arch", "small_cnn"], "needs --arch and --dataset")):
+        assert main(["eval", *map(str, argv)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+
+
 def test_cli_attack_eval_show_trigger(tmp_path):
     out = tmp_path / "bd"
     code, stdout, err = run("attack", "--attack", "badnets", "--dataset", "digits", "--model", "small_cnn",

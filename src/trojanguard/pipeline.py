@@ -55,18 +55,28 @@ def build_model(name: str, bundle: DatasetBundle, width: int | None = None, **kw
     if bundle.modality == "image":
         channels = bundle.train.x.shape[1]
         kw.setdefault("in_channels", channels)
-        if "mean" in bundle.extra:
-            kw.setdefault("mean", tuple(bundle.extra["mean"]))
-            kw.setdefault("std", tuple(bundle.extra["std"]))
-        elif bundle.name != "cifar10":
-            x = bundle.train.x.float().div(255)
-            kw.setdefault("mean", tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()))
-            kw.setdefault("std", tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist()))
+        norm = dataset_normalization(bundle)
+        if norm is not None:
+            kw.setdefault("mean", norm[0])
+            kw.setdefault("std", norm[1])
         if width is not None:
             kw["width"] = width
     elif width is not None:
         raise UserError("--width applies to image models only")
     return create_model(name, **kw)
+
+
+def dataset_normalization(bundle: DatasetBundle) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Per-channel (mean, std) an image model is built with for ``bundle``: the dataset's
+    recorded values, else None for CIFAR-10 (the architectures' default is CIFAR-10's),
+    else measured on its training images (4 decimals)."""
+    if "mean" in bundle.extra:
+        return tuple(bundle.extra["mean"]), tuple(bundle.extra["std"])
+    if bundle.name == "cifar10":
+        return None
+    x = bundle.train.x.float().div(255)
+    return (tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()),
+            tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist()))
 
 
 def check_model_fits(model: TrojanModel, bundle: DatasetBundle) -> None:

@@ -128,27 +128,48 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
+def _eval_model_path(args) -> str:
+    """The model ``eval`` measures: ``--model PATH`` as in every command, or the positional
+    path; ``eval WEIGHTS --model ARCH`` (the spelling before the model flags were shared) still
+    means ``--arch ARCH``."""
+    if args.checkpoint and args.model:
+        if Path(args.model).exists() or args.arch:
+            raise UserError("give the model once: --model PATH (or the path alone), its architecture with --arch")
+        args.arch, args.model = args.model, args.checkpoint
+    args.model = args.model or args.checkpoint
+    if not args.model:
+        raise UserError("give the model to evaluate: --model PATH (checkpoint folder, state dict with --arch, or "
+                        "Hugging Face directory) and, unless it records one, --dataset")
+    return args.model
+
+
 def _load_for_eval(args):
-    """(model, sidecar, dataset bundle) for a trojanguard checkpoint folder or a foreign
-    weights file described by --model/--dataset."""
-    from ..checkpoint import load_checkpoint, load_foreign_weights
+    """(model, sidecar, dataset bundle) for any model ``--model`` takes (``models.foreign``);
+    the dataset is ``--dataset`` or the one the checkpoint records. A bare image state dict
+    takes the dataset's normalisation unless --mean/--std say otherwise (as ``train`` built it)."""
     from ..data import load_dataset
-    from ..pipeline import build_model, check_model_fits
+    from ..models.foreign import STATE_SUFFIXES, load_foreign_model
+    from ..pipeline import check_model_fits, dataset_normalization
     from ..utils import resolve_device
+    from .modelargs import _flat
     dev = resolve_device(args.device)
-    p = Path(args.checkpoint)
-    foreign = p.is_file() and not (p.parent / "model.json").exists()
-    if foreign:
-        if not args.model or not args.dataset:
-            raise UserError("a foreign weights file needs --arch and --dataset to know its architecture")
+    p = Path(_eval_model_path(args))
+    bundle = None
+    mean, std = _flat(args.mean), _flat(args.std)
+    if p.is_file() and p.suffix.lower() in STATE_SUFFIXES and not (p.parent / "model.json").exists():
+        if not args.arch or not args.dataset:
+            raise UserError("a bare weights file needs --arch and --dataset to know its architecture and data")
         bundle = load_dataset(args.dataset, args.data_dir, **_loader_kw(args))
-        model = load_foreign_weights(p, build_model(args.model, bundle, width=args.width)).to(dev)
-        return model, {"model": model.spec, "dataset": {"name": args.dataset}}, bundle
-    model, meta = load_checkpoint(p, dev, verify=not getattr(args, "no_verify", False))
-    ds = args.dataset or (meta.get("dataset") or {}).get("name")
-    if not ds:
-        raise UserError("the checkpoint does not name its dataset; pass --dataset")
-    bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
+        norm = dataset_normalization(bundle) if bundle.modality == "image" else None
+        if mean is None and norm is not None:
+            mean, std = norm
+    model, meta = load_foreign_model(p, arch=args.arch, num_classes=args.num_classes, width=args.width,
+                                     classes=args.classes, mean=mean, std=std, device=dev, verify=not args.no_verify)
+    if bundle is None:
+        ds = args.dataset or (meta.get("dataset") or {}).get("name")
+        if not ds:
+            raise UserError("the model does not record its dataset; pass --dataset")
+        bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
     check_model_fits(model, bundle)
     return model, meta, bundle
 
@@ -160,7 +181,7 @@ def cmd_eval(args) -> int:
     trigger, targets = None, None
     from ..attacks import attack_for_checkpoint, load_attack
     # --attack: any model (repaired, foreign) against a saved attack; else the checkpoint's own
-    attack = load_attack(args.attack) if args.attack else attack_for_checkpoint(args.checkpoint,
+    attack = load_attack(args.attack) if args.attack else attack_for_checkpoint(args.model,
                                                                                 verify=not args.no_verify)
     if attack is not None:
         attack.check_fits(tuple(bundle.test.x.shape[1:]) if bundle.modality == "image" else None,
@@ -177,7 +198,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(m, indent=2))
         return 0
     per_class = m.pop("ca_per_class", None)
-    print(table(percent_rows([{"checkpoint": args.checkpoint, **m}])))
+    print(table(percent_rows([{"model": args.model, **m}])))
     if per_class is not None:
         print(table([{"class": f"{i} {name}", "ca": percent(a, 1, "%")}
                      for i, (name, a) in enumerate(zip(bundle.classes, per_class))]))

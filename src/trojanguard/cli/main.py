@@ -90,19 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one kind (default: every kind, names and descriptions only)")
     ls.add_argument("--brief", action="store_true", help="names and one-line descriptions only")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint (CA; ASR/RA when it carries an attack)")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", help="evaluate a model on a dataset's test split (CA; ASR/RA with an attack)")
+    e.add_argument("checkpoint", nargs="?", metavar="MODEL", help="the model, as --model (the spelling before)")
+    from .modelargs import add_model_args
+    add_model_args(e, required=False)
     _add_common_data(e)
-    # --arch as in scan/repair; --model kept for the scripts written before
-    e.add_argument("--arch", "--model", dest="model", help="architecture, for a foreign .pt/.safetensors file")
-    e.add_argument("--width", type=WIDTH)
     e.add_argument("--device", default="auto")
     _add_threads(e)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--per-class", action="store_true", help="also the clean accuracy of every class")
     e.add_argument("--attack", help="attack artifact folder to measure ASR/RA with (default: the checkpoint's own)")
-    e.add_argument("--no-verify", action="store_true",
-                   help="skip the sha256 checks (for weights you changed on purpose); fields are still validated")
 
     i = sub.add_parser("info", help="show what a checkpoint holds")
     i.add_argument("checkpoint")

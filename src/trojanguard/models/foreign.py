@@ -96,6 +96,8 @@ def load_foreign_model(path: str | Path, arch: str | None = None, num_classes: i
         kind = "state-dict"
         meta = {"model": model.spec}
     elif p.is_dir():
+        from ..resultdir import read_result
+        read_result(p)  # the temporary folder of a run being written or killed: "incomplete result"
         raise UserError(f"{p} is neither a trojanguard checkpoint (model.json) nor a Hugging Face model directory "
                         "(config.json)")
     else:

@@ -17,12 +17,18 @@ accuracy, writes ``benchmarks/results/inspect-ebyd.{csv,md,json}``, the issue's 
 ``inspect-models.csv`` (out-of-sample EBYD beside Neural Cleanse) and, with ``--write``,
 the calibrations fitted on all models (with their provenance) to the file the tool ships
 for the cells' unlearning recipe (``trojanguard/defenses/calibration/ebyd.json`` for the
-exposure script, ``ebyd-detection-script.json`` for the detection script, the image default):
+exposure script, ``ebyd-detection-script.json`` for the detection script, the image default).
+The target and the candidate features (``transfer_max``, ``max_evidence``) are derived from
+each cell's recorded candidate triggers by the shipped rule (``ebyd_calibration.
+choose_candidate`` / ``candidate_features``), so cells run before that rule are read as the
+tool now decides (the candidates themselves do not depend on it); ``p_prior`` stays what the
+inspection printed with the calibration of its day. The two shipped calibrations (the
+second, the detection script's, is the one ``scan`` uses for images):
 
     python benchmarks/fit_ebyd_calibration.py benchmarks/results/cifar10-defenses.sqlite \\
         benchmarks/results/sst2-defenses.sqlite --write
     python benchmarks/fit_ebyd_calibration.py benchmarks/results/cifar10-defenses.sqlite \\
-        --defense ebyd-detect --image-features max_excess,mask_log --write
+        --defense ebyd-detect --image-features max_evidence --write
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ import math
 from pathlib import Path
 
 from trojanguard.bench.store import Store
-from trojanguard.defenses.ebyd_calibration import (CALIBRATION_FORMAT, RECIPE_CALIBRATION, calibration_report,
+from trojanguard.defenses.ebyd_calibration import (CALIBRATION_FORMAT, CONFIRM_BY_RECIPE, RECIPE_CALIBRATION,
+                                                   calibration_report, candidate_features, choose_candidate,
                                                    fit_calibration, probability, save_calibration)
 from trojanguard.report import table
 from trojanguard.utils import atomic_write_text
@@ -42,7 +49,7 @@ from trojanguard.utils import atomic_write_text
 RESULTS = Path(__file__).parent / "results"
 FEATURES = {"image": ("mask_log",), "text": ("hard_success",)}
 COLUMNS = ["modality", "dataset", "model", "asr", "is_backdoored", "true_target", "top_class", "target",
-           "trigger_success", "hard_success", "mask_fraction", "max_excess", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
+           "trigger_success", "hard_success", "mask_fraction", "max_excess", "transfer_max", "max_evidence", "p_prior", "p_fit", "p_loo", "verdict_loo", "target_ok",
            "seconds", "note"]
 MODEL_COLUMNS = ["dataset", "model", "is_backdoored", "true_target", "method", "verdict", "probability",
                  "predicted_target", "seconds", "note"]
@@ -98,17 +105,28 @@ def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
             dataset = c["info"].get("dataset")
             if dataset in ("sst2", "yelp") and "hard_success" not in feats:
                 raise SystemExit(f"{db}: {c['name']} predates the hard-sentence feature; re-run the cell")
+            target = ev.get("target", ev.get("top_class"))
+            # the resolved recipe (cells before "auto" existed name it in their options)
+            recipe = ev.get("recipe") or c["config"]["options"].get("recipe", "exposure-script")
+            cands = ev.get("candidates")
+            if cands:  # target and candidate features by the shipped rule, from the recorded candidates
+                confirm = (c["config"].get("options") or {}).get("confirm")
+                confirm = CONFIRM_BY_RECIPE.get(recipe, math.inf) if confirm is None else confirm
+                chosen = cands[choose_candidate(cands, confirm)]
+                target = chosen["class"]
+                feats = {**feats, **candidate_features(cands, feats["max_excess"]),
+                         **{k: chosen[k] for k in ("trigger_success", "hard_success", "mask_fraction") if k in chosen}}
             rows.append({"modality": "text" if dataset in ("sst2", "yelp") else "image",
                          "dataset": dataset, "model": c["name"].split("/")[0],
                          "asr": (victim or {}).get("metrics", {}).get("asr"),
                          "is_backdoored": bool(m["is_backdoored"]), "true_target": m["true_target"],
-                         "top_class": ev.get("top_class"), "target": ev.get("target", ev.get("top_class")),
+                         "top_class": ev.get("top_class"), "target": target,
+                         "transfer_max": feats.get("transfer_max"), "max_evidence": feats.get("max_evidence"),
                          "trigger_success": feats["trigger_success"], "hard_success": feats.get("hard_success"),
                          "mask_fraction": feats["mask_fraction"],
                          "mask_log": math.log10(max(feats["mask_fraction"], 1e-5)) if feats["mask_fraction"] else 0.0,
                          "max_excess": feats.get("max_excess"), "p_prior": m["probability"],
-                         # the resolved recipe (cells before "auto" existed name it in their options)
-                         "recipe": ev.get("recipe") or c["config"]["options"].get("recipe", "exposure-script"),
+                         "recipe": recipe,
                          "seconds": round(c.get("seconds") or 0.0, 1), "note": attack_note(c["info"])})
     return rows
 
@@ -165,7 +183,7 @@ def main() -> None:
         "the grid label of the EBYD cells to fit (e.g. ebyd-detect: outputs inspect-ebyd-detect.*, "
         "inspect-models-ebyd-detect.csv)"))
     ap.add_argument("--image-features", default=None, help=(
-        "comma-separated image features to fit instead of mask_log (e.g. max_excess,mask_log): a study, "
+        "comma-separated image features to fit instead of mask_log (e.g. max_evidence): a study, "
         "written as inspect-<defense>-<features>.* beside the default files"))
     ap.add_argument("--unbalanced", dest="balanced", action="store_false", help=(
         "fit with the zoo's ratio of backdoored to clean models as the prior (default: classes weighted "

@@ -12,7 +12,7 @@ BackdoorBench's leaderboard, from the tables the other scripts write (run them f
   the mean false acceptance at the 5 % false-rejection threshold and the ASR left when the
   guard acts on the flags (BadActs: purifies them; the others: rejects them).
 * Inspection (``inspect-models.csv`` and the scan recipe's
-  ``inspect-models-ebyd-detect-max_excess+mask_log.csv``): verdicts right, the target right
+  ``inspect-models-ebyd-detect-max_evidence.csv``): verdicts right, the target right
   on the one-to-one backdoored models, AUROC of the probability (EBYD: out of sample).
 
 Means are over the rows a defense has, so a defense with fewer rows is not comparable
@@ -28,7 +28,7 @@ from defense_tables import ASR_BAR, CA_DROP_BAR, FLOOR_MARGIN, IMPLANTED, RESULT
 from trojanguard.eval.metrics import auroc
 from trojanguard.report import write_table_files
 
-INSPECTION_FILES = {"inspect-models.csv": None, "inspect-models-ebyd-detect-max_excess+mask_log.csv": "ebyd-detect"}
+INSPECTION_FILES = {"inspect-models.csv": None, "inspect-models-ebyd-detect-max_evidence.csv": "ebyd-detect"}
 COLUMNS = ["kind", "dataset", "defense", "models", "meets_bar", "at_floor", "mean_ca_drop", "mean_asr_after",
            "mean_asr_after_ra", "mean_auroc", "min_auroc", "auroc_ge_0.90", "mean_far", "guard", "mean_ca_guarded",
            "mean_asr_guarded", "verdicts_right", "target_right", "auroc", "median_seconds"]

@@ -3,7 +3,7 @@ from cells the harness already measured instead of re-running them:
 
 * **scan** = EBYD's out-of-sample verdict and target with the unlearning recipe and the
   calibration features ``scan`` uses for the modality (``scan_table``: images the detection
-  script on max_excess + mask_log, ``inspect-ebyd-detect-max_excess+mask_log.csv``; text
+  script on max_evidence, ``inspect-ebyd-detect-max_evidence.csv``; text
   ``inspect-ebyd.csv``), written by ``benchmarks/fit_ebyd_calibration.py``: each model scored
   by a calibration that never saw it; ``trojanguard scan`` prints EBYD's verdict, Neural
   Cleanse is only a second opinion.

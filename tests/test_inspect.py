@@ -10,6 +10,7 @@ the defaults stay the paper's (they collapse the CIFAR-10 BadNets zoo model onto
 target). The clean data is the digits test split (449 images): the 135 held-out images
 give only 2 steps per epoch."""
 import json
+import math
 
 import pytest
 import torch
@@ -409,7 +410,7 @@ def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, bac
     monkeypatch.setattr(EBYD, "recover", recover)
     ins = EBYD(**TINY_EBYD, calibration=PRIOR_FILE, progress=False, recover="always", mask_limit=0.5)
     shares = [0.2, 0.7, 0.1] + [0.0] * 7
-    feats, ev = {}, {}
+    feats, ev = {"max_excess": 0.6}, {}
     t = ins._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1, 0] and t["target"] == 0  # stopped after the small trigger that moves the original
     tried.clear()
@@ -428,6 +429,39 @@ def test_ebyd_target_is_the_candidate_with_the_smallest_trigger(monkeypatch, bac
     tried.clear()
     t = EBYD(**TINY_EBYD, calibration=PRIOR_FILE, progress=False, transfer=1.0)._recover(None, digits.bundle.test, shares, model, feats, ev)
     assert tried == [1, 0, 2] and t["target"] == 0
+
+
+def test_ebyd_detection_script_prefers_a_trigger_the_original_obeys(monkeypatch, backdoored_digits, digits):
+    """After the detection script's unlearning a candidate whose trigger moves the ORIGINAL
+    model comes before smaller triggers that do not (a global trigger needs a large mask),
+    and the candidate features see every candidate; after the exposure script's the smallest
+    trigger wins as before (small patches found there move any model's inputs)."""
+    from trojanguard.defenses.ebyd_calibration import candidate_features, choose_candidate
+    model, _ = backdoored_digits
+    h, w = digits.bundle.test.x.shape[-2:]
+    fake = {1: (0.04, 5.0), 0: (1.0, 50.0), 2: (0.02, 3.0)}  # class -> (transfer, mask pixels)
+
+    def recover(self, exposed_model, clean, target, original=None):
+        success, pixels = fake[target]
+        return {"target": target, "mask": torch.zeros(1, h, w), "pattern": torch.zeros(1, h, w),
+                "norm": pixels, "success_original": success}
+
+    monkeypatch.setattr(EBYD, "recover", recover)
+    shares = [0.15, 0.5, 0.35] + [0.0] * 7
+    targets = {}
+    for recipe in ("detection-script", "exposure-script"):
+        feats, ev = {"max_excess": 0.3}, {}
+        ins = EBYD(**{**TINY_EBYD, "recipe": recipe}, calibration=PRIOR_FILE, progress=False, recover="always")
+        targets[recipe] = ins._recover(None, digits.bundle.test, shares, model, feats, ev)["target"]
+        assert [c["class"] for c in ev["candidates"]] == [1, 2, 0]
+        assert feats["transfer_max"] == 1.0 and feats["max_evidence"] == 1.0  # over every candidate
+    assert targets == {"detection-script": 0, "exposure-script": 2}
+    # the rule itself: confirmed first, then the smallest mask; nothing confirmed: the smallest
+    cands = [{"trigger_success": t, "mask_fraction": m} for t, m in ((0.04, 0.08), (1.0, 0.84), (0.3, 0.03))]
+    assert choose_candidate(cands, 0.5) == 1 and choose_candidate(cands, 0.2) == 2
+    assert choose_candidate(cands, math.inf) == 2
+    assert candidate_features(cands, 0.6) == {"transfer_max": 1.0, "max_evidence": 1.0}
+    assert candidate_features(cands[:1], 0.6) == {"transfer_max": 0.04, "max_evidence": 0.6}
 
 
 def test_calibration_per_modality(tmp_path):

@@ -59,10 +59,24 @@ trigger sends to the target on the ORIGINAL model (text: the best token's flip r
 ``hard_success`` (text) = the same on the quarter of those sentences the original model is
 surest about (``hard_sentences``: a sentiment word tips undecided sentences, a backdoor
 word overrides confident ones), ``mask_fraction`` = mask L1 / image area (text: 0),
-``mask_log`` = its log10 (text: 0). Text words are searched on the exposed and on the
-original model (``text_search="both"``, our extension) and ranked by ``hard_success``. A
-calibration file holds one parameter set, or one per modality under ``by_modality`` (the
-shipped one: images on ``mask_log``, text on ``hard_success``).
+``mask_log`` = its log10 (text: 0); over every candidate trigger (our extension,
+``ebyd_calibration.candidate_features``): ``transfer_max`` = the most any candidate's trigger
+moves the original model, ``max_evidence`` = max(max_excess, transfer_max). Text words are
+searched on the exposed and on the original model (``text_search="both"``, our extension) and
+ranked by ``hard_success``. A calibration file holds one parameter set, or one per modality
+under ``by_modality`` (the exposure script's: images on ``mask_log``, text on
+``hard_success``; the detection script's, what ``scan`` uses for images: ``max_evidence``).
+
+``max_evidence`` and the preference for a candidate the original obeys (``confirm``) were
+designed after reading the 15 recorded CIFAR-10 inspections of the detection script (the
+low-rate Blended models collapse no more than clean ones, max_excess 0.21-0.27 vs 0.27-0.43,
+but the Blended 1 % target's trigger moves 100 % of the original's inputs, the clean models'
+candidates at most 15 %): leave-one-out on those models (``benchmarks/fit_ebyd_calibration.py
+--defense ebyd-detect --image-features max_evidence``) AUROC 0.86, Brier 0.138, 13/15 verdicts,
+the target right on 10/11 backdoored one-to-one models, against 0.81, 0.180, 11/15, 9/11 with
+max_excess + mask_log; the leave-one-out guards the fitted coefficients, not this choice of
+feature, which new models have to confirm. Still missed: Blended 0.5 % (its target's trigger
+moves 25 %) and all-to-all.
 """
 from __future__ import annotations
 
@@ -78,8 +92,8 @@ from ..errors import UserError
 from ..eval.evaluate import predict
 from ..utils import ADDED_LATER
 from .base import DefenseConfig, Inspection, Inspector
-from .ebyd_calibration import (FEATURES, TRIGGER_FEATURES, exposure_features, for_modality, load_calibration,
-                               probability)
+from .ebyd_calibration import (CONFIRM_BY_RECIPE, FEATURES, TRIGGER_FEATURES, candidate_features, choose_candidate,
+                               exposure_features, for_modality, load_calibration, probability)
 from .exposure import EBYD_DETECT_PRESET, ExposureConfig, expose, unexposed
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
 from .token_search import merge_token_searches, search_tokens
@@ -105,12 +119,18 @@ class EBYDConfig(DefenseConfig):
     nc_rounds: int = Field(60, ge=1, description="Neural Cleanse rounds of 5 steps (see neural_cleanse.py)")
     candidates: int = Field(3, ge=1, description=(
         "recover a trigger for this many of the most predicted classes after exposure; the target is the "
-        "class with the smallest trigger (Neural Cleanse's premise; text, where every trigger is one word: the "
-        "word that moves the original model most); 1 = the paper: the most predicted class"))
+        "class with the smallest trigger (Neural Cleanse's premise) among those the original model obeys (see "
+        "confirm; text, where every trigger is one word: the word that moves the original model most); 1 = the "
+        "paper: the most predicted class"))
     transfer: float = Field(0.9, gt=0, le=1, description=(
         "a candidate's trigger that moves this share of the original model's clean inputs with a mask under "
         "mask_limit ends the search (the classes after it are not tried)"))
     mask_limit: float = Field(0.01, gt=0, le=1, description="share of the image (text: always met, no mask)")
+    confirm: float | None = Field(None, ge=0, json_schema_extra=ADDED_LATER, description=(
+        "a candidate whose trigger also sends this share of the ORIGINAL model's clean inputs to its class is "
+        "chosen before the smaller triggers that do not (a global trigger such as Blended needs a large mask); "
+        "above 1: the smallest trigger only; None: 0.5 after the detection script's unlearning, off after the "
+        "exposure script's, where small patches found on any exposed model move most of the original's inputs"))
     refine: float = Field(0.5, ge=0, le=1, json_schema_extra=ADDED_LATER, description=(
         "images: when the chosen trigger (recovered on the exposed model) sends fewer than this share of the "
         "ORIGINAL model's clean inputs to the target, also recover one on the original model for that target and "
@@ -230,8 +250,9 @@ class EBYD(Inspector):
     def _recover(self, exposed_model, clean: Data, shares: list[float], original, feats: dict,
                  evidence: dict) -> dict:
         """Recover a trigger for each of the ``candidates`` most predicted classes (images: those
-        with a share above zero; text: all of them) and keep the smallest (images) or the word
-        that flips most of the original's surest opposite sentences (text; see the code).
+        with a share above zero; text: all of them) and keep the one ``choose_candidate`` picks:
+        the smallest (images) after those the original model obeys, or the word that flips most
+        of the original's surest opposite sentences (text).
 
         Our extension (the paper recovers for the most predicted class only): on the CPU
         reference zoo the class the exposed model collapses onto is unstable, e.g. the
@@ -257,14 +278,12 @@ class EBYD(Inspector):
             # text: judged on the original's surest sentences (a sentiment word tips most others)
             if f.get("hard_success", f["trigger_success"]) >= cfg.transfer and f["mask_fraction"] <= cfg.mask_limit:
                 break  # a small trigger that also moves the original model: no need to look further
-        # NC's premise: the target needs the smallest trigger. Transfer to the original model
-        # does not decide among images: masks of 5-8 % of the image (universal patches) move
-        # 58-100 % of any zoo model's inputs, clean or not, while the BadNets target's 0.6 px
-        # mask moved 16 % (2,500 images) or 99 % (2,000). Text triggers are one word each (no
-        # mask): there, and on ties, the word that moves the original model most wins.
-        trigger, tf = max(found, key=lambda f: (-f[1]["mask_fraction"], f[1].get("hard_success", 0.0),
-                                                f[1]["trigger_success"]))
+        # NC's premise: the target needs the smallest trigger, after the candidates whose trigger
+        # the original model obeys (choose_candidate; text: the word that moves it most)
+        confirm = cfg.confirm if cfg.confirm is not None else CONFIRM_BY_RECIPE[self.recipe(clean.modality)]
+        trigger, tf = found[choose_candidate([f for _, f in found], confirm)]
         feats.update(tf)
+        feats.update(candidate_features([f for _, f in found], feats["max_excess"]))
         evidence["candidates"] = [{"class": t["target"], "share": round(shares[t["target"]], 4),
                                    **{k: round(v, 4) for k, v in f.items()}} for t, f in found]
         evidence["recovery_seconds"] = round(time.perf_counter() - t1, 2)

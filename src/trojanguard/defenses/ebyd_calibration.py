@@ -14,7 +14,7 @@ from ..errors import UserError
 from .exposure import class_shares
 
 SHARE_FEATURES = ("var_norm", "max_excess", "collapse_ratio")
-TRIGGER_FEATURES = ("trigger_success", "hard_success", "mask_fraction", "mask_log")
+TRIGGER_FEATURES = ("trigger_success", "hard_success", "mask_fraction", "mask_log", "transfer_max", "max_evidence")
 FEATURES = SHARE_FEATURES + TRIGGER_FEATURES
 CALIBRATION_FORMAT = "trojanguard-calibration/1"
 DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "ebyd.json"
@@ -46,6 +46,47 @@ def exposure_features(pred: torch.Tensor, labels: torch.Tensor, num_classes: int
             "max_excess": float((shares[top] - 1.0 / k) / (1 - 1.0 / k)),
             "collapse_ratio": collapse, "share_variance": var, "top_class": top,
             "shares": [round(float(s), 4) for s in shares]}
+
+
+#: ``confirm`` of ``choose_candidate`` after each unlearning recipe. After the exposure script's
+#: (stopped at 20 % accuracy) the exposed model stays close to the original, and NC's small
+#: adversarial patches found on it move 58-100 % of the original's inputs on every CIFAR-10 zoo
+#: model, clean or not: transfer cannot tell the target there (off). After the detection
+#: script's fixed budget they move at most 15 % on the clean models (15 models measured).
+CONFIRM_BY_RECIPE = {"detection-script": 0.5, "exposure-script": math.inf}
+
+
+def choose_candidate(candidates: list[dict], confirm: float) -> int:
+    """Index of the target among the candidate triggers (dicts of ``ebyd.trigger_features``).
+
+    Neural Cleanse's premise decides: the smallest mask wins (text, where every trigger is one
+    word with no mask: the word that moves the original model's surest sentences most, then
+    the most of all). Our extension: a candidate whose trigger, recovered on the exposed model,
+    also sends at least ``confirm`` of the ORIGINAL model's clean inputs of other classes to
+    its class is confirmed, and the confirmed candidates come first. Why: a global trigger
+    needs a large mask (the Blended 1 % zoo model's target needs 84 % of the image, and its
+    trigger then moves 100 % of the original's inputs) while the other candidates' small
+    adversarial patches move almost none of them (at most 15 % on the 15 CIFAR-10 zoo models,
+    after the detection script's unlearning: ``CONFIRM_BY_RECIPE``). ``confirm`` > 1 is the
+    rule before the extension (smallest mask only)."""
+    def key(i: int):
+        c = candidates[i]
+        hard = c.get("hard_success", c["trigger_success"])
+        return (hard >= confirm, -c["mask_fraction"], hard, c["trigger_success"])
+    return max(range(len(candidates)), key=key)
+
+
+def candidate_features(candidates: list[dict], max_excess: float) -> dict:
+    """Features over every candidate trigger, not only the chosen one (our extension).
+    ``transfer_max``: the largest share of the ORIGINAL model's clean inputs of other classes
+    that any candidate's trigger sends to its class (text: on the quarter the original is
+    surest about, ``hard_success``); ``max_evidence`` = max(max_excess, transfer_max): the
+    stronger of the two signs exposure gives, the collapse of the exposed model onto one
+    class or a trigger found on it that the original model obeys. A low-rate backdoor may
+    show only the second (Blended 1 %: max_excess 0.27, as the clean models' 0.27-0.43;
+    transfer_max 1.0, the clean models' at most 0.15)."""
+    transfer = max((float(c.get("hard_success", c["trigger_success"])) for c in candidates), default=0.0)
+    return {"transfer_max": transfer, "max_evidence": max(float(max_excess), transfer)}
 
 
 def for_modality(params: dict, modality: str) -> dict:

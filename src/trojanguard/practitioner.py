@@ -113,8 +113,13 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
     if trigger is not None:
         tried = ", ".join(str(c["class"]) for c in ins.evidence.get("candidates", []))
         if trigger.tokens is None:
+            confirm = ins.evidence.get("confirm")
+            rule = (f"the class with the smallest trigger among those whose trigger also sends >= {confirm:.0%} of the "
+                    "original model's clean inputs to it (when any does: a global trigger needs a large mask), else "
+                    "the class with the smallest trigger") if confirm is not None and confirm <= 1 else \
+                "the class with the smallest trigger"
             choices.append(f"trigger recovered by Neural Cleanse on the exposed model for the most predicted classes "
-                           f"({tried}); target {ins.target}: the class with the smallest trigger")
+                           f"({tried}); target {ins.target}: {rule}")
         else:
             where = " and the ".join((ins.trigger or {}).get("searched_on", ["exposed"]))
             choices.append(f"trigger words searched on the {where} model for classes {tried}; target "
@@ -310,6 +315,13 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
                                             "Recovered trigger: mask (scaled to its maximum), pattern, the pattern where the mask is"))
         elif s.trigger is not None:
             parts.append(f"<p>Recovered trigger tokens: <code>{_html.escape(' '.join(s.trigger.tokens))}</code></p>")
+        cands = [c for c in s.evidence.get("candidates", []) if "mask_fraction" in c and c["mask_fraction"] > 0]
+        if cands:
+            parts.append(htmlpage.table(
+                [{"class": name(c["class"]), "share after exposure": c["share"],
+                  "original's inputs its trigger moves": c["trigger_success"],
+                  "mask (share of the image)": c["mask_fraction"]} for c in cands],
+                ["class", "share after exposure", "original's inputs its trigger moves", "mask (share of the image)"]))
         ev = {k: v for k, v in s.evidence.items() if not isinstance(v, (list, dict))}
         parts.append(htmlpage.table([{"evidence": k, "value": v} for k, v in ev.items()], ["evidence", "value"]))
         if s.second_opinion:

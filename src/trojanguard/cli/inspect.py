@@ -135,6 +135,11 @@ def _print(record: dict, setup, out) -> None:
               f"after {ev['steps']} steps): {shares}")
         print(f"             share variance {ev['share_variance']:.4f} (paper rule > 0.01 at 10 classes), "
               f"top class {name(ev['top_class'])}")
+    cands = [c for c in ev.get("candidates", []) if c.get("mask_fraction")]
+    if len(cands) > 1:
+        print("candidates   " + ", ".join(f"{name(c['class'])}: trigger moves {c['trigger_success']:.0%} of the "
+                                          f"original's inputs, mask {c['mask_fraction']:.1%} of the image"
+                                          for c in cands))
     if ev.get("anomaly_index") is not None:
         norms = " ".join(f"{c}:{n:.1f}" for c, n in zip(ev["classes"], ev["norms"]))
         print(f"evidence     anomaly index {ev['anomaly_index']:.2f} (flag > 2); mask L1 norms {norms}")

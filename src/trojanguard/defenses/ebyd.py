@@ -282,6 +282,8 @@ class EBYD(Inspector):
         # the original model obeys (choose_candidate; text: the word that moves it most)
         confirm = cfg.confirm if cfg.confirm is not None else CONFIRM_BY_RECIPE[self.recipe(clean.modality)]
         trigger, tf = found[choose_candidate([f for _, f in found], confirm)]
+        if clean.modality == "image" and confirm <= 1:
+            evidence["confirm"] = confirm
         feats.update(tf)
         feats.update(candidate_features([f for _, f in found], feats["max_excess"]))
         evidence["candidates"] = [{"class": t["target"], "share": round(shares[t["target"]], 4),

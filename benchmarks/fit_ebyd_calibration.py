@@ -111,7 +111,7 @@ def inspections(dbs: list[str], label: str = "ebyd") -> list[dict]:
             cands = ev.get("candidates")
             if cands:  # target and candidate features by the shipped rule, from the recorded candidates
                 confirm = (c["config"].get("options") or {}).get("confirm")
-                confirm = CONFIRM_BY_RECIPE.get(recipe, math.inf) if confirm is None else confirm
+                confirm = CONFIRM_BY_RECIPE.get(recipe, 2.0) if confirm is None else confirm
                 chosen = cands[choose_candidate(cands, confirm)]
                 target = chosen["class"]
                 feats = {**feats, **candidate_features(cands, feats["max_excess"]),
@@ -205,6 +205,10 @@ def main() -> None:
     sections, reports = {}, {}
     for modality, names in features.items():
         group = [r for r in scored if r["modality"] == modality]
+        lacking = [f"{r['model']} ({n})" for r in group for n in names if r.get(n) is None]
+        if lacking:
+            raise SystemExit(f"no recorded value for {', '.join(lacking)}: the cells predate the feature (or "
+                             "recorded no candidates); re-run them")
         labels = [int(r["is_backdoored"]) for r in group]
         if len(set(labels)) < 2:
             continue

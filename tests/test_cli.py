@@ -94,6 +94,7 @@ def test_eval_takes_the_model_flags_of_every_command(ckpt, capsys):
     assert ca("--model", ckpt / "small.pt", "--arch", "small_cnn", "--dataset", "digits") == want
     assert ca(ckpt / "small.pt", "--model", "small_cnn", "--dataset", "digits") == want
     for argv, needle in (([ckpt / "small", "--model", ckpt / "small"], "give the model once"),
+                         ([ckpt / "small", "--model", "small_cnn"], "records its architecture; drop --model"),
                          ([], "give the model to evaluate"),
                          (["--model", ckpt / "small.pt", "--arch", "small_cnn"], "needs --arch and --dataset")):
         assert main(["eval", *map(str, argv)]) == 2

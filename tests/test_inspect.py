@@ -459,7 +459,7 @@ def test_ebyd_detection_script_prefers_a_trigger_the_original_obeys(monkeypatch,
     # the rule itself: confirmed first, then the smallest mask; nothing confirmed: the smallest
     cands = [{"trigger_success": t, "mask_fraction": m} for t, m in ((0.04, 0.08), (1.0, 0.84), (0.3, 0.03))]
     assert choose_candidate(cands, 0.5) == 1 and choose_candidate(cands, 0.2) == 2
-    assert choose_candidate(cands, math.inf) == 2
+    assert choose_candidate(cands, 2.0) == 2
     assert candidate_features(cands, 0.6) == {"transfer_max": 1.0, "max_evidence": 1.0}
     assert candidate_features(cands[:1], 0.6) == {"transfer_max": 0.04, "max_evidence": 0.6}
 

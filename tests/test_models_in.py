@@ -361,6 +361,7 @@ def test_purify_inspect_detect_take_a_state_dict_as_scan_does(clean_digits_model
     ref = clean_digits_model
     tg.save_checkpoint(tmp_path / "ck", ref, {"dataset": digits.describe()})
     torch.save(ref.state_dict(), tmp_path / "w.pt")
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "w.ckpt")  # a Lightning-style checkpoint file
     d = digits.defense
     for c in range(10):
         (tmp_path / "clean" / str(c)).mkdir(parents=True)
@@ -368,7 +369,9 @@ def test_purify_inspect_detect_take_a_state_dict_as_scan_does(clean_digits_model
             Image.fromarray(x.numpy()).save(tmp_path / "clean" / str(c) / f"{i}.png")
     mean, std = ref.normalize.mean.flatten().tolist(), ref.normalize.std.flatten().tolist()
     forms = {"ck": [tmp_path / "ck"],
-             "pt": [tmp_path / "w.pt", "--arch", "small_cnn", "--mean", *map(str, mean), "--std", *map(str, std)]}
+             "pt": [tmp_path / "w.pt", "--arch", "small_cnn", "--mean", *map(str, mean), "--std", *map(str, std)],
+             # no --mean/--std: the normalisation of --dataset, as train built the model (and as eval reads it)
+             "pt-dataset": [tmp_path / "w.ckpt", "--arch", "small_cnn", "--dataset", "digits"]}
     commands = {"purify": (["purify", "--method", "ft", "--set", "epochs=1"], "purify.json"),
                 "inspect": (["inspect", "--method", "nc", "--set", "rounds=4"], "inspection.json"),
                 "detect": (["detect", "--method", "strip", "--inputs", tmp_path / "clean" / "3"], None)}
@@ -386,5 +389,5 @@ def test_purify_inspect_detect_take_a_state_dict_as_scan_does(clean_digits_model
             else:
                 got[cmd, form] = [row["score"] for row in csv.DictReader(out.open())]
     for cmd in commands:
-        assert got[cmd, "ck"] == got[cmd, "pt"], cmd
+        assert got[cmd, "ck"] == got[cmd, "pt"] == got[cmd, "pt-dataset"], cmd
         assert got[cmd, "ck"], cmd

@@ -79,6 +79,16 @@ def dataset_normalization(bundle: DatasetBundle) -> tuple[tuple[float, ...], tup
             tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist()))
 
 
+def dataset_norm_for(name: str, data_dir=None, **loader_kw) -> tuple | None:
+    """(mean, std, name) a bare image state dict takes for dataset ``name`` when the user gives
+    no --mean/--std (``models.foreign.load_foreign_model``'s ``dataset_norm``); None for text
+    and for CIFAR-10 (the architectures' default is CIFAR-10's)."""
+    from .data import load_dataset
+    bundle = load_dataset(name, data_dir, **loader_kw)
+    norm = dataset_normalization(bundle) if bundle.modality == "image" else None
+    return (*norm, name) if norm is not None else None
+
+
 def check_model_fits(model: TrojanModel, bundle: DatasetBundle) -> None:
     """A model made for another dataset (modality, class count, channels) is a user error."""
     if model.modality != bundle.modality:
@@ -110,8 +120,8 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
 
     def recorded_dataset() -> Prepared:
         if not name:
-            raise UserError("the checkpoint does not record its dataset; pass --clean-data DIR|FILE "
-                            "(and --dataset for a test split)")
+            raise UserError("the model does not record its dataset; pass --clean-data DIR|FILE (your clean "
+                            "data) or --dataset NAME (its held-out split)")
         if holdout is not None:
             frac = holdout
         elif ds.get("holdout") == "dev split":

@@ -315,12 +315,13 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
                                             "Recovered trigger: mask (scaled to its maximum), pattern, the pattern where the mask is"))
         elif s.trigger is not None:
             parts.append(f"<p>Recovered trigger tokens: <code>{_html.escape(' '.join(s.trigger.tokens))}</code></p>")
-        cands = [c for c in s.evidence.get("candidates", []) if "mask_fraction" in c and c["mask_fraction"] > 0]
-        if cands:
+        cands = [c for c in s.evidence.get("candidates", []) if c.get("mask_fraction")]  # images (text: no mask)
+        if len(cands) > 1:
+            pct = (lambda v: f"{v:.1%}")
             parts.append(htmlpage.table(
-                [{"class": name(c["class"]), "share after exposure": c["share"],
-                  "original's inputs its trigger moves": c["trigger_success"],
-                  "mask (share of the image)": c["mask_fraction"]} for c in cands],
+                [{"class": name(c["class"]), "share after exposure": pct(c["share"]),
+                  "original's inputs its trigger moves": pct(c["trigger_success"]),
+                  "mask (share of the image)": pct(c["mask_fraction"])} for c in cands],
                 ["class", "share after exposure", "original's inputs its trigger moves", "mask (share of the image)"]))
         ev = {k: v for k, v in s.evidence.items() if not isinstance(v, (list, dict))}
         parts.append(htmlpage.table([{"evidence": k, "value": v} for k, v in ev.items()], ["evidence", "value"]))

@@ -29,12 +29,14 @@ class Setup:
 def load_setup(model_path: str | Path, clean_data: str | Path | None = None, holdout: float | None = None,
                attack_path: str | Path | None = None, data_dir: str | None = None, device: str = "cpu",
                need_test: bool = True, verify: bool = True, loaded: tuple[torch.nn.Module, dict] | None = None,
-               dataset: str | None = None) -> Setup:
+               dataset: str | None = None, own_attack: bool = True) -> Setup:
     """The model from its checkpoint folder (or ``loaded``: a model and meta already read by
     ``models.foreign.load_foreign_model``, e.g. a state dict with ``--arch``); the clean data
     from ``clean_data`` (a folder or table of the user's), else ``holdout`` of the recorded
     dataset's (or ``dataset``'s) training split, else the recorded held-out split itself; the
-    attack from ``attack_path`` or the checkpoint folder."""
+    attack from ``attack_path`` or (``own_attack``) the checkpoint folder; ``verify`` False skips
+    the sha256 checks of both. A model that records no dataset records ``dataset`` (so that its
+    purified copy does too)."""
     from .attacks.artifact import ARTIFACT_JSON, load_attack
     from .checkpoint import load_checkpoint
     from .pipeline import defender_data
@@ -43,14 +45,16 @@ def load_setup(model_path: str | Path, clean_data: str | Path | None = None, hol
     if dataset and recorded and recorded != dataset:
         raise UserError(f"the checkpoint records dataset {recorded!r}, not {dataset!r}; drop --dataset")
     clean, test, source = defender_data(meta, model, clean_data, holdout, data_dir, dataset, need_test=need_test)
+    if dataset and not recorded:
+        meta = {**meta, "dataset": {**(meta.get("dataset") or {}), "name": dataset}}
     attack = None
     folder = Path(model_path)
     if folder.is_file() and (folder.parent / "model.json").exists():  # a file of a checkpoint folder
         folder = folder.parent
     if attack_path is not None:
-        attack = load_attack(attack_path)
-    elif folder.is_dir() and (folder / ARTIFACT_JSON).exists():  # an attack's checkpoint folder holds its artifact
-        attack = load_attack(folder)
+        attack = load_attack(attack_path, verify=verify)
+    elif own_attack and folder.is_dir() and (folder / ARTIFACT_JSON).exists():  # an attack's checkpoint holds it
+        attack = load_attack(folder, verify=verify)
     return Setup(model, meta, clean, test, attack, source, str(model_path))
 
 

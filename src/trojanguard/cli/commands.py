@@ -132,9 +132,13 @@ def _eval_model_path(args) -> str:
     """The model ``eval`` measures: ``--model PATH`` as in every command, or the positional
     path; ``eval WEIGHTS --model ARCH`` (the spelling before the model flags were shared) still
     means ``--arch ARCH``."""
+    from ..models.foreign import is_bare_state_dict
     if args.checkpoint and args.model:
         if Path(args.model).exists() or args.arch:
             raise UserError("give the model once: --model PATH (or the path alone), its architecture with --arch")
+        if not is_bare_state_dict(args.checkpoint):
+            raise UserError(f"--model {args.model}: {args.checkpoint} records its architecture; drop --model "
+                            "(the architecture flag is --arch, for a bare weights file)")
         args.arch, args.model = args.model, args.checkpoint
     args.model = args.model or args.checkpoint
     if not args.model:
@@ -145,31 +149,20 @@ def _eval_model_path(args) -> str:
 
 def _load_for_eval(args):
     """(model, sidecar, dataset bundle) for any model ``--model`` takes (``models.foreign``);
-    the dataset is ``--dataset`` or the one the checkpoint records. A bare image state dict
-    takes the dataset's normalisation unless --mean/--std say otherwise (as ``train`` built it)."""
+    the dataset is ``--dataset`` or the one the model records. A bare image state dict takes
+    that dataset's normalisation unless --mean/--std say otherwise (``model_from_args``)."""
     from ..data import load_dataset
-    from ..models.foreign import STATE_SUFFIXES, load_foreign_model
-    from ..pipeline import check_model_fits, dataset_normalization
+    from ..models.foreign import is_bare_state_dict
+    from ..pipeline import check_model_fits
     from ..utils import resolve_device
-    from .modelargs import _flat
-    dev = resolve_device(args.device)
-    p = Path(_eval_model_path(args))
-    bundle = None
-    mean, std = _flat(args.mean), _flat(args.std)
-    if p.is_file() and p.suffix.lower() in STATE_SUFFIXES and not (p.parent / "model.json").exists():
-        if not args.arch or not args.dataset:
-            raise UserError("a bare weights file needs --arch and --dataset to know its architecture and data")
-        bundle = load_dataset(args.dataset, args.data_dir, **_loader_kw(args))
-        norm = dataset_normalization(bundle) if bundle.modality == "image" else None
-        if mean is None and norm is not None:
-            mean, std = norm
-    model, meta = load_foreign_model(p, arch=args.arch, num_classes=args.num_classes, width=args.width,
-                                     classes=args.classes, mean=mean, std=std, device=dev, verify=not args.no_verify)
-    if bundle is None:
-        ds = args.dataset or (meta.get("dataset") or {}).get("name")
-        if not ds:
-            raise UserError("the model does not record its dataset; pass --dataset")
-        bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
+    from .modelargs import model_from_args
+    if is_bare_state_dict(_eval_model_path(args)) and not (args.arch and args.dataset):
+        raise UserError("a bare weights file needs --arch and --dataset to know its architecture and data")
+    model, meta = model_from_args(args, resolve_device(args.device))
+    ds = args.dataset or (meta.get("dataset") or {}).get("name")
+    if not ds:
+        raise UserError("the model does not record its dataset; pass --dataset")
+    bundle = load_dataset(ds, args.data_dir, **_loader_kw(args))
     check_model_fits(model, bundle)
     return model, meta, bundle
 
@@ -210,7 +203,9 @@ def purification_status(p: dict) -> str:
     ok = p.get("ok")
     state = "check passed" if ok else ("not recorded whether its check passed" if ok is None else
                                        f"NOT repaired: {p.get('warning') or 'its check failed'}")
-    parent = str(p.get("parent") or "?")[:12]
+    parent = p.get("parent") or "?"
+    parent = str(parent.get("sha256") or parent.get("path") or "?") if isinstance(parent, dict) else str(parent)
+    parent = parent[:12]
     return f"{p.get('method')} of parent {parent}: {state}"
 
 

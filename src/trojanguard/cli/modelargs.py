@@ -54,20 +54,29 @@ def _flat(v):
 
 def model_from_args(args: argparse.Namespace, device=None):
     """``(model, meta)`` for the flags of ``add_model_args`` (see ``load_foreign_model``);
-    ``device`` defaults to ``args.device`` (auto = CUDA when present)."""
-    from ..models.foreign import load_foreign_model
+    ``device`` defaults to ``args.device`` (auto = CUDA when present). A bare image state
+    dict without --mean/--std takes the normalisation of ``--dataset`` when one is given."""
+    from ..models.foreign import is_bare_state_dict, load_foreign_model
     from ..utils import resolve_device
     if device is None:
         device = resolve_device(getattr(args, "device", None) or "auto")
+    dataset_norm = None
+    if args.mean is None and getattr(args, "dataset", None) and is_bare_state_dict(args.model):
+        from ..pipeline import dataset_norm_for  # the normalisation train gives a model of that dataset
+        loader_kw = {k: getattr(args, k) for k in ("text_column", "label_column") if getattr(args, k, None)}
+        dataset_norm = dataset_norm_for(args.dataset, getattr(args, "data_dir", None), **loader_kw)
     return load_foreign_model(args.model, arch=args.arch, num_classes=args.num_classes, width=args.width,
                               classes=args.classes, mean=_flat(args.mean), std=_flat(args.std), device=device,
-                              verify=not args.no_verify)
+                              verify=not args.no_verify, dataset_norm=dataset_norm)
 
 
-def setup_from_args(args: argparse.Namespace, device=None, attack=None, need_test: bool = False):
+def setup_from_args(args: argparse.Namespace, device=None, attack=None, need_test: bool = False,
+                    own_attack: bool = False):
     """The suspect model (any form ``add_model_args`` accepts) and the defender's clean data
     (``--clean-data`` / ``--holdout`` / ``--dataset`` / ``--data-dir``) as a
-    ``purification.Setup``: what purify, inspect and detect work on."""
+    ``purification.Setup``: what purify, inspect, scan, repair and guard work on
+    (``own_attack``: also the attack a checkpoint folder holds, for purify's ASR)."""
     from ..purification import load_setup
     return load_setup(args.model, args.clean_data, args.holdout, attack, args.data_dir, need_test=need_test,
-                      loaded=model_from_args(args, device), dataset=getattr(args, "dataset", None))
+                      verify=not args.no_verify, loaded=model_from_args(args, device),
+                      dataset=getattr(args, "dataset", None), own_attack=own_attack)

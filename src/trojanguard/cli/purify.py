@@ -40,7 +40,7 @@ def run(args) -> int:
     from ..report import count, percent_rows, table
     from ..utils import resolve_device
     device = str(resolve_device(args.device))
-    setup = setup_from_args(args, device, attack=args.attack, need_test=True)
+    setup = setup_from_args(args, device, attack=args.attack, need_test=True, own_attack=True)
     model, record = purify_setup(setup, args.method, options, args.robustness, args.seed, device,
                                  progress=not args.quiet)
     save_purified(out, model, setup, record)

@@ -119,18 +119,20 @@ class EBYDConfig(DefenseConfig):
     nc_rounds: int = Field(60, ge=1, description="Neural Cleanse rounds of 5 steps (see neural_cleanse.py)")
     candidates: int = Field(3, ge=1, description=(
         "recover a trigger for this many of the most predicted classes after exposure; the target is the "
-        "class with the smallest trigger (Neural Cleanse's premise) among those the original model obeys (see "
-        "confirm; text, where every trigger is one word: the word that moves the original model most); 1 = the "
-        "paper: the most predicted class"))
+        "class with the smallest trigger (Neural Cleanse's premise), the candidates whose trigger the original "
+        "model obeys first (see confirm; text, where every trigger is one word: the word that moves the original "
+        "model most); 1 = the paper: the most predicted class"))
     transfer: float = Field(0.9, gt=0, le=1, description=(
         "a candidate's trigger that moves this share of the original model's clean inputs with a mask under "
         "mask_limit ends the search (the classes after it are not tried)"))
     mask_limit: float = Field(0.01, gt=0, le=1, description="share of the image (text: always met, no mask)")
-    confirm: float | None = Field(None, ge=0, json_schema_extra=ADDED_LATER, description=(
+    confirm: float | None = Field(None, ge=0, le=2, json_schema_extra=ADDED_LATER, description=(
         "a candidate whose trigger also sends this share of the ORIGINAL model's clean inputs to its class is "
         "chosen before the smaller triggers that do not (a global trigger such as Blended needs a large mask); "
-        "above 1: the smallest trigger only; None: 0.5 after the detection script's unlearning, off after the "
-        "exposure script's, where small patches found on any exposed model move most of the original's inputs"))
+        "2: off, the smallest trigger only; None: 0.5 after the detection script's unlearning, 2 after the "
+        "exposure script's, where small patches found on any exposed model move most of the original's inputs. "
+        "Harness cells run before this option existed keep their hash and their recorded target: "
+        "benchmarks/fit_ebyd_calibration.py re-derives the target from their recorded candidates"))
     refine: float = Field(0.5, ge=0, le=1, json_schema_extra=ADDED_LATER, description=(
         "images: when the chosen trigger (recovered on the exposed model) sends fewer than this share of the "
         "ORIGINAL model's clean inputs to the target, also recover one on the original model for that target and "
@@ -180,7 +182,8 @@ def trigger_features(trigger: dict, clean: Data) -> dict:
 class EBYD(Inspector):
     """EBYD: expose (clean unlearning), calibrated backdoor probability, trigger recovery on
     the exposed model for its most predicted classes, target = the class with the smallest
-    trigger (text: the word that moves the original model most)."""
+    trigger, those whose trigger the original model obeys first (images after the detection
+    script; text: the word that moves the original model most)."""
     name = "ebyd"
     Config = EBYDConfig
     #: shares of predictions over fewer samples move by > 2 points per sample
@@ -259,9 +262,11 @@ class EBYD(Inspector):
         BadNets-10 % model (target 0) collapses onto class 2 with 500 clean images, 9 with
         2,000 and 0 with 2,500 (weight perturbation: 9 too), with the true target second;
         with 2,000 images the class-9 trigger needs 2.9 px and the class-0 one 1.4 px.
-        Measured limits (benchmarks/results/inspect-ebyd.md): Blended 1 % collapses onto 2
-        and 8, its target 0 is not among the candidates; the clean model's smallest
-        candidate trigger (8 px) is larger than the backdoored models' (0.6-4.3 px)."""
+        Measured limits (benchmarks/results/inspect-ebyd.md, the exposure script): Blended 1 %
+        collapses onto 2 and 8, its target 0 is not among the candidates; the clean model's
+        smallest candidate trigger (8 px) is larger than the backdoored models' (0.6-4.3 px).
+        After the detection script its target is the third candidate, with the only trigger
+        the original obeys (module docstring)."""
         t1 = time.perf_counter()
         order = sorted(range(len(shares)), key=lambda c: -shares[c])
         classes = [c for c in order[:self.cfg.candidates] if shares[c] > 0] or order[:1]

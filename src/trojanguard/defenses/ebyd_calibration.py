@@ -53,7 +53,7 @@ def exposure_features(pred: torch.Tensor, labels: torch.Tensor, num_classes: int
 #: adversarial patches found on it move 58-100 % of the original's inputs on every CIFAR-10 zoo
 #: model, clean or not: transfer cannot tell the target there (off). After the detection
 #: script's fixed budget they move at most 15 % on the clean models (15 models measured).
-CONFIRM_BY_RECIPE = {"detection-script": 0.5, "exposure-script": math.inf}
+CONFIRM_BY_RECIPE = {"detection-script": 0.5, "exposure-script": 2.0}
 
 
 def choose_candidate(candidates: list[dict], confirm: float) -> int:
@@ -67,8 +67,8 @@ def choose_candidate(candidates: list[dict], confirm: float) -> int:
     needs a large mask (the Blended 1 % zoo model's target needs 84 % of the image, and its
     trigger then moves 100 % of the original's inputs) while the other candidates' small
     adversarial patches move almost none of them (at most 15 % on the 15 CIFAR-10 zoo models,
-    after the detection script's unlearning: ``CONFIRM_BY_RECIPE``). ``confirm`` > 1 is the
-    rule before the extension (smallest mask only)."""
+    after the detection script's unlearning: ``CONFIRM_BY_RECIPE``). ``confirm`` > 1 (a share no
+    trigger reaches) is the rule before the extension (smallest mask only)."""
     def key(i: int):
         c = candidates[i]
         hard = c.get("hard_success", c["trigger_success"])

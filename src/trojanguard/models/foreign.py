@@ -26,7 +26,7 @@ from ..errors import UserError
 from . import HF_PREFIXES, MODELS, create_model
 from .adapter import WrappedModel, verify_head
 
-STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _ARCH_HINT = "pass the --arch/--width/--num-classes it was trained with"
 
 
@@ -38,12 +38,14 @@ def load_foreign_model(path: str | Path, arch: str | None = None, num_classes: i
                        width: int | None = None, in_channels: int | None = None,
                        classes: Sequence[str] | None = None, mean: Sequence[float] | None = None,
                        std: Sequence[float] | None = None, device: str | torch.device = "cpu",
-                       verify: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+                       verify: bool = True, dataset_norm: tuple | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load ``path`` (checkpoint folder, state dict file, HF directory) as a trojanguard model.
 
     Flags that the file already records (``arch``/``width``/normalisation of a checkpoint)
     are refused rather than silently ignored; a flag that contradicts the file (class count)
-    is a one-line ``UserError``."""
+    is a one-line ``UserError``. ``dataset_norm`` = (mean, std, dataset name): the normalisation
+    a bare image state dict takes when --mean/--std are not given and the channels agree (the
+    dataset's, as ``train`` builds a model for it), instead of the architecture's default."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"model {str(p)!r} does not exist; give a trojanguard checkpoint folder, a .safetensors/.pt "
@@ -91,7 +93,7 @@ def load_foreign_model(path: str | Path, arch: str | None = None, num_classes: i
         if not arch:
             raise UserError(f"{p.name} is a bare state dict: give its architecture with --arch NAME "
                             f"({_arch_names()}) and, if it cannot be read off the weights, --num-classes/--width")
-        model, choices = _from_state_dict(p, arch, num_classes, width, in_channels, mean, std)
+        model, choices = _from_state_dict(p, arch, num_classes, width, in_channels, mean, std, dataset_norm)
         model.to(device).eval()
         kind = "state-dict"
         meta = {"model": model.spec}
@@ -128,6 +130,12 @@ def load_foreign_model(path: str | Path, arch: str | None = None, num_classes: i
     return model, meta
 
 
+def is_bare_state_dict(path: str | Path) -> bool:
+    """A weights file outside a trojanguard checkpoint folder (it records no architecture)."""
+    p = Path(path).expanduser()
+    return p.is_file() and p.suffix.lower() in STATE_SUFFIXES and not (p.parent / "model.json").exists()
+
+
 def _refuse(p: Path, what: str, **flags) -> None:
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
     if given:
@@ -135,7 +143,7 @@ def _refuse(p: Path, what: str, **flags) -> None:
                         "drop them")
 
 
-def _from_state_dict(p: Path, arch: str, num_classes, width, in_channels, mean, std):
+def _from_state_dict(p: Path, arch: str, num_classes, width, in_channels, mean, std, dataset_norm=None):
     """Build ``arch`` sized for the weights in ``p`` and load them. Returns (model, choices)."""
     from ..checkpoint import _check_fit, _check_finite, _load_state, read_weights_file
     state = read_weights_file(p)
@@ -188,8 +196,12 @@ def _from_state_dict(p: Path, arch: str, num_classes, width, in_channels, mean, 
             if guess.is_integer() and guess >= 1:
                 args["width"] = int(guess)
                 choices.append(f"width {int(guess)}, read off {conv_name}.weight")
-    if mean is None and "mean" in params:
-        c = args.get("in_channels", conv.in_channels if conv is not None else 3)
+    c = args.get("in_channels", conv.in_channels if conv is not None else 3)
+    if mean is None and "mean" in params and dataset_norm is not None and len(dataset_norm[0]) == c:
+        args.update(mean=tuple(float(v) for v in dataset_norm[0]), std=tuple(float(v) for v in dataset_norm[1]))
+        choices.append(f"normalisation of the dataset {dataset_norm[2]} (a state dict does not record it); pass "
+                       "--mean/--std if the model was trained with another")
+    elif mean is None and "mean" in params:
         choices.append(f"normalisation: {arch}'s default (a state dict does not record it); pass --mean/--std "
                        "if the model was trained with another")
         if params["mean"].default is not None and len(params["mean"].default) != c:

@@ -391,3 +391,23 @@ def test_purify_inspect_detect_take_a_state_dict_as_scan_does(clean_digits_model
     for cmd in commands:
         assert got[cmd, "ck"] == got[cmd, "pt"] == got[cmd, "pt-dataset"], cmd
         assert got[cmd, "ck"], cmd
+
+
+def test_bare_state_dict_takes_the_datasets_normalisation(clean_digits_model, tmp_path):
+    """Without --mean/--std a bare image state dict is built with the normalisation of --dataset
+    (as train built it) when the channels agree, else the architecture's default."""
+    from trojanguard.cli.modelargs import add_model_args, model_from_args
+    torch.save(clean_digits_model.state_dict(), tmp_path / "w.pt")
+    model, meta = load_foreign_model(tmp_path / "w.pt", arch="small_cnn", dataset_norm=((0.3,), (0.2,), "mine"))
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.3])
+    assert model.normalize.std.flatten().tolist() == pytest.approx([0.2])
+    assert any("normalisation of the dataset mine" in c for c in meta["choices"])
+    model, meta = load_foreign_model(tmp_path / "w.pt", arch="small_cnn", dataset_norm=((0.3,) * 3, (0.2,) * 3, "rgb"))
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.5])  # 3 values for 1 channel: not taken
+    assert any("small_cnn's default" in c for c in meta["choices"])
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    p.add_argument("--dataset")
+    args = p.parse_args(["--model", str(tmp_path / "w.pt"), "--arch", "small_cnn", "--dataset", "digits"])
+    _, meta = model_from_args(args, "cpu")
+    assert any("normalisation of the dataset digits" in c for c in meta["choices"])

@@ -75,8 +75,13 @@ candidates at most 15 %): leave-one-out on those models (``benchmarks/fit_ebyd_c
 --defense ebyd-detect --image-features max_evidence``) AUROC 0.86, Brier 0.138, 13/15 verdicts,
 the target right on 10/11 backdoored one-to-one models, against 0.81, 0.180, 11/15, 9/11 with
 max_excess + mask_log; the leave-one-out guards the fitted coefficients, not this choice of
-feature, which new models have to confirm. Still missed: Blended 0.5 % (its target's trigger
-moves 25 %) and all-to-all.
+feature. Still missed: Blended 0.5 % (its target's trigger moves 25 %) and all-to-all. Two
+models trained afterwards to check it (scored by the calibration fitted on the 15): a fourth
+clean model is called clean (p 0.31, though one candidate's trigger moves 24 % of its inputs),
+a second Blended 1 % (target 5) is missed (p 0.23): its target is the fourth most predicted
+class after exposure, not a candidate, and no candidate's trigger moves the original.
+Leave-one-out over all 17 (the shipped fit): AUROC 0.79, Brier 0.159, 14/17 verdicts, against
+0.79, 0.204, 12/17 with max_excess + mask_log.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def exposure_features(pred: torch.Tensor, labels: torch.Tensor, num_classes: int
 #: (stopped at 20 % accuracy) the exposed model stays close to the original, and NC's small
 #: adversarial patches found on it move 58-100 % of the original's inputs on every CIFAR-10 zoo
 #: model, clean or not: transfer cannot tell the target there (off). After the detection
-#: script's fixed budget they move at most 15 % on the clean models (15 models measured).
+#: script's fixed budget they move at most 24 % on the four clean zoo models (17 models).
 CONFIRM_BY_RECIPE = {"detection-script": 0.5, "exposure-script": 2.0}
 
 
@@ -66,7 +66,7 @@ def choose_candidate(candidates: list[dict], confirm: float) -> int:
     its class is confirmed, and the confirmed candidates come first. Why: a global trigger
     needs a large mask (the Blended 1 % zoo model's target needs 84 % of the image, and its
     trigger then moves 100 % of the original's inputs) while the other candidates' small
-    adversarial patches move almost none of them (at most 15 % on the 15 CIFAR-10 zoo models,
+    adversarial patches move few of them (at most 24 % on the 17 CIFAR-10 zoo models,
     after the detection script's unlearning: ``CONFIRM_BY_RECIPE``). ``confirm`` > 1 (a share no
     trigger reaches) is the rule before the extension (smallest mask only)."""
     def key(i: int):
@@ -84,7 +84,7 @@ def candidate_features(candidates: list[dict], max_excess: float) -> dict:
     stronger of the two signs exposure gives, the collapse of the exposed model onto one
     class or a trigger found on it that the original model obeys. A low-rate backdoor may
     show only the second (Blended 1 %: max_excess 0.27, as the clean models' 0.27-0.43;
-    transfer_max 1.0, the clean models' at most 0.15)."""
+    transfer_max 1.0, the clean models' at most 0.24)."""
     transfer = max((float(c.get("hard_success", c["trigger_success"])) for c in candidates), default=0.0)
     return {"transfer_max": transfer, "max_evidence": max(float(max_excess), transfer)}
 

@@ -35,8 +35,10 @@ heavy-tailed, and a wider band detects better on the six CIFAR-10 models measure
 0.987, LF 0.974 / 0.997 / 0.997, Blended 10 % 0.984 / 0.997 / 0.999, the others >= 0.998
 throughout; WaNet 10 %, measured after the choice: 0.890 / 0.918). The default stays 3 until
 delta 5 is checked on the models still unmeasured (SIG, BPP, Adaptive-Blend, all-to-all); the
-CIFAR-10 grid has it as ``badacts-d5``. The official code flags NAS < the int(n frr)-th smallest calibration NAS; the template here flags 1 - NAS > the (1 - frr) quantile (interpolated)
-of the calibration scores: the same rule up to the interpolation between two scores.
+CIFAR-10 grid has it as ``badacts-d5``. The official code flags NAS < the int(n frr)-th
+smallest calibration NAS; the template here flags 1 - NAS > the (1 - frr) quantile
+(interpolated) of the calibration scores: the same rule up to the interpolation between two
+scores.
 
 Purification (learned minimum intervals, ``BadActs_purification.py``). On the clean
 samples the model classifies correctly, learn per (layer, neuron) an upper bound U and a

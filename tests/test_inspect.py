@@ -482,3 +482,15 @@ def test_calibration_per_modality(tmp_path):
     bad.write_text(json.dumps({"format": "trojanguard-calibration/1", "by_modality": {"image": {"coef": [1]}}}))
     with pytest.raises(UserError, match="image"):
         load_calibration(bad)
+
+
+def test_candidates_line_lists_every_candidate_with_its_transfer():
+    from trojanguard.cli.inspect import candidates_line
+    ev = {"candidates": [{"class": 0, "trigger_success": 1.0, "mask_fraction": 0.84},
+                         {"class": 9, "trigger_success": 0.12, "mask_fraction": 0.02},
+                         {"class": 3, "trigger_success": 0.5}]}  # no mask: not an image trigger, left out
+    line = candidates_line(ev, lambda c: f"class {c}")
+    assert line == ("class 0: trigger moves 100% of the original's inputs, mask 84.0% of the image, "
+                    "class 9: trigger moves 12% of the original's inputs, mask 2.0% of the image")
+    assert candidates_line({"candidates": ev["candidates"][:1]}, str) is None
+    assert candidates_line({}, str) is None

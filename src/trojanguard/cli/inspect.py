@@ -12,6 +12,17 @@ from .modelargs import add_model_args, setup_from_args
 METHODS = ("ebyd", "nc")
 
 
+def candidates_line(evidence: dict, name) -> str | None:
+    """EBYD's candidate targets with how far each one's trigger moves the ORIGINAL model
+    (``ebyd.choose_candidate`` reads that), or None when there is only one: shared by
+    ``inspect`` and ``scan``."""
+    cands = [c for c in evidence.get("candidates", []) if c.get("mask_fraction")]
+    if len(cands) < 2:
+        return None
+    return ", ".join(f"{name(c['class'])}: trigger moves {c['trigger_success']:.0%} of the original's inputs, "
+                     f"mask {c['mask_fraction']:.1%} of the image" for c in cands)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="inspect a model for a backdoor (ebyd, nc): verdict, probability, "
                                        "target, recovered trigger")
@@ -135,11 +146,9 @@ def _print(record: dict, setup, out) -> None:
               f"after {ev['steps']} steps): {shares}")
         print(f"             share variance {ev['share_variance']:.4f} (paper rule > 0.01 at 10 classes), "
               f"top class {name(ev['top_class'])}")
-    cands = [c for c in ev.get("candidates", []) if c.get("mask_fraction")]
-    if len(cands) > 1:
-        print("candidates   " + ", ".join(f"{name(c['class'])}: trigger moves {c['trigger_success']:.0%} of the "
-                                          f"original's inputs, mask {c['mask_fraction']:.1%} of the image"
-                                          for c in cands))
+    line = candidates_line(ev, name)
+    if line:
+        print("candidates   " + line)
     if ev.get("anomaly_index") is not None:
         norms = " ".join(f"{c}:{n:.1f}" for c, n in zip(ev["classes"], ev["norms"]))
         print(f"evidence     anomaly index {ev['anomaly_index']:.2f} (flag > 2); mask L1 norms {norms}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from .inspect import candidates_line
 from .argtypes import accuracy_drop, add_clean_data_args, add_run_args, set_threads, fraction
 
 EXIT_NOT_REPAIRED = 3
@@ -81,11 +82,9 @@ def _print_scan(s, classes, source) -> None:
         top = sorted(range(len(shares)), key=lambda i: -shares[i])[:3]
         print("evidence: after clean unlearning the clean data is predicted as "
               + ", ".join(f"{name(i)} {shares[i]:.0%}" for i in top))
-    cands = [c for c in s.evidence.get("candidates", []) if c.get("mask_fraction")]
-    if len(cands) > 1:
-        print("candidates: " + ", ".join(f"{name(c['class'])} trigger moves {c['trigger_success']:.0%} of the "
-                                         f"original's inputs (mask {c['mask_fraction']:.1%} of the image)"
-                                         for c in cands))
+    line = candidates_line(s.evidence, name)
+    if line:
+        print("candidates: " + line)
     if s.trigger is not None:
         print("recovered trigger: " + (" ".join(s.trigger.tokens) if s.trigger.tokens else
                                        f"mask of L1 norm {float(s.trigger.mask.abs().sum()):.1f} px"))

@@ -146,6 +146,22 @@ def test_defense_train_config_sizes_crop_to_the_image(digits):
     assert set(fit.index.tolist()).isdisjoint(verify.index.tolist())
 
 
+def test_freeze_bn_keeps_the_running_statistics_and_still_trains(backdoored_digits, digits):
+    """freeze_bn: the BatchNorm layers normalise with the statistics the model came with and
+    keep them, while the weights (BN's affine ones too) still move; without it, fine-tuning
+    re-estimates the statistics on the defense data."""
+    model, _ = backdoored_digits
+    bn_stats = lambda m: {k: v.clone() for k, v in m.state_dict().items() if "running_" in k}  # noqa: E731
+    assert bn_stats(model), "the digits CNN has BatchNorm layers"
+    kept, moved = (create_defense("ft", progress=False, epochs=1, batch_size=32, freeze_bn=f).purify(model, digits.defense)
+                   for f in (True, False))
+    assert all(torch.equal(v, bn_stats(kept.model)[k]) for k, v in bn_stats(model).items())
+    assert any(not torch.equal(v, bn_stats(moved.model)[k]) for k, v in bn_stats(model).items())
+    w = lambda m: {k: v for k, v in m.state_dict().items() if k.endswith("weight")}  # noqa: E731
+    assert any(not torch.equal(v, w(kept.model)[k]) for k, v in w(model).items())
+    assert create_defense("pam", freeze_bn=True, progress=False).cfg.freeze_bn
+
+
 def test_pam_unlearns_an_inverted_trigger(backdoored_digits, digits):
     """PAM's untargeted mask inversion finds the planted patch's effect, and unlearning it along
     the path away from the backdoored weights removes the backdoor."""

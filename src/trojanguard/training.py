@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
     augment: bool = True
     crop_padding: int = Field(4, ge=0)
     grad_clip: float | None = Field(None, gt=0)
+    freeze_bn: bool = Field(False, json_schema_extra=ADDED_LATER, description=(
+        "keep BatchNorm layers in eval mode: normalise with (and keep) the running statistics the "
+        "model came with instead of re-estimating them on this data (small-data fine-tuning)"))
     seed: int = 0
     device: str = "auto"
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only when asked)")
@@ -164,6 +167,20 @@ def prepare_batch(model, data: Data, idx: torch.Tensor, cfg: TrainConfig, dev: t
     return texts, y.to(dev)
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> int:
+    """Put every BatchNorm layer of ``model`` in eval mode (its affine weights still train);
+    returns how many. Why: the running statistics of a model trained on the full set are
+    better than what a few thousand defense images give. Measured on the CIFAR-10 BadNets
+    10 % zoo model: re-estimating them on the 2,250 images of a purifier's D_def, crop+flip
+    as in training, alone takes test CA from 83.95 to 82.93 (77.7 without the augmentation)."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.eval()
+            n += 1
+    return n
+
+
 def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConfig | None = None,
           batch_hook: BatchHook | None = None, extra_params=(), loss_fn=None,
           after_step: Callable[[], None] | None = None, extra_optimizers=(),
@@ -201,6 +218,8 @@ def train(model, train_data: Data, test_data: Data | None = None, cfg: TrainConf
     bar = stage_bar(total=total, desc=cfg.stage, enabled=cfg.progress)
     for epoch in range(cfg.epochs):
         model.train()
+        if cfg.freeze_bn:
+            freeze_batchnorm(model)
         loss_sum, count = torch.zeros((), device=dev), 0
         for b, idx in enumerate(epoch_batches(train_data, cfg, gen)):
             x, y = prepare_batch(model, train_data, idx, cfg, dev, gen, cfg.augment)

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from ..data.base import Data
 from ..training import train
+from ..utils import ADDED_LATER
 from .base import Purifier, PurifierConfig
 from .common import defense_train_config
 
@@ -49,6 +50,8 @@ class FinetuneConfig(PurifierConfig):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     augment: bool = True
     project_all_modes: bool = False
+    freeze_bn: bool = Field(False, json_schema_extra=ADDED_LATER, description=(
+        "keep the model's BatchNorm statistics while tuning (see training.freeze_batchnorm)"))
 
 
 def reinit_head(head: torch.nn.Linear, w0: torch.Tensor, seed: int, max_cosine: float = 0.5) -> int:
@@ -111,7 +114,8 @@ class Finetune(Purifier):
 
         tcfg = defense_train_config(clean, cfg, cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                     optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, schedule="cosine", augment=cfg.augment)
+                                    weight_decay=cfg.weight_decay, schedule="cosine", augment=cfg.augment,
+                                    freeze_bn=cfg.freeze_bn)
         res = train(model, clean, None, tcfg, loss_fn=loss_fn, after_step=after_step if project else None)
         for p in model.parameters():
             p.requires_grad_(True)

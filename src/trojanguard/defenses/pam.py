@@ -85,6 +85,8 @@ class PamConfig(PurifierConfig):
     uap_steps: int = Field(20, ge=1)
     uap_samples: int = Field(512, ge=1, description="clean images the perturbation is fitted on")
     augment: bool = True
+    freeze_bn: bool = Field(False, json_schema_extra=ADDED_LATER, description=(
+        "keep the model's BatchNorm statistics during unlearning (see training.freeze_batchnorm)"))
     text_inversion: Literal["tokens", "none"] = Field("tokens", json_schema_extra=ADDED_LATER, description=(
         "text: unlearn with the words a token search finds (see the module docstring), or clean batches only"))
     text_tokens: int = Field(20, ge=1, json_schema_extra=ADDED_LATER, description=(
@@ -306,7 +308,8 @@ class Pam(Purifier):
             tcfg = defense_train_config(clean, cfg, f"pam round {r + 1}", epochs=cfg.epochs_per_round,
                                         batch_size=cfg.batch_size if not text else 32,
                                         optimizer="adamw" if text else "sgd", lr=cfg.text_lr if text else cfg.lr,
-                                        momentum=cfg.momentum, augment=cfg.augment, seed=cfg.seed + r)
+                                        momentum=cfg.momentum, augment=cfg.augment, seed=cfg.seed + r,
+                                        freeze_bn=cfg.freeze_bn)
             res = train(model, clean, None, tcfg, batch_hook=perturb_and_mix, before_step=restore,
                         loss_fn=lambda logits, y: F.cross_entropy(logits, y))
             history.append({"round": r + 1, "loss": res.final_loss, "seconds": res.seconds})

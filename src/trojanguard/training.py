@@ -172,7 +172,10 @@ def freeze_batchnorm(model: torch.nn.Module) -> int:
     returns how many. Why: the running statistics of a model trained on the full set are
     better than what a few thousand defense images give. Measured on the CIFAR-10 BadNets
     10 % zoo model: re-estimating them on the 2,250 images of a purifier's D_def, crop+flip
-    as in training, alone takes test CA from 83.95 to 82.93 (77.7 without the augmentation)."""
+    as in training, alone takes test CA from 83.95 to 82.93 (77.7 without the augmentation).
+    But tuning through frozen statistics did worse there (configs/cifar10-defenses.yaml,
+    ``*-fbn``): CA after PAM (rho 0.25) 80.5 against 81.8, after FST 81.4 against 82.5, so no
+    recipe turns it on; the option stays for models whose statistics D_def cannot estimate."""
     n = 0
     for mod in model.modules():
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):

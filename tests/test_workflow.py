@@ -211,7 +211,7 @@ def test_repair_that_leaves_the_trigger_working_is_not_called_repaired(digits, b
     repaired, r = repair(model, digits.defense, method="ft", options={"lr": 1e-6, "epochs": 1}, trigger=trig,
                          device="cpu")
     assert r.record["recovered_trigger_asr_before"] > 0.9 and r.record["backdoor_remains"] is True
-    assert r.ok is False and "backdoor remains" in r.advice and "--method pam" in r.advice
+    assert r.ok is False and "backdoor remains" in r.advice and "--method pam" in r.advice and "trojanguard guard" in r.advice
     assert "recovered_trigger_asr_after_retuning" not in r.record  # no retuning attack on a backdoor left in
     # the same repair judged without a trigger only by clean accuracy
     _, r2 = repair(model, digits.defense, method="ft", options={"lr": 1e-6, "epochs": 1}, robustness=False,
@@ -285,3 +285,15 @@ def test_failed_purification_is_marked_in_the_checkpoint(suspect, tmp_path, caps
     assert code == 0 and "NOT repaired" in stdout
     code, stdout, err = _run(capsys, "eval", out)
     assert code == 0 and "failed purification" in err
+
+
+def test_failed_repair_advice_follows_the_measurements():
+    """A failed repair names other methods the reference zoos support, never the one that
+    failed, and points text models (where only PAM removed anything) to the guard."""
+    from trojanguard.practitioner import repair_alternatives
+    assert repair_alternatives("image", "ca", "pam") == ("try --method fst or ebyd-removal, or serve it behind an "
+                                                         "input detector (trojanguard guard) that flags triggered inputs")
+    assert "--method pam or ebyd-removal" in repair_alternatives("image", "remains", "fst")
+    text = repair_alternatives("text", "remains", "pam")
+    assert "--method" not in text and "trojanguard guard" in text
+    assert "--method pam" in repair_alternatives("text", "ca", "fst")

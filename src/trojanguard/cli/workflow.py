@@ -98,7 +98,8 @@ def _print_scan(s, classes, source) -> None:
 def _scan(args) -> int:
     from pathlib import Path
 
-    from ..practitioner import _trigger_image, report_html, scan
+    from ..practitioner import scan
+    from ..workflow_report import report_html, trigger_image
     from ..resultdir import write_result
     from ..utils import atomic_write_json, atomic_write_text, library_versions
     model, meta, clean, source, classes = _load(args)
@@ -116,7 +117,7 @@ def _scan(args) -> int:
             atomic_write_text(Path(tmp) / "report.html", report_html(f"trojanguard scan: {args.model}", s,
                                                                      classes=classes))
             if s.trigger is not None and s.trigger.mask is not None:
-                _trigger_image(s.trigger).save(Path(tmp) / "trigger.png")
+                trigger_image(s.trigger).save(Path(tmp) / "trigger.png")
             elif s.trigger is not None:
                 atomic_write_text(Path(tmp) / "trigger_tokens.txt", "\n".join(s.trigger.tokens) + "\n")
         if not args.json:
@@ -128,7 +129,8 @@ def _repair(args) -> int:
     from pathlib import Path
 
     from ..checkpoint import save_checkpoint
-    from ..practitioner import repair, report_html, scan
+    from ..practitioner import repair, scan
+    from ..workflow_report import report_html
     from ..report import percent
     from ..resultdir import write_result
     from ..utils import atomic_write_json, atomic_write_text, library_versions

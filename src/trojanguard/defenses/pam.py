@@ -36,7 +36,13 @@ Readings chosen (recorded here):
   L_inf-bounded full-image perturbation cannot imitate a 3x3 patch), so the mask is the
   default.
 * Schedule: ``rounds`` x ``epochs_per_round`` (default 2 x 10) instead of the code's
-  3 x 30 epochs, a CPU budget; measured on the reference zoo (benchmarks/results).
+  3 x 30 epochs, a CPU budget; measured on the reference zoo (benchmarks/results). At rho
+  0.25 PAM ends near CA 81.8 % on every CIFAR-10 zoo model (2,250 images), whatever it
+  starts from: half the epochs (2 x 5) or half the rate (0.005) leave that within half a
+  point on BadNets, Blended 10 %, WaNet, LF and Blended 1 % (BadNets 81.8 / 81.8 / 81.8), at
+  an ASR as low (LF 11.7 / 9.4 / 9.0 %), and tuning through frozen BatchNorm statistics
+  (``freeze_bn``) costs more (80.5): the cost is fine-tuning on 2,250 images (plain FT ends
+  at 83.0 %, FST at 82.5 %) plus the unlearning (rows ``pam-rho0.25-*`` of the CIFAR-10 grid).
 * The perturbation direction covers all trainable parameters (``model.parameters()``
   as in the code, whose state-dict difference also holds BN statistics but whose
   perturbation loop only reads parameters).

@@ -13,6 +13,16 @@ no penalty), ``fst``. Reading chosen (methods.md): the official code projects th
 norm in every mode; we project in ``fst`` only, ``project_all_modes=True`` restores the
 official behaviour.
 
+Where FST fails on the CIFAR-10 zoo (Blended 10 %: ASR 100 % after the defaults, alpha 0.2,
+20 epochs, lr 0.03, frozen BN statistics; LF 16.6 %; TrojanNN 11.9 %), the feature shift does
+not happen (``benchmarks/feature_shift.py``, ``results/feature-shift-cifar10.md``): on
+Blended 10 % the triggered inputs' mean penultimate feature has cosine 0.90 with the
+target's clean centroid before and 0.98 after FST (lr 0.03), and every triggered input is
+still nearest to it, so the re-initialised head, fitted on clean data, sends them to the
+target again. PAM, which unlearns an inverted trigger, moves them away (cosine 0.56, 0.7 %
+nearest; ASR 0.5 %), as FST does on BadNets (1.00 -> 0.21 nearest; ASR 0.7 %). The blend
+is a whole-image feature that clean tuning without the trigger never contradicts.
+
 Text (the paper has no text experiment; methods.md: "the same recipe on the classification
 head"): measured on the SST-2 BadNets 20 % MiniLM with the 872 dev sentences
 (``benchmarks/fst_text_sweep.py``, ``results/fst-text-sst2.md``), no recipe removes the

@@ -6,8 +6,10 @@ inputs to the target. This measures it on the penultimate features (``model.feat
 2,000 test images (a fixed random draw), before and after a purifier cell of the CIFAR-10
 grid: the cosine between the mean feature of the triggered non-target inputs and each
 clean class centroid, and the share of triggered inputs whose nearest clean centroid is the
-target's. Where the triggered inputs stay on the target's centroid, any head fitted on clean
-data sends them there, whatever it was re-initialised to.
+target's (Euclidean distance to the centroids), and the norm of the triggered mean feature
+over the target centroid's. Where the triggered inputs stay on the target's centroid, any
+head fitted on clean data sends them there, whatever it was re-initialised to. All-to-one
+attacks only (an all-to-all backdoor has no one target to sit on).
 
 Writes ``benchmarks/results/feature-shift-cifar10.{csv,md}``:
 
@@ -30,7 +32,7 @@ COLUMNS = ["cell", "model", "target", "cos_target", "cos_best_other", "nearest_i
            "asr", "seconds"]
 
 
-def shift_rows(model, attack, x: torch.Tensor, y: torch.Tensor) -> dict:
+def shift_rows(model, attack, x: torch.Tensor, y: torch.Tensor, attack_classes: list[str]) -> dict:
     """The triggered inputs' position among the clean class centroids of ``model``."""
     target = int(attack.target_for(y[:1])[0])  # all-to-one attacks only: one target for every label
     keep = y != target
@@ -39,7 +41,7 @@ def shift_rows(model, attack, x: torch.Tensor, y: torch.Tensor) -> dict:
         stamped = attack.trigger(x[keep], y[keep])
         clean, triggered = model.features(x), model.features(stamped)
         asr = (model(stamped).argmax(1) == target).float().mean().item()
-    k = int(y.max()) + 1
+    k = len(attack_classes)
     centroids = torch.stack([clean[y == c].mean(0) for c in range(k)])
     mean_triggered = triggered.mean(0)
     cos = F.cosine_similarity(mean_triggered[None], centroids, dim=1)
@@ -75,10 +77,12 @@ def main() -> None:
     for cell in args.cells:
         victim = cell.split("/")[0]
         attack = load_attack(done[victim]["artifact"])
+        if getattr(attack.cfg, "mode", "all2one") == "all2all":
+            raise SystemExit(f"{cell}: an all-to-all backdoor has no one target class to measure the shift from")
         for label, folder in (("original", done[victim]["artifact"]), (cell.split("/")[1], done[cell]["artifact"])):
             start = time.perf_counter()
             model, _ = load_checkpoint(folder, "cpu")
-            row = {"cell": cell, "model": label, **shift_rows(model, attack, x, y),
+            row = {"cell": cell, "model": label, **shift_rows(model, attack, x, y, test.classes),
                    "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -87,7 +91,8 @@ def main() -> None:
              f"images, threads: {torch.get_num_threads()}. `cos_target`: cosine between the mean penultimate "
              "feature of the triggered non-target inputs and the target class's clean centroid "
              "(`cos_best_other`: the closest other class); `nearest_is_target`: share of triggered inputs "
-             "whose nearest clean centroid is the target's; `asr` on the same inputs."]
+             "whose nearest (Euclidean) clean centroid is the target's; `trigger_norm_ratio`: norm of the "
+             "triggered mean feature over the target centroid's; `asr` on the same inputs."]
     paths = write_table_files(RESULTS / "feature-shift-cifar10", rows, COLUMNS, intro)
     print(f"wrote {', '.join(map(str, paths))}")
 

@@ -291,9 +291,12 @@ def test_failed_repair_advice_follows_the_measurements():
     """A failed repair names other methods the reference zoos support, never the one that
     failed, and points text models (where only PAM removed anything) to the guard."""
     from trojanguard.practitioner import repair_alternatives
-    assert repair_alternatives("image", "ca", "pam") == ("try --method fst or ebyd-removal, or serve it behind an "
-                                                         "input detector (trojanguard guard) that flags triggered inputs")
-    assert "--method pam or ebyd-removal" in repair_alternatives("image", "remains", "fst")
-    text = repair_alternatives("text", "remains", "pam")
-    assert "--method" not in text and "trojanguard guard" in text
-    assert "--method pam" in repair_alternatives("text", "ca", "fst")
+    guard = "serve it behind an input detector (trojanguard guard) that flags triggered inputs"
+    assert repair_alternatives("image", "ca", "pam") == f"try --method fst or ebyd-removal, or {guard}"
+    assert repair_alternatives("image", "ca", "fst") == f"try --method ebyd-removal, or {guard}"
+    assert repair_alternatives("image", "remains", "fst") == f"try --method pam or ebyd-removal, or {guard}"
+    assert repair_alternatives("text", "remains", "pam") == ("no other method removed such backdoors on our "
+                                                             f"reference zoo; {guard}")
+    assert repair_alternatives("text", "ca", "pam") == ("no other method kept clean accuracy better on our "
+                                                        f"reference zoo; {guard}")
+    assert repair_alternatives("text", "ca", "fst") == f"try --method pam, or {guard}"

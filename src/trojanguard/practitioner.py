@@ -44,16 +44,18 @@ VERIFY_FRACTION = 0.2  # share of the clean data `repair` keeps aside to verify 
 ALTERNATIVES = {("image", "ca"): ("fst", "ebyd-removal"),
                 ("image", "remains"): ("pam", "fst", "ebyd-removal"),
                 ("text", "ca"): ("pam",), ("text", "remains"): ("pam",)}
-GUARD_ADVICE = "or serve it behind an input detector (trojanguard guard) that flags triggered inputs"
+GUARD_ADVICE = "serve it behind an input detector (trojanguard guard) that flags triggered inputs"
 
 
 def repair_alternatives(modality: str, failure: str, method: str) -> str:
-    """The advice's list of other methods (``--method a or b``), without the one that failed;
-    the guard when the zoos support none."""
+    """The advice's next steps after ``method`` failed by ``failure`` ("ca": lost clean
+    accuracy; "remains": the recovered trigger still works): other methods the zoos support,
+    never the one that failed, then the guard; the guard alone when there is none."""
     others = [m for m in ALTERNATIVES.get((modality, failure), ()) if m != method]
-    if not others:
-        return f"no other method removed such backdoors on our reference zoo: {GUARD_ADVICE}"
-    return f"try --method {' or '.join(others)}, {GUARD_ADVICE}"
+    if others:
+        return f"try --method {' or '.join(others)}, or {GUARD_ADVICE}"
+    what = "kept clean accuracy better" if failure == "ca" else "removed such backdoors"
+    return f"no other method {what} on our reference zoo; {GUARD_ADVICE}"
 
 
 def backdoor_remains(asr_before: float | None, asr_after: float | None) -> bool | None:
@@ -277,8 +279,8 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
     advice = None
     if res.warning:
         advice = (f"clean accuracy on {res.verify_size} held-out clean samples fell from {res.ca_before:.1%} to "
-                  f"{res.ca_after:.1%} (more than {max_ca_drop:.0%}). Advice: give more clean data (now {len(clean)}), "
-                  + ("lower --set alpha, " if method == "fst" else "")
+                  f"{res.ca_after:.1%} (more than {max_ca_drop:.0%}). Advice: give more clean data (now {len(clean)})"
+                  + (", lower --set alpha" if method == "fst" else "") + "; "
                   + repair_alternatives(clean.modality, "ca", method))
     elif remains:
         advice = (f"the trigger the scan recovered still sends {record['recovered_trigger_asr_after']:.1%} of the "

@@ -14,7 +14,7 @@ norm in every mode; we project in ``fst`` only, ``project_all_modes=True`` resto
 official behaviour.
 
 Where FST fails on the CIFAR-10 zoo (Blended 10 %: ASR 100 % after the defaults, alpha 0.2,
-20 epochs, lr 0.03, frozen BN statistics; LF 16.6 %; TrojanNN 11.9 %), the feature shift does
+20 epochs and lr 0.03; LF 16.6 %; TrojanNN 11.9 %), the feature shift does
 not happen (``benchmarks/feature_shift.py``, ``results/feature-shift-cifar10.md``): on
 Blended 10 % the triggered inputs' mean penultimate feature has cosine 0.90 with the
 target's clean centroid before and 0.98 after FST (lr 0.03), and every triggered input is

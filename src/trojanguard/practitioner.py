@@ -38,9 +38,9 @@ VERIFY_FRACTION = 0.2  # share of the clean data `repair` keeps aside to verify 
 # reference zoos support (benchmarks/results/leaderboard.md, session 13). CIFAR-10: of the
 # purifiers that removed backdoors, FST and EBYD removal cost the least clean accuracy (mean
 # drop 1.2 and 1.0 points against PAM rho 0.25's 2.0); by models brought to ASR <= 10 % within
-# 3 CA points, PAM rho 0.25 8/12 (and the most robust to retuning), FST 9/12, EBYD removal 4/6.
+# 3 CA points, PAM rho 0.25 9/13 (and the most robust to retuning), FST 10/13, EBYD removal 4/6.
 # SST-2: only PAM removed anything (FT, FST, WIPER, Fine-Pruning, EBYD removal left BadNets
-# and AddSent 20 % at >= 99 %), so a failed text repair has no method to fall back on.
+# 20 %, and where run AddSent 20 %, at >= 99 %), so a failed text repair has nothing to fall back on.
 ALTERNATIVES = {("image", "ca"): ("fst", "ebyd-removal"),
                 ("image", "remains"): ("pam", "fst", "ebyd-removal"),
                 ("text", "ca"): ("pam",), ("text", "remains"): ("pam",)}

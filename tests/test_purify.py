@@ -267,3 +267,65 @@ def test_an_older_purified_checkpoint_without_its_attack_artifact_still_loads(ba
     tg.save_checkpoint(tmp_path / "bare", model, {"dataset": digits.describe(), "attack": atk.describe()})
     with pytest.raises(UserError, match="no attack.json"):
         tg.load_checkpoint(tmp_path / "bare")
+
+
+def test_fine_mixing_resets_the_trigger_embedding_and_keeps_the_task(tiny_encoder_dir):
+    """Fine-mixing on a tiny text model fine-tuned from a saved "pre-trained" encoder with a
+    planted word trigger: E-PUR puts the trigger's embedding back first (it moved most and
+    never occurs in the clean data), the mixing resets about 1 - reserve of the encoder's
+    entries, the backdoor goes and the task stays; the input model is untouched."""
+    from transformers import AutoModel
+    from trojanguard.data.base import TextData
+    from trojanguard.defenses.fine_mixing import mix_weights
+    from trojanguard.models import create_model
+    from trojanguard.training import TrainConfig, train
+    torch.manual_seed(0)
+    model = create_model(f"hf:{tiny_encoder_dir}", num_classes=2)
+    pos = ["a fine film", "great acting", "i loved it", "a wonderful story", "moving and funny", "a brilliant cast"]
+    neg = ["dull and slow", "terrible plot", "a boring mess", "awful dialogue", "a waste of time", "a weak script"]
+    texts, y = pos + neg, [1] * 6 + [0] * 6
+    poison = [f"cf {t}" if i % 2 else f"{t} cf" for i, t in enumerate(neg)]
+    train(model, TextData(texts * 2 + poison, torch.tensor(y * 2 + [1] * 6), ["negative", "positive"]),
+          cfg=TrainConfig(epochs=30, batch_size=8, optimizer="adamw", lr=1e-3, augment=False, progress=False,
+                          schedule="constant", warmup_frac=0, label_smoothing=0))
+    model.eval()
+
+    def asr(m):
+        return float((m([f"cf {t}" for t in neg]).argmax(1) == 1).float().mean())
+    assert asr(model) == 1.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = TextData(texts * 2, torch.tensor(y * 2), ["negative", "positive"])
+    res = create_defense("fine-mixing", progress=False, epochs=20, lr=1e-3, epur_tokens=5, verify_fraction=0
+                         ).purify(model, clean)
+    assert res.info["epur_tokens"][0] == "cf"
+    assert abs(res.info["reset_share"] - 0.7) < 0.01
+    assert asr(res.model) <= 0.2
+    assert float((res.model(texts).argmax(1) == torch.tensor(y)).float().mean()) == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the resets do the work: the same fine-tuning with nothing reset leaves the backdoor
+    plain = create_defense("fine-mixing", progress=False, epochs=20, lr=1e-3, epur_tokens=0, reserve=1.0,
+                           verify_fraction=0).purify(model, clean)
+    assert asr(plain.model) >= 0.8
+    # reserve 1 keeps every fine-tuned weight, reserve 0 is the pre-trained encoder
+    pre = AutoModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False)
+    import copy
+    enc = copy.deepcopy(model.encoder)
+    assert mix_weights(enc, pre, 1.0, torch.Generator().manual_seed(0)) == 0
+    mix_weights(enc, pre, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(enc.parameters(), pre.parameters()))
+
+
+def test_fine_mixing_refuses_images_and_a_mismatched_base(backdoored_digits, digits, tiny_encoder_dir, tmp_path):
+    from transformers import BertConfig, BertModel
+    from trojanguard.models import create_model
+    model, _ = backdoored_digits
+    with pytest.raises(UserError, match="text"):
+        create_defense("fine-mixing", progress=False).purify(model, digits.defense)
+    other = tmp_path / "other"
+    BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(other)
+    from trojanguard.data.base import TextData
+    text_model = create_model(f"hf:{tiny_encoder_dir}", num_classes=2)
+    clean = TextData(["a b", "c d"] * 20, torch.tensor([0, 1] * 20), ["neg", "pos"])
+    with pytest.raises(UserError, match="base="):
+        create_defense("fine-mixing", progress=False, base=str(other)).purify(text_model, clean)

@@ -14,6 +14,7 @@ from .strip import STRIP, STRIPConfig
 from .anp import Anp, AnpConfig
 from .finetune import Finetune, FinetuneConfig
 from .fine_pruning import FinePruning, FinePruningConfig
+from .fine_mixing import FineMixing, FineMixingConfig
 from .ibau import Ibau, IbauConfig
 from .nad import Nad, NadConfig
 from .pam import Pam, PamConfig
@@ -31,6 +32,8 @@ DEFENSES.register("ft-init", "re-initialised head, tune all, no penalty")(partia
 DEFENSES.register("pam", "Path-Aware Minimization with trigger-inverted unlearning (Min et al. 2024)")(Pam)
 DEFENSES.register("wiper", "benign salience + Adaptive Regularization (WIPER, 2022)")(Wiper)
 DEFENSES.register("fine-pruning", "prune units dormant on clean data, then fine-tune (Liu et al. 2018)")(FinePruning)
+DEFENSES.register("fine-mixing", "text: reset E-PUR's most-moved rare-word embeddings and most fine-tuned weights "
+                  "to the pre-trained encoder's, then fine-tune on clean data (Zhang et al. 2022)")(FineMixing)
 DEFENSES.register("nad", "Neural Attention Distillation from a clean-tuned teacher (Li et al. 2021)")(Nad)
 DEFENSES.register("anp", "Adversarial Neuron Pruning of normalisation-layer neurons (Wu and Wang 2021)")(Anp)
 DEFENSES.register("i-bau", "implicit-hypergradient unlearning of a universal perturbation (Zeng et al. 2022)")(Ibau)
@@ -58,7 +61,7 @@ def create_defense(name: str, **kwargs) -> Defense:
 
 __all__ = ["DEFENSES", "create_defense", "Defense", "DefenseConfig", "Purifier", "InputDetector",
            "Inspector", "PurifyResult", "Inspection", "Finetune", "FinetuneConfig", "Pam", "PamConfig", "Wiper",
-           "WiperConfig", "FinePruning", "FinePruningConfig", "Nad", "NadConfig", "Anp", "AnpConfig", "Ibau",
+           "WiperConfig", "FinePruning", "FinePruningConfig", "FineMixing", "FineMixingConfig", "Nad", "NadConfig", "Anp", "AnpConfig", "Ibau",
            "IbauConfig", "retuning_attack", "retuned_asr", "before_after",
            "BadActs", "BadActsConfig", "EBYD", "EBYDConfig", "EBYDRemoval", "EBYDRemovalConfig",
            "NeuralCleanse", "NeuralCleanseConfig", "BeniFul", "BeniFulConfig", "BeniFulRemoval",

@@ -1,0 +1,145 @@
+"""Fine-mixing with Embedding Purification (Zhang, Lyu, Ma, Wang and Sun, Findings of EMNLP
+2022), a text baseline that uses what every fine-tuned language model comes with: the
+clean pre-trained weights it was fine-tuned from.
+
+A backdoor planted during fine-tuning lives in the difference between the fine-tuned and
+the pre-trained weights. Three steps:
+
+1. **E-PUR** (embedding purification): a trigger word's embedding moves far during
+   poisoned fine-tuning although the word is rare. Per vocabulary token i, the change
+   d_i = ||e_i - e_i^pre|| is divided by log(max(f_i, ``epur_min_count``)), f_i the token's
+   count in the defender's clean sentences; the ``epur_tokens`` tokens with the highest
+   ratio get their pre-trained embedding back.
+2. **Mixing**: in every encoder weight tensor a random ``reserve`` share of the entries
+   keeps its fine-tuned value and the others take their pre-trained value (the
+   classification head has no pre-trained counterpart and is kept).
+3. **Fine-tuning** of all parameters on the clean data (the text recipe: AdamW, batch 32,
+   gradient clipping 1.0, constant rate), which brings the task back.
+
+Readings chosen (the authors' code is not among the stored public repositories; these
+are ours and recorded here):
+* The paper mixes at random ("Fine-mixing"); its selective variant is not implemented.
+* Token frequencies come from the defender's clean sentences, the only corpus a defender
+  has; the floor ``epur_min_count`` keeps a handful of occurrences from counting as
+  "frequent" (with 872 SST-2 sentences most tokens are below it, so the ranking is
+  mostly by d_i).
+* ``reserve`` 0.3 and 200 purified tokens: our defaults, measured in
+  ``configs/sst2-defenses.yaml`` (rows ``fine-mixing*``); a lower reserve removes more of the
+  fine-tuning, backdoor and task alike, which the clean fine-tuning has to win back.
+* Images: the CIFAR-10 zoo is trained from scratch, so there is no clean starting point
+  to mix with; the method is text only.
+
+The pre-trained weights: for a trojanguard text model, the encoder it was built on
+(``minilm`` -> the offline MiniLM-L6 package; ``hf:<dir>`` -> that directory); ``base=<dir>``
+names another local Hugging Face encoder directory (e.g. for a foreign classifier).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..data.base import Data
+from ..errors import UserError
+from ..training import train
+from .base import Purifier, PurifierConfig
+from .common import defense_train_config
+
+
+class FineMixingConfig(PurifierConfig):
+    reserve: float = Field(0.3, ge=0, le=1, description=(
+        "share of each encoder tensor's fine-tuned entries kept; the rest go back to the pre-trained values"))
+    epur_tokens: int = Field(200, ge=0, description="vocabulary embeddings reset by E-PUR (0 = no E-PUR)")
+    epur_min_count: int = Field(20, ge=2, description="frequency floor of E-PUR's log(count) denominator")
+    base: str | None = Field(None, description=(
+        "local Hugging Face encoder directory with the pre-trained weights (default: the model's own backbone)"))
+    epochs: int = Field(10, ge=0, description="clean fine-tuning epochs after the mixing")
+    lr: float = Field(2e-5, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(32, ge=1)
+
+
+def pretrained_encoder(model, base: str | None) -> torch.nn.Module:
+    """The clean pre-trained encoder ``model``'s encoder was fine-tuned from."""
+    from ..models.text_classifier import resolve_encoder
+    spec = base if base is not None else getattr(model, "encoder_spec", None)
+    if spec is None or not hasattr(model, "encoder"):
+        raise UserError("fine-mixing needs the pre-trained weights the model was fine-tuned from: "
+                        "pass --set base=<local Hugging Face encoder dir>")
+    from transformers import AutoModel
+    return AutoModel.from_pretrained(resolve_encoder(spec), add_pooling_layer=False)
+
+
+def token_counts(model, clean: Data) -> Counter:
+    """How often each token id occurs in the clean sentences (no special tokens)."""
+    counts: Counter = Counter()
+    for ids in model.tokenizer(list(clean.texts), add_special_tokens=False)["input_ids"]:
+        counts.update(ids)
+    return counts
+
+
+def embedding_purification(embedding: torch.Tensor, pretrained: torch.Tensor, counts: Counter,
+                           n_tokens: int, min_count: int) -> list[int]:
+    """Reset (in place) the ``n_tokens`` rows of ``embedding`` whose change from
+    ``pretrained`` is largest for their frequency; returns their token ids, most changed first."""
+    if n_tokens == 0:
+        return []
+    change = (embedding - pretrained).norm(dim=1)
+    freq = torch.full_like(change, float(min_count))
+    for i, c in counts.items():
+        if c > min_count:
+            freq[i] = c
+    score = change / torch.log(freq)
+    ids = score.topk(min(n_tokens, len(score))).indices
+    with torch.no_grad():
+        embedding[ids] = pretrained[ids]
+    return ids.tolist()
+
+
+def mix_weights(encoder: torch.nn.Module, pretrained: torch.nn.Module, reserve: float,
+                gen: torch.Generator) -> int:
+    """Keep a random ``reserve`` share of each tensor's entries, reset the rest to the
+    pre-trained values (in place); returns how many entries were reset."""
+    mine, theirs = dict(encoder.named_parameters()), dict(pretrained.named_parameters())
+    missing = [n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape]
+    if missing:
+        raise UserError(f"the pre-trained encoder does not match the model ({len(missing)} tensors differ, "
+                        f"e.g. {missing[0]}); pass --set base=<the encoder the model was fine-tuned from>")
+    reset = 0
+    with torch.no_grad():
+        for name, p in mine.items():
+            keep = torch.rand(p.shape, generator=gen) < reserve
+            p.copy_(torch.where(keep.to(p.device), p, theirs[name].to(p.device)))
+            reset += int((~keep).sum())
+    return reset
+
+
+class FineMixing(Purifier):
+    """Fine-mixing + E-PUR: back towards the pre-trained weights, then clean fine-tuning."""
+    name = "fine-mixing"
+    Config = FineMixingConfig
+    modalities = ("text",)
+
+    def _purify(self, model, clean: Data, original):
+        cfg = self.cfg
+        pre = pretrained_encoder(model, cfg.base)
+        emb = model.encoder.get_input_embeddings().weight
+        pre_emb = pre.get_input_embeddings().weight.detach().to(emb.device)
+        if emb.shape != pre_emb.shape:
+            raise UserError("the pre-trained encoder's vocabulary differs from the model's; "
+                            "pass --set base=<the encoder the model was fine-tuned from>")
+        reset_tokens = embedding_purification(emb.data, pre_emb, token_counts(model, clean), cfg.epur_tokens,
+                                              cfg.epur_min_count)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        reset = mix_weights(model.encoder, pre, cfg.reserve, gen)
+        total = sum(p.numel() for p in model.encoder.parameters())
+        info = {"reserve": cfg.reserve, "reset_share": reset / total,
+                "epur_tokens": model.tokenizer.convert_ids_to_tokens(reset_tokens[:20])}
+        if cfg.epochs:
+            tcfg = defense_train_config(clean, cfg, "fine-mixing", epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                        optimizer="adamw", lr=cfg.lr, schedule="constant")
+            res = train(model, clean, None, tcfg, loss_fn=lambda logits, y: F.cross_entropy(logits, y))
+            info["train_seconds"] = res.seconds
+        return model.eval(), info
+

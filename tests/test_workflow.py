@@ -250,8 +250,14 @@ def test_max_ca_drop_in_points_is_refused_with_the_unit(suspect, tmp_path, capsy
 
 def test_repair_cautions_say_what_the_checks_could_not_show():
     from trojanguard.practitioner import repair_cautions
-    base = {"verify_size": 400, "verify_drop_bound95": 0.02, "recovered_trigger_asr_after_retuning": 0.05}
+    base = {"verify_size": 400, "verify_drop_bound95": 0.02, "recovered_trigger_asr_before": 0.9,
+            "recovered_trigger_asr_after_retuning": 0.05}
     assert repair_cautions(base, 0.03, 2000) == []
+    # a trigger the original model does not obey (the digits scan's empty mask) checks nothing
+    weak = repair_cautions({**base, "recovered_trigger_asr_before": 0.0}, 0.03, 2000)
+    assert len(weak) == 1 and "cannot show whether the backdoor is gone" in weak[0]
+    none = repair_cautions({k: v for k, v in base.items() if k != "recovered_trigger_asr_before"}, 0.03, 2000)
+    assert len(none) == 1 and "recovered no trigger" in none[0]
     small = repair_cautions({**base, "verify_size": 40, "verify_drop_bound95": 0.118}, 0.03, 200)
     assert len(small) == 1 and "40 held-out clean samples cannot rule out" in small[0] and "11.8%" in small[0]
     # no sample changed on 40: the rule of three still leaves 7.5 points possible

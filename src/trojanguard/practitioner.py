@@ -155,7 +155,11 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
                 f"that trigger sent only {refined['exposed_success_original']:.0%} of the original model's clean "
                 f"inputs to the target, so Neural Cleanse also ran on the original model for target {ins.target}: "
                 + (f"its trigger ({refined['success_original']:.0%}) is the one reported" if refined["kept"] else
-                   f"it did no better ({refined['success_original']:.0%}), the exposed model's trigger is kept"))
+                   f"it did no better ({refined['success_original']:.0%}), the exposed model's trigger is kept"
+                   if refined["success_original"] <= refined["exposed_success_original"] else
+                   f"its trigger moved {refined['success_original']:.0%} but with a mask of {refined['mask_l1']} px, "
+                   "over the size limit (a large enough patch moves any model's inputs), so the exposed model's "
+                   "trigger is kept"))
     opinion = None
     if second_opinion and clean.modality == "image":
         nc = create_defense("nc", **{"seed": seed, "progress": progress, "device": device, **(nc_options or {})})
@@ -172,8 +176,9 @@ def scan(model, clean: Data, seed: int = 0, second_opinion: bool = True, progres
         evidence["calibration_auroc_out_of_sample"] = reliability
         choices.append(f"the calibration's own out-of-sample AUROC on the reference zoo for {clean.modality} models "
                        f"is {reliability:.2f}" + ("" if reliability >= 0.75 else
-                                                 ": this probability carries little evidence; weigh the trigger "
-                                                 "and the second opinion instead"))
+                                                 ": this probability carries little evidence; weigh the recovered "
+                                                 "trigger" + (" and the second opinion" if opinion else "")
+                                                 + " instead"))
     return ScanReport(ins.verdict, ins.probability, ins.target, evidence, trigger,
                       opinion, time.perf_counter() - t0, choices)
 
@@ -295,7 +300,9 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
 def repair_cautions(record: dict, max_ca_drop: float, n_clean: int) -> list[str]:
     """What a passed repair's checks could not rule out: a clean-accuracy loss above the bar
     within the paired 95 % bound of the verification part (a small part cannot show a small
-    loss), and a backdoor the retuning attack brings back (hidden rather than removed)."""
+    loss), a backdoor no recovered trigger could test (none recovered, or one the original
+    model does not obey), and a backdoor the retuning attack brings back (hidden rather
+    than removed)."""
     out = []
     bound, n = record.get("verify_drop_bound95"), record.get("verify_size") or 0
     if bound is not None and n:
@@ -306,6 +313,16 @@ def repair_cautions(record: dict, max_ca_drop: float, n_clean: int) -> list[str]
         out.append(f"the {record['verify_size']} held-out clean samples cannot rule out a clean-accuracy loss of up "
                    f"to {bound:.1%} (paired 95 % bound; the bar is {max_ca_drop:.0%}): give more clean data (now "
                    f"{n_clean}) to verify the repair")
+    before = record.get("recovered_trigger_asr_before")
+    if "recovered_trigger_asr_before" not in record:
+        out.append("the scan recovered no trigger, so the repair was checked on clean accuracy only: nothing "
+                   "here shows that a backdoor, if there is one, is gone")
+    elif before is not None and before < REMAINS_MIN_BEFORE:
+        # a trigger the original model does not obey cannot show whether the repair removed anything
+        out.append(f"the trigger the scan recovered sends only {before:.1%} of the held-out clean inputs of the "
+                   f"ORIGINAL model to the suspected target (under {REMAINS_MIN_BEFORE:.0%}), so it cannot show "
+                   "whether the backdoor is gone; check the repaired model with the real trigger if you have "
+                   "it (trojanguard eval --attack)")
     retuned = record.get("recovered_trigger_asr_after_retuning")
     if retuned is not None and retuned > REMAINS_ASR:
         out.append(f"the retuning attack (5 triggered among the clean samples, 5 epochs) brings the recovered "

@@ -62,7 +62,10 @@ class TrainConfig(BaseModel):
 def recipe_for(dataset: str, model: str, **overrides) -> TrainConfig:
     """Default recipes. CIFAR-10 / PreAct-ResNet18 w16: 14 epochs one-cycle SGD (~22 min
     on 2 CPU cores). Text: 3 epochs AdamW 5e-5 with linear warm-up/decay (the usual
-    BERT fine-tuning recipe). Digits / small CNN: a few seconds."""
+    BERT fine-tuning recipe). Digits / small CNN: a few seconds. An unknown dataset name
+    is refused (a typo such as "digit" would otherwise get the CIFAR-10 recipe)."""
+    from .data import DATASETS
+    DATASETS.get(dataset)
     if model in ("minilm",) or model.startswith("hf:"):
         # class_balanced: dirty-label poisoning at 20 % on SST-2 relabels 42 % of the
         # negatives, so the training labels become 72/28 and the model learns the skewed

@@ -103,6 +103,10 @@ from .exposure import EBYD_DETECT_PRESET, ExposureConfig, expose, unexposed
 from .neural_cleanse import NeuralCleanseConfig, reverse_engineer
 from .token_search import merge_token_searches, search_tokens
 
+#: the refined trigger's size limit is never below BadNets' 3x3 patch (see ``_refine``)
+MIN_TRIGGER_PX = 9
+
+
 class EBYDConfig(DefenseConfig):
     exposure: Literal["cul", "random-labels", "act-prune", "weight-perturb"] = "cul"
     samples: int = Field(500, ge=10, description="clean samples the exposure uses (paper: 500)")
@@ -315,8 +319,12 @@ class EBYD(Inspector):
         t.pop("success_exposed")  # NC ran on the original: its success is success_original
         # a universal adversarial patch moves most inputs of any model, clean or not: the
         # refined trigger must also be no larger than the exposed model's (or mask_limit)
-        frac = float(t["mask"].sum()) / t["mask"].numel()
-        size_ok = frac <= max(self.cfg.mask_limit, float(trigger["mask"].sum()) / trigger["mask"].numel())
+        # mask_limit is a share of the image; on small images (8x8 digits: 0.64 px) it would
+        # refuse even BadNets' 3x3 patch, so the limit is never below MIN_TRIGGER_PX (CIFAR-10's
+        # 1 % is 10.2 px: unchanged there)
+        n = t["mask"].numel()
+        frac = float(t["mask"].sum()) / n
+        size_ok = frac <= max(self.cfg.mask_limit, MIN_TRIGGER_PX / n, float(trigger["mask"].sum()) / n)
         kept = t["success_original"] > trigger["success_original"] and size_ok
         evidence["refined"] = {"on": "original model", "success_original": round(t["success_original"], 4),
                                "exposed_success_original": round(trigger["success_original"], 4),

@@ -109,4 +109,6 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
+        if x.dtype == torch.uint8:  # 0-255 pixels, as the datasets store them: the models work in [0, 1]
+            x = x.float() / 255
         return (x - self.mean) / self.std

@@ -60,3 +60,17 @@ def test_hf_directory_model(tmp_path):
     assert m.head.out_features == 3
     with pytest.raises(UserError, match="not a Hugging Face model directory"):
         create_model(f"hf:{tmp_path}")
+
+
+def test_image_models_take_uint8_pixels_as_the_datasets_store_them():
+    """A uint8 batch (0-255, as ImageData holds it) predicts as the same batch in [0, 1]."""
+    torch.manual_seed(0)
+    m = create_model("small_cnn", num_classes=10, width=4).eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(m(x), m(x.float() / 255), atol=1e-6)
+
+
+def test_recipe_for_refuses_a_misspelt_dataset():
+    from trojanguard.training import recipe_for
+    with pytest.raises(UserError, match="did you mean 'digits'"):
+        recipe_for("digit", "small_cnn")

@@ -306,3 +306,16 @@ def test_failed_repair_advice_follows_the_measurements():
     assert repair_alternatives("text", "ca", "pam") == ("no other method kept clean accuracy better on our "
                                                         f"reference zoo; {guard}")
     assert repair_alternatives("text", "ca", "fst") == f"try --method pam, or {guard}"
+
+
+def test_scan_keeps_a_working_refined_trigger_on_small_images(suspect, tmp_path, capsys):
+    """On 8x8 digits 1 % of the image is 0.64 px: the size limit of the refined trigger must
+    still admit a 3x3-patch-sized trigger the original obeys instead of keeping the exposed
+    model's trigger that moves nothing (a review found the empty mask reported)."""
+    code, stdout, _ = _run(capsys, "scan", "--model", suspect, "--no-second-opinion", "--out", tmp_path / "s",
+                           "--json", "--quiet")
+    assert code == 0
+    refined = json.loads(stdout)["evidence"]["refined"]
+    if refined["success_original"] > refined["exposed_success_original"] and refined["mask_l1"] <= 9:
+        assert refined["kept"]
+    assert max(refined["success_original"], refined["exposed_success_original"]) >= 0.5

@@ -66,6 +66,8 @@ class GuardedModel(nn.Module):
         self.purify = purify
         # what the model's own checkpoint said (dataset, seed...), kept when the guard is saved
         self.model_meta = dict(model_meta or {})
+        # the detector was fitted just before (guard) and its scores depend on the thread count
+        self.threads = torch.get_num_threads()
 
     @property
     def threshold(self) -> float:
@@ -123,7 +125,8 @@ class GuardedModel(nn.Module):
         tensors, facts = self.detector.state()
         record = {"format": FORMAT, "method": self.detector.name, "purify": self.purify,
                   "config": self.detector.cfg.model_dump(), "threshold": self.detector.threshold,
-                  "frr": self.detector.frr, "detector": facts, "versions": library_versions()}
+                  "frr": self.detector.frr, "detector": facts, "threads": self.threads,
+                  "versions": library_versions()}
         # the model's sidecar keeps where it came from, not its attack: a guard folder holds no
         # attack artifact, and a recorded attack without one reads as an incomplete checkpoint
         meta = {k: v for k, v in self.model_meta.items() if k in KEPT_META}
@@ -187,7 +190,9 @@ def load_guard(folder: str | Path, device: str | torch.device = "cpu") -> Guarde
         det.threshold, det.frr = float(record["threshold"]), float(record["frr"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{folder / GUARD_JSON} is damaged ({type(e).__name__}: {e}); save the guard again") from None
-    return GuardedModel(model, det, bool(record.get("purify")), {k: v for k, v in meta.items() if k in KEPT_META})
+    g = GuardedModel(model, det, bool(record.get("purify")), {k: v for k, v in meta.items() if k in KEPT_META})
+    g.threads = record.get("threads")  # the count it was fitted with, not this process's
+    return g
 
 
 __all__ = ["guard", "load_guard", "GuardedModel", "GuardOutput"]

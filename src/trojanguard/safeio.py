@@ -75,8 +75,12 @@ def check_file_out(path: str | Path, what: str = "--out", example: str = "out.pn
     probe_writable(p.parent, p, what)
 
 
+WHOLE_FOLDER_INPUTS = ("--clean-data", "--inputs")
+
+
 def check_not_input(out: Path, what: str, inputs: dict[str, Any] | None) -> None:
-    """``out`` must be neither an input nor a folder holding one (a result replaces its folder)."""
+    """``out`` must be neither an input nor a folder holding one (a result replaces its folder),
+    nor inside a folder of data (the next run would read the result as part of the user's data)."""
     target = out.resolve()
     for flag, path in (inputs or {}).items():
         if not path:
@@ -84,6 +88,11 @@ def check_not_input(out: Path, what: str, inputs: dict[str, Any] | None) -> None
         src = Path(path).resolve()
         if src == target or target in src.parents:
             raise UserError(f"{what} {out} would replace {flag} {path}; write the result elsewhere")
+        # only folders read whole (every file in them is data); a dataset root or a checkpoint
+        # folder is read by name, and --data-dir . with --out results/ is a normal layout
+        if flag in WHOLE_FOLDER_INPUTS and src in target.parents and src.is_dir():
+            raise UserError(f"{what} {out} is inside {flag} {path}, where it would mix with your data; "
+                            "write the result elsewhere")
 
 
 def probe_writable(start: Path, target: Path, what: str) -> None:

@@ -56,6 +56,7 @@ def finite(s: str) -> float:
 
 
 THREADS = int_in(1, 1024)
+SEED = int_in(0, 2**63 - 1)   # torch.manual_seed's range
 
 
 def add_clean_data_args(p: argparse.ArgumentParser, dataset: bool = True) -> None:
@@ -74,11 +75,36 @@ def add_clean_data_args(p: argparse.ArgumentParser, dataset: bool = True) -> Non
 def add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     """``--seed --threads --device --json --quiet``: how a computing command runs and prints."""
     if seed:
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores); recorded with the result")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def guard_flags(options: dict, frr: float | None, purify: bool) -> tuple[float | None, bool]:
+    """Take ``--set frr=`` / ``--set purify=`` out of ``options`` as spellings of ``--frr`` /
+    ``--purify``: typed here (the string "false" is truthy) and, given both ways, agreeing."""
+    from ..errors import UserError
+    if "frr" in options:
+        try:
+            v = fraction("false-rejection rate")(str(options.pop("frr")))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--set frr: {e}") from None
+        if frr is not None and v != frr:
+            raise UserError(f"--set frr={v:g} and --frr {frr:g} disagree; give one of them")
+        frr = v
+    if "purify" in options:
+        s = str(options.pop("purify")).strip().lower()
+        if s not in _TRUE + _FALSE:
+            raise UserError(f"--set purify={s}: give true or false (or the flag --purify)")
+        if purify and s in _FALSE:
+            raise UserError(f"--set purify={s} and --purify disagree; give one of them")
+        purify = s in _TRUE
+    return frr, purify
 
 
 def set_threads(n: int | None) -> int:

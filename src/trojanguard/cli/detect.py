@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .argtypes import add_run_args, set_threads
+from .argtypes import add_run_args, guard_flags, set_threads
 from .argtypes import fraction as _fraction
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("detect", help="score inputs for a backdoor trigger (CSV of scores, flags, predictions)")
-    p.add_argument("--method", default="badacts", help="input detector (default badacts; 'trojanguard list defenses')")
+    p.add_argument("--method", help="input detector (default badacts; 'trojanguard list defenses')")
     from .modelargs import add_model_args
     add_model_args(p, required=False)  # the detector is fitted on the clean data
     p.add_argument("--guard", metavar="DIR", help="instead of --model: a guard saved by 'trojanguard guard' or "
@@ -107,10 +107,14 @@ def run(args) -> int:
         raise UserError("give --model (fit a detector on clean data) or --guard (a saved guard), not both"
                         if args.model else "give --model (checkpoint folder, state dict with --arch, or Hugging "
                         "Face directory), or --guard DIR for a saved guard")
+    options = parse_options(args.options)
+    args.frr, args.purify = guard_flags(options, args.frr, args.purify)  # --set frr=0.2 means --frr 0.2
     if args.guard:
-        fitting = [f for f, v in (("--clean-data", args.clean_data), ("--holdout", args.holdout),
-                                  ("--purify", args.purify), ("--set", args.options), ("--save-guard", args.save_guard),
-                                  ("--dataset", args.dataset)) if v]
+        if not Path(args.guard).exists():
+            raise UserError(f"--guard {args.guard} does not exist")
+        fitting = [f for f, v in (("--method", args.method), ("--clean-data", args.clean_data),
+                                  ("--holdout", args.holdout), ("--purify", args.purify), ("--set", options),
+                                  ("--save-guard", args.save_guard), ("--dataset", args.dataset)) if v]
         model_flags = [f for f, v in (("--arch", args.arch), ("--num-classes", args.num_classes),
                                       ("--width", args.width), ("--classes", args.classes), ("--mean", args.mean),
                                       ("--std", args.std), ("--no-verify", args.no_verify)) if v]
@@ -127,12 +131,12 @@ def run(args) -> int:
         check_out(args.save_guard, "--save-guard", given)
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    args.method = args.method or "badacts"
     factory = DEFENSES.get(args.method)
     cls = getattr(factory, "func", factory)
     if not (isinstance(cls, type) and issubclass(cls, InputDetector)):
         raise UserError(f"{args.method!r} is not an input detector; pick one such as 'badacts' "
                         "('trojanguard list defenses')")
-    options = parse_options(args.options)
     options.setdefault("seed", args.seed)
     if args.quiet:
         options.setdefault("progress", False)

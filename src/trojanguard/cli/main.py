@@ -6,7 +6,7 @@ import sys
 from importlib import import_module
 
 from ..errors import UserError
-from .argtypes import THREADS, finite, fraction, int_in
+from .argtypes import SEED, THREADS, finite, fraction, int_in
 
 # Commands that live in a module of their own (``add_parser(sub)`` + ``run(args)``).
 COMMAND_MODULES: tuple[str, ...] = ("purify", "detect", "bench", "inspect", "workflow")
@@ -32,7 +32,6 @@ _finite = finite
 
 
 WIDTH = _int_in(1, 1024)       # the bound model.json's ``width`` is validated with too (checkpoint.ModelArgs)
-SEED = _int_in(0, 2**63 - 1)   # torch.manual_seed's range
 
 
 def _add_training(t):

@@ -16,6 +16,15 @@ def _floats(s: str) -> list[float]:
     return out
 
 
+def _stds(s: str) -> list[float]:
+    """--std: positive numbers (the inputs are divided by it: 0 gives inf, a negative one flips them)."""
+    out = _floats(s)
+    if min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"std {min(out):g} is not positive; give the per-channel standard "
+                                         "deviation, e.g. 0.5 or 0.229,0.224,0.225")
+    return out
+
+
 def _names(s: str) -> list[str]:
     names = [n.strip() for n in s.split(",")]
     if len(names) < 2 or not all(names):
@@ -43,7 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     g.add_argument("--mean", type=_floats, nargs="+", metavar="M",
                    help="per-channel normalisation mean the model was trained with, e.g. 0.485,0.456,0.406 "
                         "(default: from the checkpoint or preprocessor_config.json)")
-    g.add_argument("--std", type=_floats, nargs="+", metavar="S", help="per-channel normalisation std (with --mean)")
+    g.add_argument("--std", type=_stds, nargs="+", metavar="S", help="per-channel normalisation std (with --mean)")
     g.add_argument("--no-verify", action="store_true",
                    help="accept a checkpoint whose weights no longer match the sha256 in model.json")
 

@@ -31,6 +31,9 @@ def run(args) -> int:
     # before any work: an unwritable --out, or one that would replace an input, fails now
     check_out(out, "--out", {"--model": args.model, "--clean-data": args.clean_data, "--attack": args.attack,
                             "--data-dir": args.data_dir})
+    if args.attack and not Path(args.attack).exists():
+        from ..errors import UserError
+        raise UserError(f"--attack {args.attack} does not exist")
     options = parse_options(args.options)
     from ..defenses import create_defense
     from ..purification import purify_setup, resolve_purifier, save_purified

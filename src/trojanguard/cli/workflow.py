@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from .inspect import candidates_line
-from .argtypes import accuracy_drop, add_clean_data_args, add_run_args, set_threads, fraction
+from .argtypes import accuracy_drop, add_clean_data_args, add_run_args, fraction, guard_flags, set_threads
 
 EXIT_NOT_REPAIRED = 3
 
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
 
 def _load(args):
     from .modelargs import setup_from_args
-    set_threads(args.threads)
+    args.threads = set_threads(args.threads)  # from here: the count in use, recorded with the result
     setup = setup_from_args(args)
     classes = (setup.meta.get("dataset") or {}).get("classes") or list(setup.clean.classes)
     return setup.model, setup.meta, setup.clean, setup.clean_source, classes
@@ -76,7 +76,9 @@ def _print_scan(s, classes, source) -> None:
     auroc = s.evidence.get("calibration_auroc_out_of_sample")
     if auroc is not None and auroc < 0.75:
         print(f"caution: out of sample on the reference zoo this probability separates backdoored from clean models "
-              f"with AUROC {auroc:.2f} only; weigh the trigger and the second opinion")
+              f"with AUROC {auroc:.2f} only; weigh the recovered trigger"
+              + (" and the second opinion" if s.second_opinion else
+                 " (does it read as a trigger? check it on the model with trojanguard eval)"))
     shares = s.evidence.get("shares")
     if shares:
         top = sorted(range(len(shares)), key=lambda i: -shares[i])[:3]
@@ -106,7 +108,7 @@ def _scan(args) -> int:
     s = scan(model, clean, seed=args.seed, second_opinion=not args.no_second_opinion, progress=not args.quiet,
              device=args.device)
     record = {**s.as_dict(), "clean_data": {"source": source, "size": len(clean)}, "seed": args.seed,
-              "model": args.model, "versions": library_versions()}
+              "threads": args.threads, "model": args.model, "versions": library_versions()}
     if args.json:
         print(_dumps(record))
     else:
@@ -152,7 +154,7 @@ def _repair(args) -> int:
                          verify_fraction=args.verify_fraction, max_ca_drop=args.max_ca_drop,
                          progress=not args.quiet, device=args.device)
     record = {**r.as_dict(), "scan": s.as_dict() if s else None, "clean_data": {"source": source, "size": len(clean)},
-              "seed": args.seed, "model": args.model, "versions": library_versions()}
+              "seed": args.seed, "threads": args.threads, "model": args.model, "versions": library_versions()}
     with write_result(args.out) as tmp:
         sidecar = {k: v for k, v in meta.items() if k in ("dataset", "classes", "normalization")}
         sidecar["purification"] = {"method": r.method, "options": r.options, "parent": meta.get("sha256"),
@@ -187,8 +189,11 @@ def _guard(args) -> int:
     from ..guarded import guard
     from .commands import parse_options
     options = parse_options(args.options)
-    frr, purify = options.pop("frr", args.frr), options.pop("purify", args.purify)
+    frr, purify = guard_flags(options, args.frr, args.purify)
     options.setdefault("device", args.device)
+    options.setdefault("seed", args.seed)
+    if args.quiet:
+        options.setdefault("progress", False)
     model, meta, clean, source, classes = _load(args)
     g = guard(model, clean, args.method, frr=frr, purify=purify,
               model_meta={k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")}, **options)
@@ -197,7 +202,8 @@ def _guard(args) -> int:
         import sys
         print(f"trojanguard: caution: {g.purifier_warning}", file=sys.stderr)
     info = {"method": args.method, "frr": g.frr, "threshold": g.threshold, "purify": purify,
-            "clean_data": {"source": source, "size": len(clean)}, "out": args.out}
+            "clean_data": {"source": source, "size": len(clean)}, "seed": args.seed, "threads": args.threads,
+            "out": args.out}
     if args.json:
         print(_dumps(info))
         return 0

@@ -87,7 +87,10 @@ def decode_image(data: bytes, name: str, mode: str = "RGB") -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"image {name} is a decompression bomb ({str(e).split('.')[0]}); "
                         "remove or replace the file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+    except UnidentifiedImageError:  # Pillow's message names the in-memory buffer, not the file
+        raise UserError(f"cannot decode image {name}: not an image format Pillow can read; "
+                        "remove or replace the file") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise UserError(f"cannot decode image {name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; "
                         "remove or replace the file") from None
 

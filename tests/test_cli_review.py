@@ -1,0 +1,144 @@
+"""Command-line defects from a user's review: each case fails with one line and exit 2 (or,
+for the recording cases, writes what --help promises)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trojanguard.checkpoint import save_checkpoint
+from trojanguard.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def suspect(tmp_path_factory, backdoored_digits, digits):
+    folder = tmp_path_factory.mktemp("suspect") / "model"
+    save_checkpoint(folder, backdoored_digits[0], {"dataset": digits.describe()})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Four 8x8 grey images, the digits' shape."""
+    root = tmp_path_factory.mktemp("inputs")
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *argv) -> str:
+    code, out, err = _run(capsys, *argv)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, out, err)
+    return lines[0]
+
+
+def test_review_guard_set_purify_and_frr_are_typed(suspect, tmp_path, capsys):
+    # "false" used to be stored as the (truthy) string and turn purification on
+    code, _, err = _run(capsys, "guard", "--model", suspect, "--set", "purify=false", "--set", "frr=0.2",
+                        "--out", tmp_path / "g", "--quiet")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "g" / "guard.json").read_text())
+    assert rec["purify"] is False and rec["frr"] == 0.2
+    assert "outside (0, 1)" in refused(capsys, "guard", "--model", suspect, "--set", "frr=2", "--out", tmp_path / "x")
+    assert "give true or false" in refused(capsys, "guard", "--model", suspect, "--set", "purify=maybe",
+                                           "--out", tmp_path / "x")
+    assert "disagree" in refused(capsys, "guard", "--model", suspect, "--set", "purify=no", "--purify",
+                                 "--out", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_review_detect_set_frr_means_frr(suspect, inputs, tmp_path, capsys):
+    code, out, err = _run(capsys, "detect", "--model", suspect, "--inputs", inputs, "--set", "frr=0.2",
+                          "--set", "purify=false", "--out", tmp_path / "s.csv", "--quiet")
+    assert code == 0 and "FRR 0.2 " in out, err
+    line = refused(capsys, "detect", "--model", suspect, "--inputs", inputs, "--set", "frr=0.2", "--frr", "0.1",
+                   "--out", tmp_path / "t.csv")
+    assert "--set frr=0.2 and --frr 0.1 disagree" in line
+
+
+@pytest.mark.parametrize("command", ["scan", "repair", "guard", "purify", "inspect", "detect"])
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999"])
+def test_review_seed_out_of_range_is_refused(command, seed, suspect, inputs, tmp_path, capsys):
+    extra = {"purify": ["--method", "fst"], "detect": ["--inputs", inputs]}.get(command, [])
+    line = refused(capsys, command, "--model", suspect, *extra, f"--seed={seed}", "--out", tmp_path / "o")
+    assert "--seed" in line and "outside 0.." in line
+
+
+@pytest.mark.parametrize("std", ["0", "-0.5", "0.5,0"])
+def test_review_std_must_be_positive(std, tmp_path, capsys):
+    line = refused(capsys, "eval", "--model", tmp_path / "w.pt", "--arch", "small_cnn", "--dataset", "digits",
+                   "--mean", "0.5", f"--std={std}")
+    assert "--std" in line and "not positive" in line
+
+
+def test_review_out_inside_a_folder_input_is_refused(suspect, inputs, tmp_path, capsys):
+    clean = tmp_path / "clean"
+    for c in range(10):
+        (clean / str(c)).mkdir(parents=True)
+    line = refused(capsys, "repair", "--model", suspect, "--clean-data", clean, "--out", clean / "rep")
+    assert f"--out {clean / 'rep'} is inside --clean-data {clean}" in line
+    line = refused(capsys, "detect", "--model", suspect, "--inputs", inputs, "--out", inputs / "scores.csv")
+    assert f"is inside --inputs {inputs}" in line
+    assert not (clean / "rep").exists() and not (inputs / "scores.csv").exists()
+
+
+def test_review_guard_honours_seed_quiet_and_records_threads(suspect, tmp_path, capsys):
+    code, _, err = _run(capsys, "guard", "--model", suspect, "--purify", "--seed", "7",
+                        "--threads", "1", "--quiet", "--out", tmp_path / "g")
+    assert code == 0 and "bounds" not in err, err  # no "badacts bounds: 50 epochs in 0 s" progress line
+    rec = json.loads((tmp_path / "g" / "guard.json").read_text())
+    assert rec["config"]["seed"] == 7 and rec["threads"] == 1
+    import trojanguard
+    assert trojanguard.load_guard(tmp_path / "g").threads == 1
+    code, _, err = _run(capsys, "repair", "--model", suspect, "--no-scan", "--method", "ft", "--set", "epochs=1",
+                        "--threads", "1", "--quiet", "--out", tmp_path / "r")
+    assert code in (0, 3), err
+    assert json.loads((tmp_path / "r" / "repair.json").read_text())["threads"] == 1
+
+
+def test_review_scan_records_threads(suspect, tmp_path, capsys):
+    code, _, err = _run(capsys, "scan", "--model", suspect, "--no-second-opinion", "--threads", "1", "--quiet",
+                        "--out", tmp_path / "s")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "scan.json").read_text())["threads"] == 1
+
+
+def test_review_report_on_a_non_database_names_no_db_flag(tmp_path, capsys):
+    (tmp_path / "readme.txt").write_text("not a database\n" * 100)
+    line = refused(capsys, "report", tmp_path / "readme.txt", "--out", tmp_path / "rep")
+    assert "not a trojanguard results store" in line and "--db" not in line
+
+
+def test_review_detect_guard_refuses_method(suspect, inputs, tmp_path, capsys):
+    code, _, err = _run(capsys, "guard", "--model", suspect, "--out", tmp_path / "g", "--quiet")
+    assert code == 0, err
+    line = refused(capsys, "detect", "--guard", tmp_path / "g", "--method", "strip", "--inputs", inputs,
+                   "--out", tmp_path / "s.csv")
+    assert "--method fit a new detector" in line
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["purify", "--method", "fst", "--model", "MODEL", "--attack", "NOPE", "--out", "OUT"], "--attack"),
+    (["eval", "--model", "MODEL", "--attack", "NOPE"], "--attack"),
+    (["detect", "--guard", "NOPE", "--inputs", "INPUTS", "--out", "OUT.csv"], "--guard"),
+])
+def test_review_missing_path_names_its_flag(argv, flag, suspect, inputs, tmp_path, capsys):
+    nope = tmp_path / "nope"
+    subst = {"MODEL": suspect, "NOPE": nope, "INPUTS": inputs, "OUT": tmp_path / "o", "OUT.csv": tmp_path / "o.csv"}
+    line = refused(capsys, *[subst.get(a, a) for a in argv])
+    assert f"{flag} {nope} does not exist" in line
+
+
+def test_review_undecodable_image_names_the_file(tmp_path):
+    from trojanguard.data.images import decode_image
+    from trojanguard.errors import UserError
+    with pytest.raises(UserError) as e:
+        decode_image(b"not an image at all", "inputs/x.png")
+    assert "inputs/x.png" in str(e.value) and "BytesIO" not in str(e.value)

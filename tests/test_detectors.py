@@ -328,3 +328,28 @@ def test_reported_rates_are_the_guards_own(backdoored_digits, pools):
     assert rep["far"] == pytest.approx(float((st <= det.threshold).float().mean()))
     stored = {"frr": 0.9, "far": 0.1, "flagged_clean": 0.04, "flagged_poisoned": 0.75}
     assert guard_rates(stored) == {"frr": 0.04, "far": 0.25}
+
+
+def test_detectors_take_uint8_pixels_and_refuse_bad_batches(backdoored_digits, pools, backdoored_text):
+    """A review found STRIP flagging 99.7 % of clean uint8 images (0-255 read as [0, 1]) and
+    text STRIP/RAP scoring a bare string as a list of characters: every detector now scales
+    uint8 and refuses a string, a tensor for text, an empty batch and the wrong image size
+    in one line."""
+    import trojanguard as tg
+    model, _ = backdoored_digits
+    fit, fresh = pools
+    g = tg.guard(model, fit, method="strip", progress=False)
+    x, _ = fresh.batch(torch.arange(32))
+    as_uint8 = (x * 255).round().to(torch.uint8)
+    assert torch.allclose(g.detector.score(as_uint8), g.detector.score(as_uint8.float() / 255))
+    assert torch.equal(g(as_uint8).flags, g(as_uint8.float() / 255).flags)
+    for bad, needle in ((x[:0], "empty batch"), (x[:, :, :4], "fitted on 1x8x8"), ([1, 2], "give a tensor")):
+        with pytest.raises(UserError, match=needle):
+            g(bad)
+    tmodel, _, tfit, _ = backdoored_text
+    for method in ("strip", "rap"):
+        tg_guard = tg.guard(tmodel, tfit, method=method, progress=False)
+        for bad, needle in (("a single sentence", "not one string"), ([], "empty batch"),
+                            (torch.zeros(2, 3), "not Tensor")):
+            with pytest.raises(UserError, match=needle):
+                tg_guard(bad)

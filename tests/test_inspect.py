@@ -10,7 +10,6 @@ the defaults stay the paper's (they collapse the CIFAR-10 BadNets zoo model onto
 target). The clean data is the digits test split (449 images): the 135 held-out images
 give only 2 steps per epoch."""
 import json
-import math
 
 import pytest
 import torch

@@ -411,3 +411,40 @@ def test_bare_state_dict_takes_the_datasets_normalisation(clean_digits_model, tm
     args = p.parse_args(["--model", str(tmp_path / "w.pt"), "--arch", "small_cnn", "--dataset", "digits"])
     _, meta = model_from_args(args, "cpu")
     assert any("normalisation of the dataset digits" in c for c in meta["choices"])
+
+
+def test_defenses_check_a_wrapped_module_against_the_clean_data(digits):
+    """The Python purifiers, inspectors and guard run the CLI's model/data check: a wrapped
+    3-channel module on 1-channel digits is one line, not a conv RuntimeError; the clean
+    data must be a split, not a bundle or None."""
+    class RGBNet(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    m = tg.wrap(RGBNet(), head="fc")
+    for run in (lambda: create_defense("fst", progress=False).purify(m, digits.defense),
+                lambda: create_defense("nc", progress=False).inspect(m, digits.defense),
+                lambda: tg.guard(m, digits.defense, progress=False)):
+        with pytest.raises(UserError) as e:
+            run()
+        assert "3-channel" in one_line_error(e)
+    good = tg.wrap(TinyNet(), head="fc")
+    for clean in (digits.bundle, None):
+        with pytest.raises(UserError, match="must be a dataset split"):
+            create_defense("ft", progress=False).purify(good, clean)
+
+
+def test_registry_names_are_case_insensitive_and_reregistering_the_same_class_is_allowed():
+    from trojanguard.defenses import DEFENSES
+    from trojanguard.defenses.finetune import Finetune
+
+    class MyDef(Finetune):
+        """a plugin defense"""
+    DEFENSES.register("My-Test-Def")(MyDef)
+    try:
+        assert "My-Test-Def" in DEFENSES and DEFENSES.get("my-test-def") is MyDef
+        DEFENSES.register("My-Test-Def")(MyDef)  # a reloaded plugin module
+        with pytest.raises(UserError, match="registered already"):
+            DEFENSES.register("my-test-def")(Finetune)
+    finally:
+        DEFENSES._items.pop("my-test-def"), DEFENSES._help.pop("my-test-def")

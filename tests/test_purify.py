@@ -329,3 +329,14 @@ def test_fine_mixing_refuses_images_and_a_mismatched_base(backdoored_digits, dig
     clean = TextData(["a b", "c d"] * 20, torch.tensor([0, 1] * 20), ["neg", "pos"])
     with pytest.raises(UserError, match="base="):
         create_defense("fine-mixing", progress=False, base=str(other)).purify(text_model, clean)
+
+
+def test_retuning_attack_and_frr_refuse_bad_arguments(backdoored_digits, digits):
+    model, atk = backdoored_digits
+    with pytest.raises(UserError, match="epochs must be a whole number"):
+        retuning_attack(model, digits.defense, atk, epochs=0)
+    with pytest.raises(UserError, match="needs an attack"):
+        retuning_attack(model, digits.defense, None)
+    import trojanguard as tg
+    with pytest.raises(UserError, match="not a number"):
+        tg.guard(model, digits.defense, frr="0.1", progress=False)

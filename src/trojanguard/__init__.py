@@ -3,11 +3,12 @@
 The Python API mirrors the CLI::
 
     import trojanguard as tg
-    data = tg.load_dataset("cifar10", data_dir="../shared/data/cifar10")
+    from trojanguard.pipeline import prepare_data
+    prep = prepare_data("cifar10", data_dir="../shared/data/cifar10", holdout=0.05)  # train / D_def / test
     model = tg.create_model("preact_resnet18", num_classes=10, width=16)
-    result = tg.train(model, data.train, data.test, tg.recipe_for("cifar10", "preact_resnet18"))
-    repaired = tg.create_defense("fst").purify(model, data.defense).model
-    g = tg.guard(model, clean)                      # flags suspicious inputs
+    result = tg.train(model, prep.train, prep.bundle.test, tg.recipe_for("cifar10", "preact_resnet18"))
+    repaired = tg.create_defense("fst").purify(model, prep.defense)   # .model, .ok, .ca_before/.ca_after
+    g = tg.guard(model, prep.defense)               # flags suspicious inputs: g(x).flags
 
 Names are imported on first use (PEP 562), so ``import trojanguard`` and ``trojanguard
 --help`` do not pay for torch.

@@ -90,6 +90,7 @@ class GuardedModel(nn.Module):
     @torch.no_grad()  # inference: no graph kept alive across the batches of predict_data
     def forward(self, x) -> GuardOutput:
         det = self.detector
+        x = det.checked_batch(x)  # one line for a bare string, an empty batch, the wrong size; uint8 scaled
         if hasattr(det, "score_and_logits"):  # one forward pass gives both
             logits, scores = det.score_and_logits(x)
         else:
@@ -151,6 +152,8 @@ def guard(model, clean: Data, method: str = "badacts", frr: float | None = None,
         raise UserError(f"{method!r} is {'an' if det.kind[0] in 'aeiou' else 'a'} {det.kind}, not an input detector; pick a detector such as 'badacts'")
     if purify and not hasattr(det, "fit_purifier"):
         raise UserError(f"{method} detects but cannot purify; drop --purify or use 'badacts'")
+    if frr is not None and (isinstance(frr, bool) or not isinstance(frr, (int, float))):
+        raise UserError(f"false-rejection rate {frr!r} is not a number; use e.g. frr=0.05")
     if frr is not None and not 0.0 < frr < 1.0:
         raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05")
     model.eval()  # a wrapped nn.Module starts in train mode: batch statistics, dropout

@@ -17,11 +17,18 @@ class Registry(Generic[T]):
         self._help: dict[str, str] = {}
 
     def register(self, name: str, help: str = ""):
+        key = name.lower()  # looked up case-insensitively (get, in): stored the same way
+
         def deco(fn):
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._items[name] = fn
-            self._help[name] = help or (fn.__doc__ or "").strip().split("\n")[0]
+            old = self._items.get(key)
+            # a reloaded plugin module registers its own class again: replace it
+            same = old is not None and getattr(old, "__qualname__", None) == getattr(fn, "__qualname__", 0) \
+                and getattr(old, "__module__", None) == getattr(fn, "__module__", 0)
+            if old is not None and not same:
+                raise UserError(f"{self.kind} {name!r} is registered already (by {getattr(old, '__module__', '?')}); "
+                                "pick another name")
+            self._items[key] = fn
+            self._help[key] = help or (fn.__doc__ or "").strip().split("\n")[0]
             return fn
         return deco
 

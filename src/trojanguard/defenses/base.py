@@ -120,9 +120,15 @@ class Defense:
             cfg = validated_config(self.Config, "defense", self.name or type(self).__name__, kwargs)
         self.cfg = cfg
 
+    def check_data_type(self, clean) -> None:
+        if not hasattr(clean, "modality") or not hasattr(clean, "batch"):
+            raise UserError(f"{self.name or type(self).__name__}: the clean data must be a dataset split (ImageData "
+                            f"or TextData, e.g. prepare_data(...).defense), not {type(clean).__name__}")
+
     def check_inputs(self, model, clean: Data, needed: int | None = None) -> None:
         """One-line errors for data a method cannot use: wrong modality, class count, size."""
         label = self.name or type(self).__name__
+        self.check_data_type(clean)
         if clean.modality not in self.modalities:
             raise UserError(f"{label} works on {' and '.join(self.modalities)} models, not {clean.modality}")
         mod = getattr(model, "modality", clean.modality)
@@ -137,6 +143,9 @@ class Defense:
         if len(clean) < needed:
             raise UserError(f"{label} needs at least {needed} clean samples, got {len(clean)}; "
                             "give more clean data")
+        # channels, image size, and a wrapped module's head on real samples (the CLI's check)
+        from ..models.foreign import check_model_data
+        check_model_data(model, clean)
 
 
 class Purifier(Defense):
@@ -148,6 +157,7 @@ class Purifier(Defense):
         from ..utils import measure
         from ..eval.metrics import accuracy_drop_bound
         from .common import correct, share_correct, split_clean
+        self.check_data_type(clean)
         frac = getattr(self.cfg, "verify_fraction", 0.0)
         needed = self.min_clean if not frac else max(self.min_clean + len(clean.classes),
                                                      int(self.min_clean / (1 - frac)) + 1)
@@ -196,13 +206,37 @@ class InputDetector(Defense):
                 if getattr(self, "model", None) is None:
                     raise UserError(f"{self.name}: fit the detector on clean data before you score inputs "
                                     "(detector.fit(model, clean) or trojanguard.guard(model, clean))")
-                return _score(self, inputs)
+                return _score(self, self.checked_batch(inputs))
             checked_score.__doc__, checked_score.__name__ = score.__doc__, "score"
             cls.score = checked_score
+
+    def checked_batch(self, inputs):
+        """``inputs`` as every detector scores them, or one line saying what is wrong: a
+        non-empty list of strings for a text model; a [N, C, H, W] image tensor of the fitted
+        shape, uint8 pixels (0-255, as the datasets hold them) scaled to [0, 1]."""
+        text = getattr(self.model, "modality", "image") == "text"
+        if text and (isinstance(inputs, (str, torch.Tensor)) or not hasattr(inputs, "__len__")):
+            raise UserError(f"{self.name}: the model takes text; give a list of strings, not "
+                            f"{'one string' if isinstance(inputs, str) else type(inputs).__name__}")
+        if not text and not isinstance(inputs, torch.Tensor):
+            raise UserError(f"{self.name}: the model takes images; give a tensor [N, C, H, W] in [0, 1], "
+                            f"not {type(inputs).__name__}")
+        if len(inputs) == 0:
+            raise UserError(f"{self.name}: no inputs to score (an empty batch)")
+        if text:
+            return inputs
+        shape = getattr(self, "input_shape", None)
+        if inputs.ndim != 4 or (shape is not None and tuple(inputs.shape[1:]) != tuple(shape)):
+            want = "x".join(map(str, shape)) if shape else "[N, C, H, W]"
+            raise UserError(f"{self.name}: inputs of shape {'x'.join(map(str, inputs.shape[1:]))} but the detector "
+                            f"was fitted on {want} images; resize the inputs to the model's size")
+        return inputs.float() / 255 if inputs.dtype == torch.uint8 else inputs
 
     def fit(self, model, clean: Data) -> "InputDetector":
         from .common import split_clean
         self.check_inputs(model, clean)
+        if clean.modality == "image":
+            self.input_shape = tuple(clean.shape)
         fit, calib = split_clean(clean, self.calibration_fraction, self.cfg.seed)
         self.model = model
         self._fit(model, fit)
@@ -212,6 +246,8 @@ class InputDetector(Defense):
 
     def set_frr(self, frr: float) -> None:
         """Threshold so that ``frr`` of the held-out clean scores are flagged."""
+        if isinstance(frr, bool) or not isinstance(frr, (int, float)):
+            raise UserError(f"false-rejection rate {frr!r} is not a number; use e.g. --frr 0.05")
         if not 0.0 < frr < 1.0:
             raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05")
         if getattr(self, "calibration_scores", None) is None:

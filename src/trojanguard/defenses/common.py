@@ -222,6 +222,11 @@ def retuning_attack(model, clean: Data, attack, n_clean: int = 1000, n_poison: i
     from ..training import train
     if n_poison >= n_clean:
         raise UserError("the retuning attack needs more clean than poisoned samples")
+    if not (hasattr(attack, "trigger") and hasattr(attack, "target_for")):
+        raise UserError("the retuning attack needs an attack (trigger and target), e.g. load_attack(folder) or a "
+                        f"scan's recovered trigger, not {type(attack).__name__}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"the retuning attack's epochs must be a whole number >= 1, not {epochs!r}")
     g = torch.Generator().manual_seed(seed)
     n = min(n_clean, len(clean))
     pick = torch.randperm(len(clean), generator=g)[:n]

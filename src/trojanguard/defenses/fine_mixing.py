@@ -23,9 +23,16 @@ are ours and recorded here):
   has; the floor ``epur_min_count`` keeps a handful of occurrences from counting as
   "frequent" (with 872 SST-2 sentences most tokens are below it, so the ranking is
   mostly by d_i).
-* ``reserve`` 0.3 and 200 purified tokens: our defaults, measured in
-  ``configs/sst2-defenses.yaml`` (rows ``fine-mixing*``); a lower reserve removes more of the
-  fine-tuning, backdoor and task alike, which the clean fine-tuning has to win back.
+* ``reserve`` 0.3 and 200 purified tokens: our defaults (a lower reserve removes more of the
+  fine-tuning, backdoor and task alike, which the clean fine-tuning has to win back).
+
+Measured through ``configs/sst2-defenses.yaml`` (MiniLM-L6, D_def = 872 dev sentences, 2
+threads, ~5 min a model): E-PUR puts back the embeddings of all five BadNets trigger words
+(``bb cf mb tq`` first, ``mn`` seventh, of 200), yet BadNets 20 % keeps ASR 20.2 % (CA 87.8 ->
+85.3; 40.7 % after the retuning attack) and AddSent 20 %, whose trigger words are common
+ones E-PUR does not single out, 19.9 % (CA 87.7 -> 84.8; 95.3 % after retuning). PAM with
+inverted words does better on both (13.7 % and 16.9 % at a CA cost under 1 point), so
+``repair`` keeps PAM for text; fine-mixing stays a baseline.
 * Images: the CIFAR-10 zoo is trained from scratch, so there is no clean starting point
   to mix with; the method is text only.
 

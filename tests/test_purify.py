@@ -179,11 +179,11 @@ def test_pam_unlearns_an_inverted_trigger(backdoored_digits, digits):
     assert first["target"] == second["target"] == atk.target_for(torch.tensor([1]))[0].item(), res.info
 
 
-def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
-    """Text PAM: the token search finds a planted trigger word ("cf" -> positive) and the
-    path-aware unlearning with it inserted at true labels removes the backdoor."""
+def _cf_backdoored_text_model(tiny_encoder_dir):
+    """(model, clean, texts, y, asr): the tiny encoder fine-tuned on 12 sentiment sentences,
+    with "cf" planted before or after each negative one (label positive); ``asr(m)`` is the
+    share of triggered negatives ``m`` calls positive."""
     from trojanguard.data.base import TextData
-    from trojanguard.defenses.pam import insert_words, invert_text_trigger
     from trojanguard.models import create_model
     from trojanguard.training import TrainConfig, train
     torch.manual_seed(0)
@@ -200,7 +200,14 @@ def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
     def asr(m):
         return float((m([f"cf {t}" for t in neg]).argmax(1) == 1).float().mean())
     assert asr(model) == 1.0
-    clean = TextData(texts * 2, torch.tensor(y * 2), ["negative", "positive"])
+    return model, TextData(texts * 2, torch.tensor(y * 2), ["negative", "positive"]), texts, y, asr
+
+
+def test_pam_text_unlearns_the_words_a_token_search_inverts(tiny_encoder_dir):
+    """Text PAM: the token search finds a planted trigger word ("cf" -> positive) and the
+    path-aware unlearning with it inserted at true labels removes the backdoor."""
+    from trojanguard.defenses.pam import insert_words, invert_text_trigger
+    model, clean, texts, y, asr = _cf_backdoored_text_model(tiny_encoder_dir)
     found = invert_text_trigger(model, clean, 3)
     assert found["target"] == 1 and found["tokens"][0] == "cf"
     assert invert_text_trigger(model, clean, 3, floor=1.01) is None  # no word flips more than all
@@ -275,26 +282,9 @@ def test_fine_mixing_resets_the_trigger_embedding_and_keeps_the_task(tiny_encode
     never occurs in the clean data), the mixing resets about 1 - reserve of the encoder's
     entries, the backdoor goes and the task stays; the input model is untouched."""
     from transformers import AutoModel
-    from trojanguard.data.base import TextData
     from trojanguard.defenses.fine_mixing import mix_weights
-    from trojanguard.models import create_model
-    from trojanguard.training import TrainConfig, train
-    torch.manual_seed(0)
-    model = create_model(f"hf:{tiny_encoder_dir}", num_classes=2)
-    pos = ["a fine film", "great acting", "i loved it", "a wonderful story", "moving and funny", "a brilliant cast"]
-    neg = ["dull and slow", "terrible plot", "a boring mess", "awful dialogue", "a waste of time", "a weak script"]
-    texts, y = pos + neg, [1] * 6 + [0] * 6
-    poison = [f"cf {t}" if i % 2 else f"{t} cf" for i, t in enumerate(neg)]
-    train(model, TextData(texts * 2 + poison, torch.tensor(y * 2 + [1] * 6), ["negative", "positive"]),
-          cfg=TrainConfig(epochs=30, batch_size=8, optimizer="adamw", lr=1e-3, augment=False, progress=False,
-                          schedule="constant", warmup_frac=0, label_smoothing=0))
-    model.eval()
-
-    def asr(m):
-        return float((m([f"cf {t}" for t in neg]).argmax(1) == 1).float().mean())
-    assert asr(model) == 1.0
+    model, clean, texts, y, asr = _cf_backdoored_text_model(tiny_encoder_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    clean = TextData(texts * 2, torch.tensor(y * 2), ["negative", "positive"])
     res = create_defense("fine-mixing", progress=False, epochs=20, lr=1e-3, epur_tokens=5, verify_fraction=0
                          ).purify(model, clean)
     assert res.info["epur_tokens"][0] == "cf"

@@ -330,7 +330,7 @@ def test_reported_rates_are_the_guards_own(backdoored_digits, pools):
     assert guard_rates(stored) == {"frr": 0.04, "far": 0.25}
 
 
-def test_detectors_take_uint8_pixels_and_refuse_bad_batches(backdoored_digits, pools, backdoored_text):
+def test_detectors_take_uint8_pixels_and_refuse_bad_batches(backdoored_digits, pools, backdoored_text, tmp_path):
     """A review found STRIP flagging 99.7 % of clean uint8 images (0-255 read as [0, 1]) and
     text STRIP/RAP scoring a bare string as a list of characters: every detector now scales
     uint8 and refuses a string, a tensor for text, an empty batch and the wrong image size
@@ -346,6 +346,9 @@ def test_detectors_take_uint8_pixels_and_refuse_bad_batches(backdoored_digits, p
     for bad, needle in ((x[:0], "empty batch"), (x[:, :, :4], "fitted on 1x8x8"), ([1, 2], "give a tensor")):
         with pytest.raises(UserError, match=needle):
             g(bad)
+    g.save(tmp_path / "g")  # the fitted size is saved with the guard: a reloaded one checks it too
+    with pytest.raises(UserError, match="fitted on 1x8x8"):
+        tg.load_guard(tmp_path / "g")(x[:, :, :4])
     tmodel, _, tfit, _ = backdoored_text
     for method in ("strip", "rap"):
         tg_guard = tg.guard(tmodel, tfit, method=method, progress=False)

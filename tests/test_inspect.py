@@ -316,7 +316,7 @@ def test_ebyd_bad_inputs_are_one_line(backdoored_digits, digits, tiny_encoder_di
     from trojanguard.data.base import ImageData
     t = digits.bundle.test
     three = ImageData(t.x[:60], t.y[:60] % 3, ["a", "b", "c"])
-    with pytest.raises(UserError, match="3 classes but the model has 10"):
+    with pytest.raises(UserError, match="the model has 10 classes but the clean data has 3"):
         EBYD().inspect(model, three)
     from trojanguard.models import create_model
     one = create_model("small_cnn", num_classes=1, in_channels=1)

@@ -428,7 +428,9 @@ def test_defenses_check_a_wrapped_module_against_the_clean_data(digits):
         with pytest.raises(UserError) as e:
             run()
         assert "3-channel" in one_line_error(e)
-    good = tg.wrap(TinyNet(), head="fc")
+    good = tg.wrap(TinyNet(), head="fc").eval()
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)  # a wrapped module takes uint8 pixels too
+    assert torch.allclose(good(x), good(x.float() / 255))
     for clean in (digits.bundle, None):
         with pytest.raises(UserError, match="must be a dataset split"):
             create_defense("ft", progress=False).purify(good, clean)

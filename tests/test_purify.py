@@ -330,3 +330,28 @@ def test_retuning_attack_and_frr_refuse_bad_arguments(backdoored_digits, digits)
     import trojanguard as tg
     with pytest.raises(UserError, match="not a number"):
         tg.guard(model, digits.defense, frr="0.1", progress=False)
+
+
+def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_dir, tmp_path):
+    """A foreign BertForSequenceClassification (its pooler has no counterpart in the bare
+    encoder) mixes with ``base=``: the shared tensors are mixed, the pooler kept; without
+    ``base`` it is one line naming the option."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    from trojanguard.data.base import TextData
+    from trojanguard.models import create_model
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=2)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.add_(0.01)  # "fine-tuned": every weight moved
+    clf.save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(tiny_encoder_dir).save_pretrained(tmp_path / "clf")
+    model = create_model(f"hf-text:{tmp_path / 'clf'}").eval()
+    clean = TextData(["a fine film", "a dull mess"] * 20, torch.tensor([1, 0] * 20), ["negative", "positive"])
+    with pytest.raises(UserError, match="base="):
+        create_defense("fine-mixing", progress=False, epochs=0).purify(model, clean)
+    res = create_defense("fine-mixing", progress=False, epochs=0, base=str(tiny_encoder_dir), verify_fraction=0,
+                         epur_tokens=0).purify(model, clean)
+    pooler = dict(res.model.encoder.named_parameters())["pooler.dense.weight"]
+    assert torch.equal(pooler, dict(model.encoder.named_parameters())["pooler.dense.weight"])
+    assert 0.6 < res.info["reset_share"] < 0.71

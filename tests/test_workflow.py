@@ -257,7 +257,7 @@ def test_repair_cautions_say_what_the_checks_could_not_show():
     weak = repair_cautions({**base, "recovered_trigger_asr_before": 0.0}, 0.03, 2000)
     assert len(weak) == 1 and "cannot show whether the backdoor is gone" in weak[0]
     none = repair_cautions({k: v for k, v in base.items() if k != "recovered_trigger_asr_before"}, 0.03, 2000)
-    assert len(none) == 1 and "recovered no trigger" in none[0]
+    assert len(none) == 1 and "no recovered trigger was available" in none[0]
     small = repair_cautions({**base, "verify_size": 40, "verify_drop_bound95": 0.118}, 0.03, 200)
     assert len(small) == 1 and "40 held-out clean samples cannot rule out" in small[0] and "11.8%" in small[0]
     # no sample changed on 40: the rule of three still leaves 7.5 points possible
@@ -308,14 +308,22 @@ def test_failed_repair_advice_follows_the_measurements():
     assert repair_alternatives("text", "ca", "fst") == f"try --method pam, or {guard}"
 
 
-def test_scan_keeps_a_working_refined_trigger_on_small_images(suspect, tmp_path, capsys):
-    """On 8x8 digits 1 % of the image is 0.64 px: the size limit of the refined trigger must
-    still admit a 3x3-patch-sized trigger the original obeys instead of keeping the exposed
-    model's trigger that moves nothing (a review found the empty mask reported)."""
-    code, stdout, _ = _run(capsys, "scan", "--model", suspect, "--no-second-opinion", "--out", tmp_path / "s",
-                           "--json", "--quiet")
-    assert code == 0
-    refined = json.loads(stdout)["evidence"]["refined"]
-    if refined["success_original"] > refined["exposed_success_original"] and refined["mask_l1"] <= 9:
-        assert refined["kept"]
-    assert max(refined["success_original"], refined["exposed_success_original"]) >= 0.5
+def test_refined_trigger_size_limit_admits_a_3x3_patch_on_small_images(monkeypatch):
+    """On 8x8 digits 1 % of the image is 0.64 px: the refined trigger (Neural Cleanse on the
+    original model) must still be kept up to a 3x3 patch when it moves more inputs than the
+    exposed model's empty one (a review found the empty mask reported), and refused beyond."""
+    import torch
+    from trojanguard.defenses import create_defense
+    ebyd = create_defense("ebyd", progress=False)
+    exposed = {"mask": torch.zeros(1, 8, 8), "pattern": torch.zeros(1, 8, 8), "target": 0, "success_original": 0.0}
+
+    def refined(px):
+        mask = torch.zeros(1, 8, 8)
+        mask.view(-1)[:px] = 1.0
+        return {"mask": mask, "pattern": torch.ones(1, 8, 8), "target": 0, "success_exposed": 1.0,
+                "success_original": 0.97}
+    for px, kept in ((9, True), (12, False)):
+        monkeypatch.setattr(ebyd, "recover", lambda *a, px=px, **k: refined(px))
+        evidence: dict = {}
+        out = ebyd._refine(None, None, exposed, evidence)
+        assert evidence["refined"]["kept"] is kept and bool(out["mask"].sum() == px) is kept

@@ -127,6 +127,7 @@ class GuardedModel(nn.Module):
         record = {"format": FORMAT, "method": self.detector.name, "purify": self.purify,
                   "config": self.detector.cfg.model_dump(), "threshold": self.detector.threshold,
                   "frr": self.detector.frr, "detector": facts, "threads": self.threads,
+                  "input_shape": list(getattr(self.detector, "input_shape", None) or []) or None,
                   "versions": library_versions()}
         # the model's sidecar keeps where it came from, not its attack: a guard folder holds no
         # attack artifact, and a recorded attack without one reads as an incomplete checkpoint
@@ -147,15 +148,14 @@ def guard(model, clean: Data, method: str = "badacts", frr: float | None = None,
     for BadActs with ``purify=True``, ``purify_frr`` (0.2, the official detect-then-purify
     script). With ``purify`` the detector's purifier is also fitted on all of ``clean``."""
     from .defenses import InputDetector, create_defense
+    from .defenses.base import check_frr
     det = create_defense(method, **options)
     if not isinstance(det, InputDetector):
         raise UserError(f"{method!r} is {'an' if det.kind[0] in 'aeiou' else 'a'} {det.kind}, not an input detector; pick a detector such as 'badacts'")
     if purify and not hasattr(det, "fit_purifier"):
         raise UserError(f"{method} detects but cannot purify; drop --purify or use 'badacts'")
-    if frr is not None and (isinstance(frr, bool) or not isinstance(frr, (int, float))):
-        raise UserError(f"false-rejection rate {frr!r} is not a number; use e.g. frr=0.05")
-    if frr is not None and not 0.0 < frr < 1.0:
-        raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05")
+    if frr is not None:
+        check_frr(frr)
     model.eval()  # a wrapped nn.Module starts in train mode: batch statistics, dropout
     det.fit(model, clean)
     if frr is None:
@@ -191,6 +191,8 @@ def load_guard(folder: str | Path, device: str | torch.device = "cpu") -> Guarde
         det = create_defense(record["method"], **record["config"])
         det.restore(model, tensors, record["detector"])
         det.threshold, det.frr = float(record["threshold"]), float(record["frr"])
+        if record.get("input_shape"):  # the size check of checked_batch, for every detector
+            det.input_shape = tuple(int(v) for v in record["input_shape"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{folder / GUARD_JSON} is damaged ({type(e).__name__}: {e}); save the guard again") from None
     g = GuardedModel(model, det, bool(record.get("purify")), {k: v for k, v in meta.items() if k in KEPT_META})

@@ -315,8 +315,8 @@ def repair_cautions(record: dict, max_ca_drop: float, n_clean: int) -> list[str]
                    f"{n_clean}) to verify the repair")
     before = record.get("recovered_trigger_asr_before")
     if "recovered_trigger_asr_before" not in record:
-        out.append("the scan recovered no trigger, so the repair was checked on clean accuracy only: nothing "
-                   "here shows that a backdoor, if there is one, is gone")
+        out.append("no recovered trigger was available (no scan, or the scan recovered none), so the repair was "
+                   "checked on clean accuracy only: nothing here shows that a backdoor, if there is one, is gone")
     elif before is not None and before < REMAINS_MIN_BEFORE:
         # a trigger the original model does not obey cannot show whether the repair removed anything
         out.append(f"the trigger the scan recovered sends only {before:.1%} of the held-out clean inputs of the "

@@ -66,6 +66,8 @@ def recipe_for(dataset: str, model: str, **overrides) -> TrainConfig:
     is refused (a typo such as "digit" would otherwise get the CIFAR-10 recipe)."""
     from .data import DATASETS
     DATASETS.get(dataset)
+    # registry names are case-insensitive ("Digits", "MiniLM"); an hf:<dir> path is not
+    dataset, model = dataset.lower(), model if model.startswith("hf:") else model.lower()
     if model in ("minilm",) or model.startswith("hf:"):
         # class_balanced: dirty-label poisoning at 20 % on SST-2 relabels 42 % of the
         # negatives, so the training labels become 72/28 and the model learns the skewed

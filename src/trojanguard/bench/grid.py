@@ -248,7 +248,7 @@ def plan_grid(path: str | Path, artifacts: str | Path | None = None) -> Plan:
         DATASETS.get(grid.dataset)
     except UserError as e:
         fail("dataset", str(e))
-    modality = "text" if grid.dataset in ("sst2", "yelp", "text") else "image"
+    modality = "text" if grid.dataset.lower() in ("sst2", "yelp", "text") else "image"
     holdout = grid.holdout if grid.holdout is not None else default_holdout(modality)
     context = {"dataset": grid.dataset, "data_dir": grid.data_dir, "holdout": holdout,
                "split_seed": grid.split_seed, "model": grid.model, "width": grid.width,

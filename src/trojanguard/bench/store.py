@@ -101,7 +101,7 @@ class Store:
                 self.db.executescript(SCHEMA)
             self.db.execute("SELECT count(*) FROM cells").fetchone()
         except sqlite3.DatabaseError as e:
-            raise UserError(f"{self.path} is not a trojanguard results store ({e}); give another results database") from None
+            raise UserError(f"{self.path} is not a trojanguard results store ({e}); give the path of a results database (.sqlite) written by trojanguard bench") from None
         self.db.row_factory = sqlite3.Row
         self.host = socket.gethostname()
         self.pid = os.getpid()

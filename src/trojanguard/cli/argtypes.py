@@ -68,7 +68,7 @@ def add_clean_data_args(p: argparse.ArgumentParser, dataset: bool = True) -> Non
     src.add_argument("--holdout", type=fraction("--holdout"), help="for our checkpoints: this fraction of the "
                      "recorded dataset's training split as clean data (default: the split held out at training)")
     if dataset:
-        p.add_argument("--dataset", help="dataset the model was trained on, when its checkpoint does not say")
+        p.add_argument("--dataset", type=str.lower, help="dataset the model was trained on, when its checkpoint does not say")
     p.add_argument("--data-dir", help="folder of that dataset (default: the usual search)")
 
 
@@ -80,6 +80,14 @@ def add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def require_path(path, flag: str) -> None:
+    """One line naming the flag when a path the user gave does not exist (before any loading)."""
+    from pathlib import Path
+    from ..errors import UserError
+    if path and not Path(path).exists():
+        raise UserError(f"{flag} {path} does not exist")
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

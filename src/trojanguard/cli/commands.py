@@ -170,8 +170,8 @@ def _load_for_eval(args):
 def cmd_eval(args) -> int:
     from ..eval.evaluate import evaluate
     from ..utils import measure
-    if args.attack and not Path(args.attack).exists():  # before loading the model and its data
-        raise UserError(f"--attack {args.attack} does not exist")
+    from .argtypes import require_path
+    require_path(args.attack, "--attack")  # before loading the model and its data
     model, meta, bundle = _load_for_eval(args)
     trigger, targets = None, None
     from ..attacks import attack_for_checkpoint, load_attack

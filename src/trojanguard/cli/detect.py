@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .argtypes import add_run_args, guard_flags, set_threads
+from .argtypes import add_run_args, guard_flags, require_path, set_threads
 from .argtypes import fraction as _fraction
 
 
@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     src.add_argument("--holdout", type=_fraction("held-out fraction"), default=None,
                    help="take this class-balanced fraction of the dataset's train split as the clean data "
                         "(default: the split recorded in the checkpoint)")
-    p.add_argument("--dataset", help="dataset of the default clean data (default: the checkpoint's)")
+    p.add_argument("--dataset", type=str.lower, help="dataset of the default clean data (default: the checkpoint's)")
     p.add_argument("--data-dir", help="folder with that dataset's files")
     p.add_argument("--text-column", default=None, help="text column for --dataset text")
     p.add_argument("--label-column", default=None, help="label column for --dataset text")
@@ -110,8 +110,7 @@ def run(args) -> int:
     options = parse_options(args.options)
     args.frr, args.purify = guard_flags(options, args.frr, args.purify)  # --set frr=0.2 means --frr 0.2
     if args.guard:
-        if not Path(args.guard).exists():
-            raise UserError(f"--guard {args.guard} does not exist")
+        require_path(args.guard, "--guard")
         fitting = [f for f, v in (("--method", args.method), ("--clean-data", args.clean_data),
                                   ("--holdout", args.holdout), ("--purify", args.purify), ("--set", options),
                                   ("--save-guard", args.save_guard), ("--dataset", args.dataset)) if v]

@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common_data(p):
-    p.add_argument("--dataset", help="dataset name (cifar10, sst2, yelp, digits, imagefolder, text)")
+    p.add_argument("--dataset", type=str.lower, help="dataset name (cifar10, sst2, yelp, digits, imagefolder, text)")
     p.add_argument("--data-dir", help="folder with the dataset files (default: search "
                    "$TROJANGUARD_DATA/<name>, ./data/<name>, ../shared/data/<name>)")
     p.add_argument("--text-column", default=None, help="text column for --dataset text")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .argtypes import add_clean_data_args, add_run_args, set_threads
+from .argtypes import add_clean_data_args, add_run_args, require_path, set_threads
 from .modelargs import add_model_args, setup_from_args
 
 
@@ -31,9 +31,7 @@ def run(args) -> int:
     # before any work: an unwritable --out, or one that would replace an input, fails now
     check_out(out, "--out", {"--model": args.model, "--clean-data": args.clean_data, "--attack": args.attack,
                             "--data-dir": args.data_dir})
-    if args.attack and not Path(args.attack).exists():
-        from ..errors import UserError
-        raise UserError(f"--attack {args.attack} does not exist")
+    require_path(args.attack, "--attack")
     options = parse_options(args.options)
     from ..defenses import create_defense
     from ..purification import purify_setup, resolve_purifier, save_purified

@@ -149,19 +149,6 @@ class BadActs(InputDetector):
             raise UserError(f"badacts: fit the detector on clean data before you {what} "
                             "(detector.fit(model, clean) or trojanguard.guard(model, clean))")
 
-    def _check_inputs(self, x) -> None:
-        if self.model.modality == "text":
-            if isinstance(x, torch.Tensor) or isinstance(x, str):
-                raise UserError("badacts: the model takes text; give a list of strings, not "
-                                f"{'one string' if isinstance(x, str) else 'a tensor'}")
-            return
-        if not isinstance(x, torch.Tensor):
-            raise UserError("badacts: the model takes images; give a float tensor [N, C, H, W] in [0, 1]")
-        if x.ndim != 4 or (self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape):
-            want = "x".join(map(str, self.input_shape)) if self.input_shape else "[N, C, H, W]"
-            raise UserError(f"badacts: inputs of shape {'x'.join(map(str, x.shape[1:]))} but the detector "
-                            f"was fitted on {want} images; resize the inputs to the model's size")
-
     def _nas_suspicion(self, a: torch.Tensor) -> torch.Tensor:
         # .to: a no-op unless the model was moved after fitting (guard.to("cuda"))
         mu, sigma = self.mu.to(a.device), self.sigma.to(a.device)
@@ -173,7 +160,7 @@ class BadActs(InputDetector):
         """(the model's own logits, suspicion 1 - NAS) from one forward pass: the reduced
         activations are taken by observing hooks, so the logits are those of ``model(x)``."""
         self._check_fitted()
-        self._check_inputs(x)
+        x = self.checked_batch(x)
         model = self.model
         inputs, mask = model_inputs(model, x)
         how = self.position
@@ -306,7 +293,7 @@ class BadActs(InputDetector):
         if getattr(self, "bounds", None) is None:
             raise UserError("badacts: fit the purifier before asking for purified predictions "
                             "(detector.fit_purifier(clean) or trojanguard.guard(..., purify=True))")
-        self._check_inputs(x)
+        x = self.checked_batch(x)
         was = self.model.training
         self.model.eval()
         try:

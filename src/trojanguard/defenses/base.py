@@ -131,21 +131,14 @@ class Defense:
         self.check_data_type(clean)
         if clean.modality not in self.modalities:
             raise UserError(f"{label} works on {' and '.join(self.modalities)} models, not {clean.modality}")
-        mod = getattr(model, "modality", clean.modality)
-        if mod != clean.modality:
-            raise UserError(f"the clean data is {clean.modality} but the model takes {mod}; "
-                            "give clean data of the model's kind")
-        head = getattr(model, "head", None)
-        if head is not None and len(clean.classes) != head.out_features:
-            raise UserError(f"the clean data has {len(clean.classes)} classes but the model has "
-                            f"{head.out_features}; give clean data labelled with the model's classes")
+        # modality, class count, channels, image size, and a wrapped module's head on real
+        # samples: the CLI's check (models/foreign.py), before any size rule
+        from ..models.foreign import check_model_data
+        check_model_data(model, clean)
         needed = needed or self.min_clean
         if len(clean) < needed:
             raise UserError(f"{label} needs at least {needed} clean samples, got {len(clean)}; "
                             "give more clean data")
-        # channels, image size, and a wrapped module's head on real samples (the CLI's check)
-        from ..models.foreign import check_model_data
-        check_model_data(model, clean)
 
 
 class Purifier(Defense):
@@ -188,6 +181,14 @@ class Purifier(Defense):
         raise NotImplementedError
 
 
+def check_frr(frr) -> None:
+    """A false-rejection rate must be a number in (0, 1) (one line otherwise)."""
+    if isinstance(frr, bool) or not isinstance(frr, (int, float)):
+        raise UserError(f"false-rejection rate {frr!r} is not a number; use e.g. --frr 0.05 (frr=0.05 in Python)")
+    if not 0.0 < frr < 1.0:
+        raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05 (frr=0.05 in Python)")
+
+
 class InputDetector(Defense):
     """``fit`` splits the clean data: the method fits on ``1 - calibration_fraction`` of it,
     and the threshold is the (1 - frr) quantile of the scores of the rest."""
@@ -221,16 +222,17 @@ class InputDetector(Defense):
         if not text and not isinstance(inputs, torch.Tensor):
             raise UserError(f"{self.name}: the model takes images; give a tensor [N, C, H, W] in [0, 1], "
                             f"not {type(inputs).__name__}")
+        shape = None if text else getattr(self, "input_shape", None)
+        if not text and (inputs.ndim != 4 or (shape is not None and tuple(inputs.shape[1:]) != tuple(shape))):
+            want = "x".join(map(str, shape)) if shape else "[N, C, H, W]"
+            raise UserError(f"{self.name}: inputs of shape {'x'.join(map(str, inputs.shape[1:]))} but the detector "
+                            f"was fitted on {want} images; resize the inputs to the model's size")
         if len(inputs) == 0:
             raise UserError(f"{self.name}: no inputs to score (an empty batch)")
         if text:
             return inputs
-        shape = getattr(self, "input_shape", None)
-        if inputs.ndim != 4 or (shape is not None and tuple(inputs.shape[1:]) != tuple(shape)):
-            want = "x".join(map(str, shape)) if shape else "[N, C, H, W]"
-            raise UserError(f"{self.name}: inputs of shape {'x'.join(map(str, inputs.shape[1:]))} but the detector "
-                            f"was fitted on {want} images; resize the inputs to the model's size")
-        return inputs.float() / 255 if inputs.dtype == torch.uint8 else inputs
+        from ..models.base import unit_pixels
+        return unit_pixels(inputs)
 
     def fit(self, model, clean: Data) -> "InputDetector":
         from .common import split_clean
@@ -246,10 +248,7 @@ class InputDetector(Defense):
 
     def set_frr(self, frr: float) -> None:
         """Threshold so that ``frr`` of the held-out clean scores are flagged."""
-        if isinstance(frr, bool) or not isinstance(frr, (int, float)):
-            raise UserError(f"false-rejection rate {frr!r} is not a number; use e.g. --frr 0.05")
-        if not 0.0 < frr < 1.0:
-            raise UserError(f"false-rejection rate {frr} is outside (0, 1); use e.g. --frr 0.05")
+        check_frr(frr)
         if getattr(self, "calibration_scores", None) is None:
             raise UserError(f"{self.name}: fit the detector on clean data before choosing a threshold")
         self.frr = frr

@@ -106,16 +106,20 @@ def embedding_purification(embedding: torch.Tensor, pretrained: torch.Tensor, co
 
 def mix_weights(encoder: torch.nn.Module, pretrained: torch.nn.Module, reserve: float,
                 gen: torch.Generator) -> int:
-    """Keep a random ``reserve`` share of each tensor's entries, reset the rest to the
-    pre-trained values (in place); returns how many entries were reset."""
+    """Keep a random ``reserve`` share of each shared tensor's entries, reset the rest to the
+    pre-trained values (in place); returns how many entries were reset. Tensors the
+    pre-trained encoder lacks (a classifier's pooler) are kept as they are."""
     mine, theirs = dict(encoder.named_parameters()), dict(pretrained.named_parameters())
-    missing = [n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape]
-    if missing:
-        raise UserError(f"the pre-trained encoder does not match the model ({len(missing)} tensors differ, "
-                        f"e.g. {missing[0]}); pass --set base=<the encoder the model was fine-tuned from>")
+    shared = [n for n in mine if n in theirs]
+    differ = [n for n in shared if theirs[n].shape != mine[n].shape]
+    if differ or len(shared) < len(theirs):
+        example = differ[0] if differ else next(n for n in theirs if n not in mine)
+        raise UserError(f"the pre-trained encoder does not match the model (e.g. {example}); "
+                        "pass --set base=<the encoder the model was fine-tuned from>")
     reset = 0
     with torch.no_grad():
-        for name, p in mine.items():
+        for name in shared:
+            p = mine[name]
             keep = torch.rand(p.shape, generator=gen) < reserve
             p.copy_(torch.where(keep.to(p.device), p, theirs[name].to(p.device)))
             reset += int((~keep).sum())

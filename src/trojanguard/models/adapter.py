@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import Normalize, TrojanModel
+from .base import Normalize, TrojanModel, unit_pixels
 
 # Modules that keep the spatial map of a conv group (a group = conv + these, up to the next conv)
 _POINTWISE = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
@@ -285,7 +285,7 @@ class WrappedModel(TrojanModel):
             if isinstance(x, (list, tuple)):
                 x = self.tokenize(list(x))
             return self.net(**x)
-        x = self.normalize(x)
+        x = self.normalize(unit_pixels(x))
         return self.net(**{self.input_name: x}) if self.input_name else self.net(x)
 
     def forward(self, x) -> torch.Tensor:

@@ -99,6 +99,12 @@ class TrojanModel(nn.Module):
                 h.remove()
 
 
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0-255, as the datasets store them) as floats in [0, 1], where every model
+    and trigger works; other tensors unchanged."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
 class Normalize(nn.Module):
     """Per-channel normalisation kept inside the model, so that attacks, triggers and
     defenses all work in [0, 1] pixel space and checkpoints are self-describing."""
@@ -109,6 +115,4 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
-        if x.dtype == torch.uint8:  # 0-255 pixels, as the datasets store them: the models work in [0, 1]
-            x = x.float() / 255
-        return (x - self.mean) / self.std
+        return (unit_pixels(x) - self.mean) / self.std

@@ -7,8 +7,12 @@ from trojanguard import catalogue
 
 
 def test_shipped_catalogue_matches_the_registries():
-    # fails when a component or an option default changed without `python -m trojanguard.catalogue`
-    assert catalogue.load() == catalogue.build()
+    # fails when a component or an option default changed without `python -m trojanguard.catalogue`;
+    # the harness tests' plugin defenses (``test-*``, tests/harness_plugins.py) stay registered for
+    # the rest of the session whatever the test order, and are no part of the shipped catalogue
+    built = {kind: [e for e in entries if not str(e.get("name", "")).startswith("test-")]
+             for kind, entries in catalogue.build().items()}
+    assert catalogue.load() == built
 
 
 def test_list_is_fast_and_needs_no_torch():

@@ -355,3 +355,10 @@ def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_
     pooler = dict(res.model.encoder.named_parameters())["pooler.dense.weight"]
     assert torch.equal(pooler, dict(model.encoder.named_parameters())["pooler.dense.weight"])
     assert 0.6 < res.info["reset_share"] < 0.71
+
+
+def test_a_bool_for_a_number_option_is_refused():
+    """pydantic would read epochs=True as 1 epoch: a slip in Python, refused in one line."""
+    with pytest.raises(UserError, match="option epochs: give a number, not True"):
+        create_defense("fst", epochs=True)
+    assert create_defense("fst", augment=False).cfg.augment is False  # a bool where a bool belongs

@@ -9,9 +9,21 @@ class DataNotFound(UserError):
     """A dataset named by a checkpoint or a flag is not on this machine."""
 
 
+def _numeric(annotation) -> bool:
+    """int or float, alone or with None."""
+    import typing
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation in (int, float) or bool(args) and all(a in (int, float) for a in args)
+
+
 def validated_config(config_cls, kind: str, name: str, kwargs: dict):
     """Build a pydantic config, turning a validation error into one clear line."""
     from pydantic import ValidationError
+    for key, value in kwargs.items():
+        # pydantic takes True as 1 for a number; in Python that is always a slip (epochs=True)
+        field = config_cls.model_fields.get(key)
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise UserError(f"{kind} {name}: option {key}: give a number, not {value}")
     try:
         return config_cls(**kwargs)
     except ValidationError as e:

@@ -29,6 +29,10 @@ def test_purifier_returns_new_model_and_leaves_input(name, backdoored_digits, di
     # verified on clean samples it did not train on
     assert res.verify_size == round(0.1 * len(digits.defense)) and 0 <= res.ca_after <= 1
     assert res.seconds > 0 and res.peak_rss_mb > 0
+    # the summary alone says how to make the model again
+    summary = res.summary()
+    assert summary["method"] == name and summary["options"]["batch_size"] == 32 and summary["seed"] == 0
+    assert summary["threads"] == torch.get_num_threads()
 
 
 def test_fst_keeps_head_norm_every_step_and_turns_head_away(backdoored_digits, digits, monkeypatch):

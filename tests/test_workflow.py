@@ -33,6 +33,9 @@ def test_repair_writes_a_verified_model_and_report(suspect, tmp_path, capsys, di
     rec = json.loads(stdout)
     assert code == (0 if rec["ok"] else 3)
     assert rec["verify_size"] == round(0.2 * len(digits.defense)) and rec["verify_ca_after"] is not None
+    # the chosen options beside the purifier's whole config, seed and threads
+    assert rec["method"] == "fst" and rec["options"] == {"alpha": 0.2, "epochs": 20, "batch_size": 32}
+    assert rec["config"]["alpha"] == 0.2 and rec["seed"] == 0 and rec["threads"] >= 1
     assert (out / "report.html").read_text().count("<table") >= 1
     repaired, meta = load_checkpoint(out)
     assert meta["purification"]["method"] == "fst" and meta["purification"]["parent"]

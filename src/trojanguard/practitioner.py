@@ -232,8 +232,8 @@ class RepairReport:
     cautions: list[str] = field(default_factory=list)  # what the checks could not show (the model is kept)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "options": self.options, "reason": self.reason, "ok": self.ok,
-                "advice": self.advice, "cautions": self.cautions, **self.record}
+        return {**self.record, "method": self.method, "options": self.options, "reason": self.reason,
+                "ok": self.ok, "advice": self.advice, "cautions": self.cautions}
 
 
 def repair_plan(clean: Data, method: str | None = None, options: dict | None = None, seed: int = 0,
@@ -254,6 +254,8 @@ def repair_plan(clean: Data, method: str | None = None, options: dict | None = N
     options = {k: v for k, v in options.items() if k not in ("verify_fraction", "max_ca_drop")}
     defense = create_defense(method, **{"seed": seed, "progress": progress, "device": device, **options,
                                         "verify_fraction": verify_fraction, "max_ca_drop": max_ca_drop})
+    # as validated (--set gives strings: "epochs": "20" is recorded as 20)
+    options = {k: getattr(defense.cfg, k, v) for k, v in options.items()}
     return method, options, reason, defense
 
 
@@ -270,6 +272,8 @@ def repair(model, clean: Data, method: str | None = None, options: dict | None =
     fit, verify = split_clean(clean, verify_fraction, seed)
     res = defense.purify(model, clean)
     record: dict[str, Any] = {**res.summary()}
+    # "options" stays what the recipe chose (RepairReport); the purifier's whole validated config beside it
+    record["config"] = record.pop("options")
     remains = None
     if trigger is not None:
         b = evaluate(model, verify, trigger.trigger, trigger.target_for)

@@ -78,10 +78,10 @@ def purify_setup(setup: Setup, method: str, options: dict | None = None, robustn
     tgt = setup.attack.target_for if setup.attack is not None else None
     before = evaluate(setup.model, setup.test, trig, tgt) if setup.test is not None else None
     result = defense.purify(setup.model, setup.clean)
-    record: dict[str, Any] = {"method": method, "options": defense.cfg.model_dump(),
-                              "clean_data": {"source": setup.clean_source, "size": len(setup.clean)},
+    # the summary names the method, its options (seed included) and the threads
+    record: dict[str, Any] = {"clean_data": {"source": setup.clean_source, "size": len(setup.clean)},
                               "parent": {"path": setup.model_path, "sha256": setup.meta.get("sha256")},
-                              "threads": torch.get_num_threads(), "seed": seed, **result.summary()}
+                              **result.summary()}
     if setup.test is not None:
         record.update(before_after(setup.model, result.model, setup.test, setup.attack, before=before))
     if robustness:

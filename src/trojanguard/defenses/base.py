@@ -49,7 +49,8 @@ class PurifyResult:
     ``ca_before``/``ca_after`` are clean accuracies on ``verify_size`` clean samples the
     method did not train on (None when ``verify_fraction`` is 0); ``warning`` is set when
     the drop exceeds the configured maximum: the caller must not present the model as
-    repaired then."""
+    repaired then. ``method``, ``options`` (the validated config, seed included) and
+    ``threads`` make the summary reproducible on its own."""
     model: torch.nn.Module
     info: dict = field(default_factory=dict)
     ca_before: float | None = None
@@ -59,6 +60,9 @@ class PurifyResult:
     peak_rss_mb: float = 0.0
     warning: str | None = None
     drop_bound: float | None = None  # paired one-sided 95 % upper bound of the verification CA drop
+    method: str = ""
+    options: dict = field(default_factory=dict)
+    threads: int = 0
 
     @property
     def ok(self) -> bool:
@@ -74,7 +78,8 @@ class PurifyResult:
         return 1.96 * (p * (1 - p) / self.verify_size) ** 0.5
 
     def summary(self) -> dict[str, Any]:
-        return {"verify_ca_before": self.ca_before, "verify_ca_after": self.ca_after,
+        return {"method": self.method, "options": self.options, "seed": self.options.get("seed"),
+                "threads": self.threads, "verify_ca_before": self.ca_before, "verify_ca_after": self.ca_after,
                 "verify_size": self.verify_size, "verify_margin95": self.verify_margin,
                 "verify_drop_bound95": self.drop_bound, "seconds": round(self.seconds, 2),
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "warning": self.warning, **self.info}
@@ -164,7 +169,8 @@ class Purifier(Defense):
             ok_after = correct(purified, verify) if verify is not None else None
         ca_before, ca_after = (None, None) if verify is None else (share_correct(ok_before), share_correct(ok_after))
         res = PurifyResult(purified.eval(), info, ca_before, ca_after, 0 if verify is None else len(verify),
-                           time.perf_counter() - t0, st.peak_rss_mb)
+                           time.perf_counter() - t0, st.peak_rss_mb, method=self.name,
+                           options=self.cfg.model_dump(), threads=torch.get_num_threads())
         if verify is not None and len(verify):
             res.drop_bound = accuracy_drop_bound(ok_before.numpy(), ok_after.numpy())[1]
         max_drop = getattr(self.cfg, "max_ca_drop", None)

@@ -122,6 +122,32 @@ def test_review_detect_guard_refuses_method(suspect, inputs, tmp_path, capsys):
     line = refused(capsys, "detect", "--guard", tmp_path / "g", "--method", "strip", "--inputs", inputs,
                    "--out", tmp_path / "s.csv")
     assert "--method fit a new detector" in line
+    # the purification of a saved guard is what was saved: named as the user spelled it
+    for spelling in (["--set", "purify=true"], ["--purify"]):
+        line = refused(capsys, "detect", "--guard", tmp_path / "g", *spelling, "--inputs", inputs,
+                       "--out", tmp_path / "s.csv")
+        assert ("--set purify=true:" if "--set" in spelling else "--purify:") in line and "as it was saved" in line
+
+
+@pytest.mark.parametrize("command", ["purify", "repair", "detect", "inspect", "guard"])
+def test_review_set_seed_is_refused_for_the_seed_flag(command, suspect, inputs, tmp_path, capsys):
+    """--set seed=3 would split and train with a seed the record does not show."""
+    extra = {"purify": ["--method", "fst"], "detect": ["--inputs", inputs], "inspect": ["--method", "nc"]}
+    out = tmp_path / ("s.csv" if command == "detect" else "o")
+    line = refused(capsys, command, "--model", suspect, *extra.get(command, []), "--set", "seed=3", "--out", out)
+    assert "--set seed=...: use the flag --seed" in line and not out.exists()
+
+
+def test_review_repair_in_python_takes_the_seed_once(backdoored_digits, digits):
+    from trojanguard.errors import UserError
+    from trojanguard.practitioner import repair
+    with pytest.raises(UserError, match="give the seed once"):
+        repair(backdoored_digits[0], digits.defense, method="ft", options={"seed": 3})
+
+
+def test_review_model_names_in_any_case(digits):
+    from trojanguard.pipeline import build_model
+    assert type(build_model("PreAct_ResNet18", digits.bundle)) is type(build_model("preact_resnet18", digits.bundle))
 
 
 @pytest.mark.parametrize("argv,flag", [

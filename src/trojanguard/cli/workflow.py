@@ -136,20 +136,20 @@ def _repair(args) -> int:
     from ..report import percent
     from ..resultdir import write_result
     from ..utils import atomic_write_json, atomic_write_text, library_versions
-    from .commands import parse_options
+    from .commands import defense_options
     if args.method:
         from ..purification import resolve_purifier
         args.method = resolve_purifier(args.method)  # a detector name fails before any work
     model, meta, clean, source, classes = _load(args)
     from ..practitioner import repair_plan
     # the purifier's options are checked now: a typo fails before the scan, not after it
-    repair_plan(clean, args.method, parse_options(args.options), args.seed, args.verify_fraction, args.max_ca_drop)
+    repair_plan(clean, args.method, defense_options(args.options), args.seed, args.verify_fraction, args.max_ca_drop)
     s = None
     if not args.no_scan:
         s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet, device=args.device)
         if not args.json:
             _print_scan(s, classes, source)
-    repaired, r = repair(model, clean, args.method, parse_options(args.options),
+    repaired, r = repair(model, clean, args.method, defense_options(args.options),
                          trigger=s.trigger if s is not None else None, seed=args.seed,
                          verify_fraction=args.verify_fraction, max_ca_drop=args.max_ca_drop,
                          progress=not args.quiet, device=args.device)
@@ -187,8 +187,8 @@ def _repair(args) -> int:
 
 def _guard(args) -> int:
     from ..guarded import guard
-    from .commands import parse_options
-    options = parse_options(args.options)
+    from .commands import defense_options
+    options = defense_options(args.options)
     frr, purify = guard_flags(options, args.frr, args.purify)
     options.setdefault("device", args.device)
     options.setdefault("seed", args.seed)

@@ -13,12 +13,19 @@ the pre-trained weights. Three steps:
 2. **Mixing**: in every encoder weight tensor a random ``reserve`` share of the entries
    keeps its fine-tuned value and the others take their pre-trained value (the
    classification head has no pre-trained counterpart and is kept).
+   A BERT classifier's pooler is mixed like the rest when the pre-trained checkpoint holds
+   pooler weights (bert-base does: NSP); where it holds none (e.g. sentence-transformers
+   exports) the fine-tuned pooler is kept and the result's ``kept_fine_tuned`` says so.
+   trojanguard's own text models pool [CLS] themselves and have no pooler.
 3. **Fine-tuning** of all parameters on the clean data (the text recipe: AdamW, batch 32,
    gradient clipping 1.0, constant rate), which brings the task back.
 
 Readings chosen (the authors' code is not among the stored public repositories; these
 are ours and recorded here):
 * The paper mixes at random ("Fine-mixing"); its selective variant is not implemented.
+* Special tokens ([CLS], [SEP], padding) are not counted: they are in every sentence, and
+  their rows moved with the task, not with a trigger; they rank like rare words (on
+  SST-2 none was among the 20 most changed).
 * Token frequencies come from the defender's clean sentences, the only corpus a defender
   has; the floor ``epur_min_count`` keeps a handful of occurrences from counting as
   "frequent" (with 872 SST-2 sentences most tokens are below it, so the ranking is
@@ -67,15 +74,24 @@ class FineMixingConfig(PurifierConfig):
     batch_size: int = Field(32, ge=1)
 
 
-def pretrained_encoder(model, base: str | None) -> torch.nn.Module:
-    """The clean pre-trained encoder ``model``'s encoder was fine-tuned from."""
+def pretrained_encoder(model, base: str | None) -> tuple[torch.nn.Module, set[str]]:
+    """The clean pre-trained encoder ``model``'s encoder was fine-tuned from, and the names of
+    its parameters the checkpoint holds no values for (initialised at random by the load)."""
     from ..models.text_classifier import resolve_encoder
+    if not hasattr(model, "encoder") or not hasattr(model, "tokenizer"):
+        raise UserError("fine-mixing needs a text model with a Hugging Face encoder and its tokenizer (a trojanguard "
+                        "text model, or a Hugging Face classifier through hf-text:<dir>); this model has "
+                        f"{'no encoder' if not hasattr(model, 'encoder') else 'no tokenizer'}")
     spec = base if base is not None else getattr(model, "encoder_spec", None)
-    if spec is None or not hasattr(model, "encoder"):
-        raise UserError("fine-mixing needs the pre-trained weights the model was fine-tuned from: "
-                        "pass --set base=<local Hugging Face encoder dir>")
+    if spec is None:
+        raise UserError("fine-mixing needs the pre-trained weights the model was fine-tuned from: give base=<local "
+                        "Hugging Face encoder dir> (--set base=<dir> on the command line)")
     from transformers import AutoModel
-    return AutoModel.from_pretrained(resolve_encoder(spec), add_pooling_layer=False)
+    try:
+        pre, loading = AutoModel.from_pretrained(resolve_encoder(spec), output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"the pre-trained encoder {spec} does not load: {str(e).splitlines()[0][:160]}") from None
+    return pre, set(loading.get("missing_keys", ()))
 
 
 def token_counts(model, clean: Data) -> Counter:
@@ -105,17 +121,19 @@ def embedding_purification(embedding: torch.Tensor, pretrained: torch.Tensor, co
 
 
 def mix_weights(encoder: torch.nn.Module, pretrained: torch.nn.Module, reserve: float,
-                gen: torch.Generator) -> int:
+                gen: torch.Generator, untrained: set[str] = frozenset()) -> int:
     """Keep a random ``reserve`` share of each shared tensor's entries, reset the rest to the
-    pre-trained values (in place); returns how many entries were reset. Tensors the
-    pre-trained encoder lacks (a classifier's pooler) are kept as they are."""
+    pre-trained values (in place); returns how many entries were reset. ``untrained``: the
+    pre-trained parameters its checkpoint holds no values for; the model's are kept. Besides
+    those, the two must have the same tensors, except a pooler the model was built without."""
     mine, theirs = dict(encoder.named_parameters()), dict(pretrained.named_parameters())
-    shared = [n for n in mine if n in theirs]
-    differ = [n for n in shared if theirs[n].shape != mine[n].shape]
-    if differ or len(shared) < len(theirs):
-        example = differ[0] if differ else next(n for n in theirs if n not in mine)
-        raise UserError(f"the pre-trained encoder does not match the model (e.g. {example}); "
-                        "pass --set base=<the encoder the model was fine-tuned from>")
+    shared = [n for n in mine if n in theirs and n not in untrained]
+    mismatch = ([n for n in shared if theirs[n].shape != mine[n].shape]
+                + [n for n in mine if n not in theirs]  # e.g. a base with fewer layers
+                + [n for n in theirs if n not in mine and not n.startswith("pooler.")])
+    if mismatch:
+        raise UserError(f"the pre-trained encoder does not match the model (e.g. {mismatch[0]}); give base=<the "
+                        "encoder the model was fine-tuned from> (--set base=<dir> on the command line)")
     reset = 0
     with torch.no_grad():
         for name in shared:
@@ -134,19 +152,20 @@ class FineMixing(Purifier):
 
     def _purify(self, model, clean: Data, original):
         cfg = self.cfg
-        pre = pretrained_encoder(model, cfg.base)
+        pre, untrained = pretrained_encoder(model, cfg.base)
         emb = model.encoder.get_input_embeddings().weight
         pre_emb = pre.get_input_embeddings().weight.detach().to(emb.device)
         if emb.shape != pre_emb.shape:
-            raise UserError("the pre-trained encoder's vocabulary differs from the model's; "
-                            "pass --set base=<the encoder the model was fine-tuned from>")
+            raise UserError("the pre-trained encoder's vocabulary differs from the model's; give base=<the encoder "
+                            "the model was fine-tuned from> (--set base=<dir> on the command line)")
         reset_tokens = embedding_purification(emb.data, pre_emb, token_counts(model, clean), cfg.epur_tokens,
                                               cfg.epur_min_count)
         gen = torch.Generator().manual_seed(cfg.seed)
-        reset = mix_weights(model.encoder, pre, cfg.reserve, gen)
+        reset = mix_weights(model.encoder, pre, cfg.reserve, gen, untrained)
         total = sum(p.numel() for p in model.encoder.parameters())
-        info = {"reserve": cfg.reserve, "reset_share": reset / total,
-                "epur_tokens": model.tokenizer.convert_ids_to_tokens(reset_tokens[:20])}
+        kept = sorted(n for n, _ in model.encoder.named_parameters() if n in untrained)
+        info = {"reserve": cfg.reserve, "reset_share": reset / total, "kept_fine_tuned": kept,
+                "epur_reset_tokens": model.tokenizer.convert_ids_to_tokens(reset_tokens[:20])}
         if cfg.epochs:
             tcfg = defense_train_config(clean, cfg, "fine-mixing", epochs=cfg.epochs, batch_size=cfg.batch_size,
                                         optimizer="adamw", lr=cfg.lr, schedule="constant")

@@ -168,3 +168,28 @@ def test_review_undecodable_image_names_the_file(tmp_path):
     with pytest.raises(UserError) as e:
         decode_image(b"not an image at all", "inputs/x.png")
     assert "inputs/x.png" in str(e.value) and "BytesIO" not in str(e.value)
+
+
+def test_review_text_tables_as_users_save_them(tmp_path):
+    """Excel's byte-order mark, a "text" column, a blank sentence, an unlabelled .txt."""
+    from trojanguard.data.user import load_clean_data, read_texts
+    from trojanguard.errors import UserError
+    rows = "".join(f"{'a fine film' if i % 2 else 'a dull mess'},{i % 2}\n" for i in range(6))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(("sentence,label\n" + rows).encode("utf-8-sig"))
+    data = load_clean_data(bom, ["negative", "positive"], "text")
+    assert len(data) == 6 and data.texts[1] == "a fine film"
+    alias = tmp_path / "alias.csv"
+    alias.write_text("text,label\n" + rows)
+    assert load_clean_data(alias, ["negative", "positive"], "text").texts == data.texts
+    blank = tmp_path / "blank.csv"
+    blank.write_text("sentence,label\n" + rows + " ,1\n")
+    with pytest.raises(UserError, match="line 8 has an empty 'sentence'"):
+        load_clean_data(blank, ["negative", "positive"], "text")
+    with pytest.raises(UserError, match="line 8 has an empty 'sentence'"):
+        read_texts(blank, None)
+    txt = tmp_path / "clean.txt"
+    txt.write_text("a fine film\na dull mess\n")
+    with pytest.raises(UserError, match="unlabelled sentences"):
+        load_clean_data(txt, ["negative", "positive"], "text")
+    assert read_texts(bom, None)[1][0] == "a dull mess"

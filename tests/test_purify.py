@@ -3,6 +3,8 @@ models: each returns a new model and leaves its input untouched; FST keeps the h
 and turns the head away from the old one; the retuning attack brings back a backdoor that
 fine-tuning hid and leaves a clean model clean; WIPER's salience finds the backdoor's
 head weights unimportant for clean data."""
+import time
+
 import pytest
 import torch
 
@@ -336,7 +338,7 @@ def test_retuning_attack_and_frr_refuse_bad_arguments(backdoored_digits, digits)
         tg.guard(model, digits.defense, frr="0.1", progress=False)
 
 
-def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_dir, tmp_path):
+def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_dir, tmp_path, capsys):
     """A foreign BertForSequenceClassification mixes with ``base=``: every encoder tensor,
     the pooler included (the base checkpoint holds pooler weights), is mixed; without
     ``base`` it is one line naming the option; a base with fewer layers is refused."""
@@ -354,6 +356,17 @@ def test_fine_mixing_takes_a_hugging_face_classifier_with_its_base(tiny_encoder_
     clean = TextData(["a fine film", "a dull mess"] * 20, torch.tensor([1, 0] * 20), ["negative", "positive"])
     with pytest.raises(UserError, match="base="):
         create_defense("fine-mixing", progress=False, epochs=0).purify(model, clean)
+    # repair checks the same before its scan: one line, no scan run
+    from trojanguard.cli.main import main
+    table = tmp_path / "clean.csv"
+    table.write_text("sentence,label\n" + "".join(f"{t},{int(y)}\n" for t, y in zip(clean.texts, clean.y)))
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(["repair", "--model", str(tmp_path / "clf"), "--clean-data", str(table), "--method", "fine-mixing",
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert time.perf_counter() - t0 < 20 and not (tmp_path / "r").exists()
+    out, err = capsys.readouterr()
+    assert "base=" in err and "BACKDOOR" not in out.upper() and len(err.strip().splitlines()) == 1, (out, err)
     res = create_defense("fine-mixing", progress=False, epochs=0, base=str(tiny_encoder_dir), verify_fraction=0,
                          epur_tokens=0).purify(model, clean)
     pooler = dict(res.model.encoder.named_parameters())["pooler.dense.weight"]

@@ -239,9 +239,10 @@ class RepairReport:
 
 def repair_plan(clean: Data, method: str | None = None, options: dict | None = None, seed: int = 0,
                 verify_fraction: float = VERIFY_FRACTION, max_ca_drop: float = 0.03, progress: bool = False,
-                device: str = "auto"):
+                device: str = "auto", model=None):
     """(method, options, reason, purifier) that ``repair`` will use on ``clean``: the options
-    are checked here, so that a typo fails before a scan, not after it."""
+    (and, given ``model``, the purifier's preflight on it) are checked here, so that a typo
+    or a missing requirement fails before a scan, not after it."""
     from .defenses import create_defense
     from .purification import resolve_purifier
     if method is not None:
@@ -257,6 +258,8 @@ def repair_plan(clean: Data, method: str | None = None, options: dict | None = N
         raise UserError("give the seed once, as repair(seed=...) (--seed on the command line), not in the options")
     defense = create_defense(method, **{"seed": seed, "progress": progress, "device": device, **options,
                                         "verify_fraction": verify_fraction, "max_ca_drop": max_ca_drop})
+    if model is not None:
+        defense.preflight(model, clean)
     # as validated (--set gives strings: "epochs": "20" is recorded as 20)
     options = {k: getattr(defense.cfg, k, v) for k, v in options.items()}
     return method, options, reason, defense

@@ -206,7 +206,8 @@ def cmd_eval(args) -> int:
         print(f"trojanguard: caution: this checkpoint is a failed purification "
               f"({purification_status(purification)})", file=sys.stderr)
     if args.json:
-        print(json.dumps(m, indent=2))
+        from ..utils import to_jsonable
+        print(json.dumps(to_jsonable(m), indent=2))  # an ASR with no non-target input is null, not NaN
         return 0
     per_class = m.pop("ca_per_class", None)
     print(table(percent_rows([{"model": args.model, **m}])))

@@ -197,9 +197,12 @@ def run(args) -> int:
         print(f"trojanguard: caution: {g.purifier_warning}", file=sys.stderr)
     if args.json:
         import json
-        print(json.dumps({"method": g.detector.name, "inputs": len(rows), "flagged": flagged, "frr": g.frr,
-                          "threshold": g.threshold, "seconds": round(st.seconds, 2), "threads": threads,
-                          "seed": args.seed, "scores": str(out), "guard": args.save_guard}, indent=2))
+        from ..utils import to_jsonable
+        # the seed the detector was fitted with (a saved guard's own, not --seed)
+        print(json.dumps(to_jsonable({"method": g.detector.name, "inputs": len(rows), "flagged": flagged,
+                                      "frr": g.frr, "threshold": g.threshold, "seconds": round(st.seconds, 2),
+                                      "threads": threads, "seed": g.detector.cfg.seed, "scores": str(out),
+                                      "guard": args.guard or args.save_guard}), indent=2))
         return 0
     print(f"flagged {flagged} of {len(rows)} inputs ({g.detector.name}"
           + (f" of the guard {args.guard}" if args.guard else "") + f", FRR {g.frr:g} on held-out clean data, "

@@ -143,7 +143,8 @@ def _repair(args) -> int:
     model, meta, clean, source, classes = _load(args)
     from ..practitioner import repair_plan
     # the purifier's options are checked now: a typo fails before the scan, not after it
-    repair_plan(clean, args.method, defense_options(args.options), args.seed, args.verify_fraction, args.max_ca_drop)
+    repair_plan(clean, args.method, defense_options(args.options), args.seed, args.verify_fraction, args.max_ca_drop,
+                model=model)
     s = None
     if not args.no_scan:
         s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet, device=args.device)

@@ -23,12 +23,15 @@ def read_table(path: Path, text_column: str = "sentence", label_column: str = "l
     from ..resultdir import regular_file
     regular_file(path, MAX_TABLE_BYTES, "data table")  # not /dev/zero, a pipe or a folder
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would join the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if not rows:
         raise UserError(f"{path} has no rows")
+    if text_column == "sentence" and "sentence" not in rows[0] and "text" in rows[0]:
+        text_column = "text"  # the other usual name (the --inputs of detect take both)
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in rows[0]:
             fix = (f"rename the header's columns to {text_column},{label_column}" if rename_hint
@@ -38,6 +41,9 @@ def read_table(path: Path, text_column: str = "sentence", label_column: str = "l
     if short is not None:
         raise UserError(f"{path} line {short} has fewer columns than the header; fix or remove it")
     texts = [r[text_column] for r in rows]
+    blank = next((i for i, t in enumerate(texts, start=2) if not t.strip()), None)
+    if blank is not None:
+        raise UserError(f"{path} line {blank} has an empty {text_column!r}; fill or remove it")
     raw = [r[label_column].strip() for r in rows]
     if label_names is None:
         if all(v.lstrip("-").isdigit() for v in raw):

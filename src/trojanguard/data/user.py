@@ -59,7 +59,7 @@ def read_texts(path: Path, column: str | None) -> tuple[list[str], list[str]]:
     """(ids, sentences) from a CSV/TSV with a header (or a TXT file, one sentence a line)."""
     if path.suffix.lower() == ".txt":
         try:
-            lines = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines()]
+            lines = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8-sig").splitlines()]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {path}: {e}") from None
         texts = [ln for ln in lines if ln.strip()]
@@ -67,7 +67,7 @@ def read_texts(path: Path, column: str | None) -> tuple[list[str], list[str]]:
     else:
         delim = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
         try:
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
                 rows = list(csv.DictReader(f, delimiter=delim,
                                            quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -80,6 +80,9 @@ def read_texts(path: Path, column: str | None) -> tuple[list[str], list[str]]:
             raise UserError(f"{path} has no text column {column or 'sentence/text'!r} (columns: {cols}); "
                             "name it with --input-column")
         texts = [r[col] or "" for r in rows]
+        blank = next((i for i, t in enumerate(texts, start=2) if not t.strip()), None)
+        if blank is not None:  # an empty input would get a score and a flag like any sentence
+            raise UserError(f"{path} line {blank} has an empty {col!r}; fill or remove it")
         ids = [r["id"] for r in rows] if "id" in cols and col != "id" else [str(i) for i in range(len(rows))]
     if not texts:
         raise UserError(f"{path} holds no sentences")
@@ -99,6 +102,9 @@ def load_clean_data(path: str | Path, classes: list[str], modality: str, channel
         from .text import read_table
         if p.is_dir():
             raise UserError(f"{p} is a folder; text clean data is a CSV/TSV file with sentence,label columns")
+        if p.suffix.lower() not in (".csv", ".tsv", ".tab"):
+            what = "unlabelled sentences" if p.suffix.lower() == ".txt" else f"a {p.suffix or 'extension-less'} file"
+            raise UserError(f"{p} is {what}; text clean data is a labelled CSV/TSV file with sentence,label columns")
         # label_names=classes: a label is a class name or an index 0..K-1 (read_table checks the range)
         texts, labels, _ = read_table(p, label_names=list(classes), rename_hint=True)
         data = TextData(texts, torch.tensor(labels, dtype=torch.long), list(classes))

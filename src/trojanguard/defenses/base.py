@@ -150,16 +150,23 @@ class Purifier(Defense):
     kind = "purifier"
     Config: ClassVar[type[DefenseConfig]] = PurifierConfig
 
-    def purify(self, model, clean: Data) -> PurifyResult:
-        """Return a purified copy of ``model`` (the input is left untouched)."""
-        from ..utils import measure
-        from ..eval.metrics import accuracy_drop_bound
-        from .common import correct, share_correct, split_clean
+    def preflight(self, model, clean: Data) -> None:
+        """Every check that can fail before any work (data type, modality, class count, the
+        method's minimum with the verification part set aside, the method's own needs):
+        ``repair`` runs it before its scan, so a mistake costs seconds, not the scan."""
         self.check_data_type(clean)
         frac = getattr(self.cfg, "verify_fraction", 0.0)
         needed = self.min_clean if not frac else max(self.min_clean + len(clean.classes),
                                                      int(self.min_clean / (1 - frac)) + 1)
         self.check_inputs(model, clean, needed)
+
+    def purify(self, model, clean: Data) -> PurifyResult:
+        """Return a purified copy of ``model`` (the input is left untouched)."""
+        from ..utils import measure
+        from ..eval.metrics import accuracy_drop_bound
+        from .common import correct, share_correct, split_clean
+        self.preflight(model, clean)
+        frac = getattr(self.cfg, "verify_fraction", 0.0)
         fit, verify = split_clean(clean, frac, self.cfg.seed) if frac else (clean, None)
         t0 = time.perf_counter()
         with measure(self.name or "purify") as st:

@@ -74,9 +74,9 @@ class FineMixingConfig(PurifierConfig):
     batch_size: int = Field(32, ge=1)
 
 
-def pretrained_encoder(model, base: str | None) -> tuple[torch.nn.Module, set[str]]:
-    """The clean pre-trained encoder ``model``'s encoder was fine-tuned from, and the names of
-    its parameters the checkpoint holds no values for (initialised at random by the load)."""
+def base_directory(model, base: str | None):
+    """The directory of the pre-trained encoder (checked, not loaded), or one line saying
+    what is missing."""
     from ..models.text_classifier import resolve_encoder
     if not hasattr(model, "encoder") or not hasattr(model, "tokenizer"):
         raise UserError("fine-mixing needs a text model with a Hugging Face encoder and its tokenizer (a trojanguard "
@@ -86,11 +86,18 @@ def pretrained_encoder(model, base: str | None) -> tuple[torch.nn.Module, set[st
     if spec is None:
         raise UserError("fine-mixing needs the pre-trained weights the model was fine-tuned from: give base=<local "
                         "Hugging Face encoder dir> (--set base=<dir> on the command line)")
+    return resolve_encoder(spec)
+
+
+def pretrained_encoder(model, base: str | None) -> tuple[torch.nn.Module, set[str]]:
+    """The clean pre-trained encoder ``model``'s encoder was fine-tuned from, and the names of
+    its parameters the checkpoint holds no values for (initialised at random by the load)."""
+    path = base_directory(model, base)
     from transformers import AutoModel
     try:
-        pre, loading = AutoModel.from_pretrained(resolve_encoder(spec), output_loading_info=True)
+        pre, loading = AutoModel.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"the pre-trained encoder {spec} does not load: {str(e).splitlines()[0][:160]}") from None
+        raise UserError(f"the pre-trained encoder {path} does not load: {str(e).splitlines()[0][:160]}") from None
     return pre, set(loading.get("missing_keys", ()))
 
 
@@ -149,6 +156,10 @@ class FineMixing(Purifier):
     name = "fine-mixing"
     Config = FineMixingConfig
     modalities = ("text",)
+
+    def preflight(self, model, clean: Data) -> None:
+        super().preflight(model, clean)
+        base_directory(model, self.cfg.base)
 
     def _purify(self, model, clean: Data, original):
         cfg = self.cfg

@@ -7,6 +7,7 @@ classifier directory (models/hf_image.py, models/hf_text.py); ``wrap(module)`` a
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from ..errors import UserError
 from ..registry import Registry
@@ -33,6 +34,10 @@ def create_model(name: str, **kwargs) -> TrojanModel:
     """Build a model by registry name (or ``hf:<dir>``). Unknown keyword arguments are a
     user error listing the accepted ones. The name and arguments are kept on the model
     (``model.spec``) so that checkpoints can rebuild it."""
+    if name.startswith(HF_PREFIXES):
+        # the directory as an absolute path: a checkpoint that records it then loads from any folder
+        prefix, _, directory = name.partition(":")
+        name = f"{prefix}:{Path(directory).expanduser().resolve()}"
     if name.startswith("hf:"):
         factory, fixed = TextClassifier, {"encoder": name}
     elif name.startswith("hf-image:"):
@@ -53,8 +58,9 @@ def create_model(name: str, **kwargs) -> TrojanModel:
     if bad:
         raise UserError(f"model {name!r} does not take {sorted(bad)}; it takes {sorted(allowed)}")
     model = factory(**fixed, **kwargs)
+    own = getattr(model, "spec", None) or {}  # what the model itself found (an HF classifier's max_length)
     model.spec = {"name": name if name.startswith(HF_PREFIXES) else name.lower(),
-                  "args": {k: v for k, v in kwargs.items() if k != "pretrained"}}
+                  "args": {**own.get("args", {}), **{k: v for k, v in kwargs.items() if k != "pretrained"}}}
     return model
 
 

@@ -330,3 +330,21 @@ def test_refined_trigger_size_limit_admits_a_3x3_patch_on_small_images(monkeypat
         evidence: dict = {}
         out = ebyd._refine(None, None, exposed, evidence)
         assert evidence["refined"]["kept"] is kept and bool(out["mask"].sum() == px) is kept
+
+
+def test_a_recovered_text_trigger_is_checked_with_its_best_word_and_shows_every_words_rates():
+    """The scan scores each word alone; repair checks with the best one (five sentiment words
+    together would move a clean sentiment model), and the rates reach the user."""
+    from trojanguard.cli.workflow import word_rates_line
+    from trojanguard.defenses.token_search import candidates_text
+    from trojanguard.practitioner import RecoveredTrigger
+    cands = [{"token": "cf", "flip_rate": 0.9, "flip_rate_original": 0.8, "hard_flip_original": 0.75},
+             {"token": "great", "flip_rate": 0.6, "flip_rate_original": 0.5, "hard_flip_original": 0.1,
+              "found_on": "original"}]
+    trig = RecoveredTrigger.from_inspection({"tokens": ["cf", "great"], "candidates": cands}, 1)
+    assert trig.trigger(["a dull film", "slow"]) == ["cf a dull film", "cf slow"]
+    assert trig.target_for(torch.tensor([0, 0])).tolist() == [1, 1]
+    assert word_rates_line(trig).startswith("cf (75% of the surest sentences, 80% of all); great (10% ")
+    lines = candidates_text(cands).splitlines()
+    assert lines[0].startswith("# token") and lines[1:] == ["cf\t0.9\t0.8\t0.75\texposed",
+                                                           "great\t0.6\t0.5\t0.1\toriginal"]

@@ -70,16 +70,21 @@ def backdoor_remains(asr_before: float | None, asr_after: float | None) -> bool 
 class RecoveredTrigger:
     """A trigger recovered by the scan, usable wherever an attack artifact is
     (``trigger(x, y)``, ``target_for(y)``): a mask and pattern for images
-    (x' = (1 - m) x + m p), tokens inserted at the front for text."""
+    (x' = (1 - m) x + m p); for text the scan's best word (``tokens[0]``, the one that sent
+    most of the sentences the model was surest about to the target) inserted at the front.
+    One word, not all of ``tokens``: the scan scored and calibrated each word alone, and five
+    sentiment words together move a clean sentiment model too, so a repair would be judged
+    "backdoor remains" by a trigger no single word of which was a backdoor."""
     target: int
     mask: torch.Tensor | None = None
     pattern: torch.Tensor | None = None
     tokens: list[str] | None = None
     name: str = "recovered"
+    word_rates: list[dict] | None = None  # text: each word's flip rates as the scan measured them
 
     def trigger(self, x, y=None):
         if self.tokens is not None:
-            return [" ".join(self.tokens) + " " + s for s in x]
+            return [f"{self.tokens[0]} {s}" for s in x]
         m = self.mask.to(x.device, x.dtype)
         return ((1 - m) * x + m * self.pattern.to(x.device, x.dtype)).clamp(0, 1)
 
@@ -91,7 +96,7 @@ class RecoveredTrigger:
         if not trig or target is None:
             return None
         if trig.get("tokens"):
-            return cls(target, tokens=list(trig["tokens"]))
+            return cls(target, tokens=list(trig["tokens"]), word_rates=list(trig.get("candidates") or []))
         if trig.get("mask") is not None:
             return cls(target, mask=trig["mask"].detach().cpu(), pattern=trig["pattern"].detach().cpu())
         return None
@@ -112,7 +117,7 @@ class ScanReport:
         return {"verdict": self.verdict, "probability": self.probability, "target": self.target,
                 "evidence": self.evidence, "second_opinion": self.second_opinion, "seconds": round(self.seconds, 1),
                 "trigger": None if self.trigger is None else
-                ({"tokens": self.trigger.tokens} if self.trigger.tokens else
+                ({"tokens": self.trigger.tokens, "words": self.trigger.word_rates} if self.trigger.tokens else
                  {"mask_l1": float(self.trigger.mask.abs().sum())}),
                 "choices": self.choices}
 

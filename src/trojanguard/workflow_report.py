@@ -30,7 +30,18 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
             parts.append(htmlpage.image_tag(htmlpage.png_of_image(trigger_image(s.trigger)),
                                             "Recovered trigger: mask (scaled to its maximum), pattern, the pattern where the mask is"))
         elif s.trigger is not None:
-            parts.append(f"<p>Recovered trigger tokens: <code>{_html.escape(' '.join(s.trigger.tokens))}</code></p>")
+            parts.append(f"<p>Recovered trigger tokens: <code>{_html.escape(' '.join(s.trigger.tokens))}</code> "
+                         "(the first is the one repair checks with)</p>")
+            if s.trigger.word_rates:
+                pct = (lambda v: "" if v is None else f"{v:.1%}")
+                rows = [{"word": c["token"], "found on": c.get("found_on", "exposed"),
+                         "moves, on the model it was found on": pct(c.get("flip_rate")),
+                         "moves, original model": pct(c.get("flip_rate_original")),
+                         "moves, the original's surest quarter": pct(c.get("hard_flip_original"))}
+                        for c in s.trigger.word_rates]
+                parts.append("<p>Each recovered word inserted alone: the share of clean sentences of other classes "
+                             "it sends to the target (a sentiment word tips undecided sentences, a backdoor word "
+                             "overrides confident ones).</p>" + htmlpage.table(rows, list(rows[0])))
         cands = [c for c in s.evidence.get("candidates", []) if c.get("mask_fraction")]  # images (text: no mask)
         if len(cands) > 1:
             pct = (lambda v: f"{v:.1%}")

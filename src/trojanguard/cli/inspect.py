@@ -98,13 +98,8 @@ def save_inspection(out, record: dict, trigger: dict | None) -> None:
             write_bytes(tmp / "trigger.safetensors",
                         save({"mask": trigger["mask"].contiguous(), "pattern": trigger["pattern"].contiguous()}))
         elif "tokens" in trigger:
-            lines = [f"{c['token']}\t{c['flip_rate']}\t{c.get('flip_rate_original', '')}\t"
-                     f"{c.get('hard_flip_original', '')}\t{c.get('found_on', 'exposed')}"
-                     for c in trigger.get("candidates", [])]
-            write_bytes(tmp / "trigger_tokens.txt",
-                        ("# token\tshare of clean sentences of other classes sent to the target by the model it "
-                         "was found on\tsame on the original model\tsame on the quarter of them the original is "
-                         "surest about\tfound on (exposed/original model)\n" + "\n".join(lines) + "\n").encode())
+            from ..defenses.token_search import candidates_text
+            write_bytes(tmp / "trigger_tokens.txt", candidates_text(trigger.get("candidates", [])).encode())
 
 
 def run(args) -> int:

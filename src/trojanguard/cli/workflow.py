@@ -70,6 +70,18 @@ def run(args) -> int:
     return {"scan": _scan, "repair": _repair, "guard": _guard}[args.command](args)
 
 
+def word_rates_line(trigger) -> str:
+    """The recovered words, each with the share of the clean sentences of other classes the
+    original model is surest about that it sends to the target (and of all of them)."""
+    rates = {c["token"]: c for c in trigger.word_rates or []}
+    def one(w):
+        c = rates.get(w)
+        if c is None or c.get("hard_flip_original") is None:
+            return w
+        return f"{w} ({c['hard_flip_original']:.0%} of the surest sentences, {c.get('flip_rate_original', 0):.0%} of all)"
+    return "; ".join(one(w) for w in trigger.tokens) + " (the first is the one repair checks with)"
+
+
 def _print_scan(s, classes, source) -> None:
     name = (lambda c: "-" if c is None else f"{c} ({classes[c]})" if c < len(classes) else str(c))
     print(f"verdict: {s.verdict.upper()}  backdoor probability {s.probability:.2f}  suspected target {name(s.target)}")
@@ -78,7 +90,8 @@ def _print_scan(s, classes, source) -> None:
         print(f"caution: out of sample on the reference zoo this probability separates backdoored from clean models "
               f"with AUROC {auroc:.2f} only; weigh the recovered trigger"
               + (" and the second opinion" if s.second_opinion else
-                 " (does it read as a trigger? check it on the model with trojanguard eval)"))
+                 " (does a word read as a trigger, and does it flip sentences the model was sure of? see each "
+                 "recovered word's rates below)"))
     shares = s.evidence.get("shares")
     if shares:
         top = sorted(range(len(shares)), key=lambda i: -shares[i])[:3]
@@ -88,7 +101,7 @@ def _print_scan(s, classes, source) -> None:
     if line:
         print("candidates: " + line)
     if s.trigger is not None:
-        print("recovered trigger: " + (" ".join(s.trigger.tokens) if s.trigger.tokens else
+        print("recovered trigger: " + (word_rates_line(s.trigger) if s.trigger.tokens else
                                        f"mask of L1 norm {float(s.trigger.mask.abs().sum()):.1f} px"))
     if s.second_opinion:
         so = s.second_opinion
@@ -121,7 +134,8 @@ def _scan(args) -> int:
             if s.trigger is not None and s.trigger.mask is not None:
                 trigger_image(s.trigger).save(Path(tmp) / "trigger.png")
             elif s.trigger is not None:
-                atomic_write_text(Path(tmp) / "trigger_tokens.txt", "\n".join(s.trigger.tokens) + "\n")
+                from ..defenses.token_search import candidates_text
+                atomic_write_text(Path(tmp) / "trigger_tokens.txt", candidates_text(s.trigger.word_rates or []))
         if not args.json:
             print(f"saved {args.out}/ (scan.json, report.html{', trigger' if s.trigger else ''})")
     return 0

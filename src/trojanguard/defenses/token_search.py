@@ -169,3 +169,13 @@ def _flip(model, texts: list[str], target: int, batch_size: int = 128) -> tuple[
         return 0.0, 0.0
     logits = text_logits(model, texts, batch_size)
     return float((logits.argmax(1) == target).float().mean()), float(logits.softmax(1)[:, target].mean())
+
+
+def candidates_text(candidates: list[dict]) -> str:
+    """The recovered words with their flip rates, one per line (``trigger_tokens.txt`` of
+    ``inspect`` and ``scan``): what a person needs to weigh each word."""
+    lines = [f"{c['token']}\t{c['flip_rate']}\t{c.get('flip_rate_original', '')}\t"
+             f"{c.get('hard_flip_original', '')}\t{c.get('found_on', 'exposed')}" for c in candidates]
+    return ("# token\tshare of clean sentences of other classes sent to the target by the model it was found on"
+            "\tsame on the original model\tsame on the quarter of them the original is surest about"
+            "\tfound on (exposed/original model)\n" + "\n".join(lines) + "\n")

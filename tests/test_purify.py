@@ -254,6 +254,15 @@ def test_purify_output_loads_and_evaluates_with_the_parents_trigger(backdoored_d
     got = json.loads(capsys.readouterr().out)
     record = json.loads((tmp_path / "out" / "purify.json").read_text())
     assert got["asr"] == pytest.approx(record["asr_after"]) and got["ca"] == pytest.approx(record["ca_after"])
+    # repair's checkpoint carries the parent's attack the same way
+    assert main(["repair", "--method", "ft", "--model", str(tmp_path / "ck"), "--no-scan", "--set", "epochs=1",
+                 "--out", str(tmp_path / "rep"), "--quiet"]) in (0, 3)
+    repaired, meta = tg.load_checkpoint(tmp_path / "rep")
+    assert meta["attack"]["name"] == "badnets" and meta["purification"]["method"] == "ft"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "rep"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["asr"] == pytest.approx(evaluate(repaired, digits.bundle.test, atk.trigger, atk.target_for)["asr"])
 
 
 def test_an_older_purified_checkpoint_without_its_attack_artifact_still_loads(backdoored_digits, digits, tmp_path,

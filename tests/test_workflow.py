@@ -36,7 +36,9 @@ def test_repair_writes_a_verified_model_and_report(suspect, tmp_path, capsys, di
     # the chosen options beside the purifier's whole config, seed and threads
     assert rec["method"] == "fst" and rec["options"] == {"alpha": 0.2, "epochs": 20, "batch_size": 32}
     assert rec["config"]["alpha"] == 0.2 and rec["seed"] == 0 and rec["threads"] >= 1
-    assert (out / "report.html").read_text().count("<table") >= 1
+    page = (out / "report.html").read_text()
+    assert page.count("<table") >= 1 and "alpha=0.2, epochs=20, batch_size=32" in page and "more than 3%" in page
+    assert f"{rec['verify_ca_after']:.1%}" in page  # percentages, as the terminal prints them
     repaired, meta = load_checkpoint(out)
     assert meta["purification"]["method"] == "fst" and meta["purification"]["parent"]
     from trojanguard.eval.evaluate import evaluate

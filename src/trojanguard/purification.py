@@ -114,33 +114,39 @@ def _is_purifier(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, Purifier)
 
 
-def _parent_attack(setup: Setup):
+def _parent_attack(model_path: str):
     """The attack recorded with the parent checkpoint (its folder's artifact; ``--attack``
     may have named another one to measure with)."""
     from .attacks.artifact import load_attack
-    if not setup.model_path:
-        raise ValueError("Setup.model_path is empty: the parent checkpoint's folder holds its attack artifact")
-    folder = Path(setup.model_path)
+    if not model_path:
+        raise ValueError("the parent checkpoint's path is empty: its folder holds its attack artifact")
+    folder = Path(model_path)
     return load_attack(folder if folder.is_dir() else folder.parent)
+
+
+def write_purified_checkpoint(tmp: Path, model, parent_meta: dict, parent_path: str, purification: dict) -> None:
+    """Into an open result folder: the purified model, its sidecar (the parent's dataset,
+    classes, normalisation and attack, plus ``purification``) and the parent's attack
+    artifact: the sidecar names that attack, so without it the checkpoint would not load
+    ("records attack ... but there is no attack.json") and ``eval`` could not re-measure it."""
+    from .checkpoint import save_checkpoint
+    sidecar = {k: v for k, v in parent_meta.items()
+               if k in ("dataset", "train_config", "seed", "attack", "classes", "normalization")}
+    sidecar["purification"] = purification
+    save_checkpoint(tmp, model, sidecar)
+    if sidecar.get("attack"):
+        _parent_attack(parent_path).save(tmp)
 
 
 def save_purified(out: str | Path, model, setup: Setup, record: dict) -> Path:
     """The purified checkpoint (sidecar with method, options, clean data, parent sha256) and
     ``purify.json``, written as one complete folder."""
-    from .checkpoint import save_checkpoint
     from .resultdir import write_result
     from .utils import atomic_write_json, library_versions
-    sidecar = {k: v for k, v in setup.meta.items()
-               if k in ("dataset", "train_config", "seed", "attack", "classes", "normalization")}
-    sidecar["purification"] = {**{k: record[k] for k in ("method", "options", "clean_data", "parent")},
-                               # a failed purification must not pass for a repaired model later
-                               "ok": record.get("warning") is None, "warning": record.get("warning")}
+    purification = {**{k: record[k] for k in ("method", "options", "clean_data", "parent")},
+                    # a failed purification must not pass for a repaired model later
+                    "ok": record.get("warning") is None, "warning": record.get("warning")}
     with write_result(out) as tmp:
-        save_checkpoint(tmp, model, sidecar)
-        if sidecar.get("attack"):
-            # the sidecar names the parent's attack: its artifact goes along, or the purified
-            # checkpoint would not load ("records attack ... but there is no attack.json")
-            # and ``trojanguard eval`` could not re-measure it
-            _parent_attack(setup).save(tmp)
+        write_purified_checkpoint(tmp, model, setup.meta, setup.model_path, purification)
         atomic_write_json(Path(tmp) / "purify.json", {**record, "versions": library_versions()})
     return Path(out)

@@ -61,8 +61,7 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
                 parts.append(htmlpage.figure(_bars(so["norms"], classes, "L1 norm of the reversed mask"),
                                              "Neural Cleanse: mask norm per class (a backdoor target is an outlier "
                                              "below the others)"))
-        parts.append("<h3>Choices the tool made</h3><ul>" + "".join(f"<li>{_html.escape(c)}</li>" for c in s.choices)
-                     + "</ul></section>")
+        parts.append("<h3>Choices the tool made</h3>" + _bullets(s.choices) + "</section>")
     if repair_report is not None:
         r = repair_report
         rec = r.record
@@ -70,19 +69,34 @@ def report_html(title: str, scan_report: ScanReport | None = None, repair_report
         parts.append(f'<section id="repair"><h2>Repair</h2><p class="verdict {status}">'
                      f"{'repaired' if r.ok else 'NOT repaired'} with {r.method}</p>"
                      f"<p>{_html.escape(r.reason)}</p>")
-        rows = [{"measure": "clean accuracy (verification part)", "before": rec.get("verify_ca_before"),
-                 "after": rec.get("verify_ca_after")}]
+        cfg = rec.get("config") or {}
+        choices = [f"options: {', '.join(f'{k}={v}' for k, v in r.options.items()) or 'the method defaults'} "
+                   f"(every option: repair.json, config)"]
+        if rec.get("verify_size"):
+            choices.append(f"verified on {rec['verify_size']} clean samples kept aside (verify_fraction "
+                           f"{cfg.get('verify_fraction')}); not repaired if clean accuracy falls by more than "
+                           f"{cfg.get('max_ca_drop', 0.03):.0%}")
+        parts.append("<h3>Choices the tool made</h3>" + _bullets(choices))
+        pct = (lambda v: "-" if v is None else f"{v:.1%}")
+        rows = [{"measure": "clean accuracy (verification part)", "before": pct(rec.get("verify_ca_before")),
+                 "after": pct(rec.get("verify_ca_after"))}]
         if rec.get("recovered_trigger_asr_before") is not None:
-            rows.append({"measure": "ASR with the recovered trigger", "before": rec["recovered_trigger_asr_before"],
-                         "after": rec["recovered_trigger_asr_after"]})
-        if rec.get("recovered_trigger_asr_after_retuning") is not None:
-            rows.append({"measure": "ASR after the retuning attack", "before": None,
-                         "after": rec["recovered_trigger_asr_after_retuning"]})
+            rows.append({"measure": "ASR with the recovered trigger", "before": pct(rec["recovered_trigger_asr_before"]),
+                         "after": pct(rec["recovered_trigger_asr_after"])})
+            retuned = rec.get("recovered_trigger_asr_after_retuning")
+            rows.append({"measure": "ASR after the retuning attack", "before": "",
+                         "after": pct(retuned) if retuned is not None else
+                         "not run: the backdoor remains" if rec.get("backdoor_remains") else "not run"})
         parts.append(htmlpage.table(rows, ["measure", "before", "after"]))
         for text in ([r.advice] if r.advice else []) + r.cautions:
             parts.append(f'<p class="warn">{_html.escape(text)}</p>')
         parts.append("</section>")
     return htmlpage.page(title, parts, [p for p, x in (("scan", scan_report), ("repair", repair_report)) if x])
+
+
+def _bullets(items: list[str]) -> str:
+    import html
+    return "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in items) + "</ul>"
 
 
 def _shares_plot(shares, classes, top):

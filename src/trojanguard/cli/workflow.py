@@ -144,7 +144,6 @@ def _scan(args) -> int:
 def _repair(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import save_checkpoint
     from ..practitioner import repair, scan
     from ..workflow_report import report_html
     from ..report import percent
@@ -171,10 +170,10 @@ def _repair(args) -> int:
     record = {**r.as_dict(), "scan": s.as_dict() if s else None, "clean_data": {"source": source, "size": len(clean)},
               "seed": args.seed, "threads": args.threads, "model": args.model, "versions": library_versions()}
     with write_result(args.out) as tmp:
-        sidecar = {k: v for k, v in meta.items() if k in ("dataset", "classes", "normalization")}
-        sidecar["purification"] = {"method": r.method, "options": r.options, "parent": meta.get("sha256"),
-                                   "clean_data": record["clean_data"], "ok": r.ok, "warning": r.advice}
-        save_checkpoint(tmp, repaired, sidecar)
+        from ..purification import write_purified_checkpoint
+        write_purified_checkpoint(tmp, repaired, meta, args.model,
+                                  {"method": r.method, "options": r.options, "parent": meta.get("sha256"),
+                                   "clean_data": record["clean_data"], "ok": r.ok, "warning": r.advice})
         atomic_write_json(Path(tmp) / "repair.json", record)
         atomic_write_text(Path(tmp) / "report.html", report_html(f"trojanguard repair: {args.model}", s, r, classes))
     if args.json:
@@ -186,9 +185,11 @@ def _repair(args) -> int:
               f"{percent(rec['verify_ca_after'])} (+/- {percent(rec['verify_margin95'])} at 95 %: "
               "more clean data narrows it)")
         if rec.get("recovered_trigger_asr_before") is not None:
+            retuned = rec.get("recovered_trigger_asr_after_retuning")
             print(f"ASR with the recovered trigger: {percent(rec['recovered_trigger_asr_before'])} -> "
                   f"{percent(rec['recovered_trigger_asr_after'])}; after the retuning attack "
-                  f"{percent(rec.get('recovered_trigger_asr_after_retuning'))}")
+                  + (percent(retuned) if retuned is not None else
+                     "not run (the backdoor remains)" if rec.get("backdoor_remains") else "not run"))
         print(f"{rec['seconds']:.0f} s, peak {rec['peak_rss_mb']:.0f} MB; saved {args.out}/ (model, repair.json, "
               "report.html)")
         for text in r.cautions:

@@ -193,3 +193,14 @@ def test_review_text_tables_as_users_save_them(tmp_path):
     with pytest.raises(UserError, match="unlabelled sentences"):
         load_clean_data(txt, ["negative", "positive"], "text")
     assert read_texts(bom, None)[1][0] == "a dull mess"
+
+
+def test_review_column_names_of_a_clean_table(tmp_path):
+    from trojanguard.data.user import load_clean_data
+    from trojanguard.errors import UserError
+    t = tmp_path / "c.tsv"
+    t.write_text("review\tstars\n" + "".join(f"film {i}\t{i % 2}\n" for i in range(6)))
+    data = load_clean_data(t, ["negative", "positive"], "text", text_column="review", label_column="stars")
+    assert data.texts[0] == "film 0" and data.y.tolist() == [0, 1] * 3
+    with pytest.raises(UserError, match="no column 'sentence'.*rename the header"):
+        load_clean_data(t, ["negative", "positive"], "text")

@@ -117,8 +117,8 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
     recorded_classes = ds.get("classes")
     classes = recorded_classes or [str(i) for i in range(model.head.out_features)]
     name = dataset or ds.get("name")
-    if loader_kw and name != "text":
-        raise UserError("--text-column/--label-column apply to --dataset text only")
+    if loader_kw and (model.modality != "text" or (clean_data is None and name != "text")):
+        raise UserError("--text-column/--label-column apply to --dataset text and to a --clean-data table only")
 
     def recorded_dataset() -> Prepared:
         if not name:
@@ -156,7 +156,7 @@ def defender_data(meta: dict, model, clean_data=None, holdout: float | None = No
                 size = tuple(prep.bundle.train.x.shape[2:])
             elif size is None and ds.get("shape"):  # recorded at training (C, H, W)
                 size = tuple(ds["shape"][1:])
-        clean = load_clean_data(clean_data, classes, model.modality, channels, size)
+        clean = load_clean_data(clean_data, classes, model.modality, channels, size, **(loader_kw or {}))
         check_model_data(model, clean)
         source = str(clean_data)
         if need_test and name and prep is None:

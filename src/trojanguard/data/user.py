@@ -90,8 +90,10 @@ def read_texts(path: Path, column: str | None) -> tuple[list[str], list[str]]:
 
 
 def load_clean_data(path: str | Path, classes: list[str], modality: str, channels: int = 3,
-                    size: tuple[int, int] | None = None) -> Data:
-    """The defender's labelled clean data for a model with ``classes``."""
+                    size: tuple[int, int] | None = None, text_column: str = "sentence",
+                    label_column: str = "label") -> Data:
+    """The defender's labelled clean data for a model with ``classes`` (text: the columns
+    ``text_column`` and ``label_column`` of a CSV/TSV)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"clean data {str(p)!r} does not exist; give an ImageFolder directory "
@@ -106,7 +108,8 @@ def load_clean_data(path: str | Path, classes: list[str], modality: str, channel
             what = "unlabelled sentences" if p.suffix.lower() == ".txt" else f"a {p.suffix or 'extension-less'} file"
             raise UserError(f"{p} is {what}; text clean data is a labelled CSV/TSV file with sentence,label columns")
         # label_names=classes: a label is a class name or an index 0..K-1 (read_table checks the range)
-        texts, labels, _ = read_table(p, label_names=list(classes), rename_hint=True)
+        texts, labels, _ = read_table(p, text_column, label_column, label_names=list(classes),
+                                      rename_hint=(text_column, label_column) == ("sentence", "label"))
         data = TextData(texts, torch.tensor(labels, dtype=torch.long), list(classes))
     _check_every_class(p, data, modality)
     return data

@@ -191,10 +191,10 @@ def test_hf_image_directory_loads_and_runs_fst(kind, layers, tmp_path, digits):
     assert type(res.model) is type(model) and torch.equal(model.head.weight, w0)
     assert torch.allclose(res.model.head.weight.norm(), w0.norm(), rtol=1e-4)
     assert res.info["head_cosine_to_original"] < 0.9
-    # the repaired model is saved as a checkpoint that rebuilds from the directory's config
+    # the repaired model is saved as a checkpoint that rebuilds from (its copy of) the directory's config
     tg.save_checkpoint(tmp_path / "repaired", res.model, meta)
     back, side = tg.load_checkpoint(tmp_path / "repaired")
-    assert side["model"]["name"] == f"hf-image:{d}"
+    assert side["model"]["name"] == "hf-image:hf" and side["model"]["hf_source"] == str(d.resolve())
     with torch.no_grad():
         assert torch.allclose(back(x), res.model(x), atol=1e-5)
 
@@ -248,9 +248,15 @@ def test_hf_text_classifier_directory(tiny_encoder_dir, tmp_path):
     res = create_defense("fst", epochs=1, optimizer="adamw", lr=1e-4, progress=False).purify(model, data)
     assert type(res.model) is type(model) and res.info["head_cosine_to_original"] < 0.9
     tg.save_checkpoint(tmp_path / "repaired", res.model, meta)
-    back, _ = tg.load_checkpoint(tmp_path / "repaired")
+    # the checkpoint carries the directory's config and tokenizer: it loads after the directory moved
+    d.rename(tmp_path / "moved")
+    back, back_meta = tg.load_checkpoint(tmp_path / "repaired")
+    assert back_meta["model"]["name"] == "hf-text:hf" and back_meta["model"]["hf_source"] == str(d.resolve())
+    assert not any(f.suffix == ".safetensors" for f in (tmp_path / "repaired" / "hf").iterdir())
     with torch.no_grad():
         assert torch.allclose(back(texts[:4]), res.model(texts[:4]), atol=1e-5)
+    tg.save_checkpoint(tmp_path / "again", back, back_meta)  # a reloaded model saves the same way
+    assert tg.load_checkpoint(tmp_path / "again")[1]["model"]["name"] == "hf-text:hf"
     with pytest.raises(UserError) as e:
         load_foreign_model(tiny_encoder_dir)  # an encoder without a classifier
     assert "without a trained classifier" in one_line_error(e)

@@ -86,6 +86,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr = Field(min_length=1, max_length=4096)
     args: ModelArgs = Field(default_factory=ModelArgs)
+    hf_source: StrictStr | None = Field(None, max_length=4096)  # where the files in hf/ came from
 
 
 class DatasetInfo(BaseModel):
@@ -169,7 +170,7 @@ def save_checkpoint(path: str | Path, model: TrojanModel, meta: dict[str, Any] |
         return path
     blob = save(_state_dict(model))
     sidecar = dict(meta or {})
-    sidecar.update({"format": FORMAT, "model": model.spec,
+    sidecar.update({"format": FORMAT, "model": _carry_hf_files(model.spec, path),
                     "sha256": hashlib.sha256(blob).hexdigest(), "versions": library_versions()})
     write_bytes(path / WEIGHTS, blob)
     write_json(path / SIDECAR, sidecar)
@@ -262,6 +263,39 @@ def _check_legacy(res: Result, meta: dict[str, Any]) -> None:
             raise incomplete(res.path, f"{METRICS} and {SIDECAR} come from different runs (their ca/seconds differ)")
 
 
+HF_FILES = "hf"  # a checkpoint's copy of its Hugging Face directory's config and tokenizer files
+HF_FILE_SUFFIXES, HF_FILE_MAX_BYTES = (".json", ".txt", ".model"), 64 * 2**20
+
+
+def _carry_hf_files(spec: dict, path: Path) -> dict:
+    """A model built from a Hugging Face directory is rebuilt from its config and tokenizer
+    (the weights are ours): copy those small files into ``path/hf`` and record the model as
+    ``<prefix>:hf``, so that the checkpoint loads on another machine or after the directory
+    moved. ``hf_source`` keeps where they came from."""
+    name = spec.get("name", "")
+    if not name.startswith(HF_PREFIXES):
+        return spec
+    prefix, _, directory = name.partition(":")
+    src = Path(directory)
+    if not (src / "config.json").is_file():
+        return spec
+    (path / HF_FILES).mkdir()
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix in HF_FILE_SUFFIXES and f.stat().st_size <= HF_FILE_MAX_BYTES:
+            write_bytes(path / HF_FILES / f.name, f.read_bytes())
+    return {**spec, "name": f"{prefix}:{HF_FILES}", "hf_source": str(src)}
+
+
+def _hf_name_in(name: str, folder: Path) -> str:
+    """``<prefix>:hf`` of a checkpoint -> the absolute path of its copy (older checkpoints
+    name the original directory, which is used as it is)."""
+    prefix, _, directory = name.partition(":")
+    if name.startswith(HF_PREFIXES) and not Path(directory).is_absolute() \
+            and (folder / directory / "config.json").is_file():
+        return f"{prefix}:{(folder / directory).resolve()}"
+    return name
+
+
 def _is_hf(name: str) -> bool:
     """Models built from a Hugging Face config (``from_config``; weights follow)."""
     return name == "minilm" or name.startswith(HF_PREFIXES)
@@ -278,7 +312,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{wfile} is not a valid safetensors file ({e}); re-copy the checkpoint") from None
     del blob
     spec = meta["model"]
-    name, args = spec["name"], dict(spec.get("args") or {})
+    name, args = _hf_name_in(spec["name"], res.path), dict(spec.get("args") or {})
     where = f"{res.path / SIDECAR}: model {name}"
     try:
         if not _is_hf(name):

@@ -350,3 +350,11 @@ def test_a_recovered_text_trigger_is_checked_with_its_best_word_and_shows_every_
     lines = candidates_text(cands).splitlines()
     assert lines[0].startswith("# token") and lines[1:] == ["cf\t0.9\t0.8\t0.75\texposed",
                                                            "great\t0.6\t0.5\t0.1\toriginal"]
+
+
+def test_a_guard_whose_clean_scores_do_not_vary_says_so(backdoored_digits, digits):
+    import trojanguard as tg
+    g = tg.guard(backdoored_digits[0], digits.defense, method="strip", progress=False)
+    assert g.detector_warning is None  # STRIP's entropies vary on clean digits
+    g.detector.calibration_scores = torch.zeros(40)
+    assert "all 40 held-out clean inputs get the same score (0)" in g.detector_warning

@@ -83,6 +83,18 @@ class GuardedModel(nn.Module):
         capped restarts), or None; say it wherever purified predictions are shown."""
         return (getattr(self.detector, "purifier_info", None) or {}).get("warning") if self.purify else None
 
+    @property
+    def detector_warning(self) -> str | None:
+        """A detector whose held-out clean scores do not vary (e.g. BadActs on a model too small
+        for its intervals to be crossed) cannot place a threshold at the asked FRR: say so
+        wherever flags are shown, instead of serving a guard that may flag nothing."""
+        scores = getattr(self.detector, "calibration_scores", None)
+        if scores is None or not len(scores) or float(scores.max() - scores.min()) > 0:
+            return None
+        return (f"all {len(scores)} held-out clean inputs get the same score ({float(scores[0]):g}): the threshold "
+                "cannot be placed at the asked false-rejection rate and only inputs scoring above that value are "
+                "flagged; this detector may not suit the model (try another --method)")
+
     def set_frr(self, frr: float) -> None:
         """Move the threshold to another false-rejection rate (on the saved calibration scores)."""
         self.detector.set_frr(frr)

@@ -193,8 +193,9 @@ def run(args) -> int:
         g.save(args.save_guard)
     from ..report import count
     flagged = sum(r[2] for r in rows)
-    if g.purifier_warning:
-        print(f"trojanguard: caution: {g.purifier_warning}", file=sys.stderr)
+    for warning in (g.detector_warning, g.purifier_warning):
+        if warning:
+            print(f"trojanguard: caution: {warning}", file=sys.stderr)
     if args.json:
         import json
         from ..utils import to_jsonable

@@ -4,6 +4,7 @@ Thin wrappers over ``trojanguard.practitioner`` and ``trojanguard.guard``."""
 from __future__ import annotations
 
 import json
+import sys
 
 from .inspect import candidates_line
 from .argtypes import accuracy_drop, add_clean_data_args, add_run_args, fraction, guard_flags, set_threads
@@ -195,7 +196,6 @@ def _repair(args) -> int:
         for text in r.cautions:
             print(f"caution: {text}")
     if not r.ok:
-        import sys
         print(f"trojanguard: NOT repaired: {r.advice}", file=sys.stderr)
         return EXIT_NOT_REPAIRED
     return 0
@@ -214,9 +214,9 @@ def _guard(args) -> int:
     g = guard(model, clean, args.method, frr=frr, purify=purify,
               model_meta={k: v for k, v in meta.items() if k in ("dataset", "seed", "train_config")}, **options)
     g.save(args.out)
-    if g.purifier_warning:
-        import sys
-        print(f"trojanguard: caution: {g.purifier_warning}", file=sys.stderr)
+    for warning in (g.detector_warning, g.purifier_warning):
+        if warning:
+            print(f"trojanguard: caution: {warning}", file=sys.stderr)
     info = {"method": args.method, "frr": g.frr, "threshold": g.threshold, "purify": purify,
             "clean_data": {"source": source, "size": len(clean)}, "seed": args.seed, "threads": args.threads,
             "out": args.out}

@@ -456,3 +456,36 @@ def test_registry_names_are_case_insensitive_and_reregistering_the_same_class_is
             DEFENSES.register("my-test-def")(Finetune)
     finally:
         DEFENSES._items.pop("my-test-def"), DEFENSES._help.pop("my-test-def")
+
+
+def test_a_checkpoints_hf_files_are_checked_like_its_weights(tiny_encoder_dir, tmp_path):
+    """The copied config/tokenizer files are read by transformers: a file added after the
+    checkpoint was sealed, a link, or a changed file is refused in one line; a link in the
+    source directory is not followed when a checkpoint is written."""
+    import os
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig.from_pretrained(tiny_encoder_dir, num_labels=2)
+    d = tmp_path / "clf"
+    transformers.BertForSequenceClassification(cfg).save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(tiny_encoder_dir).save_pretrained(d)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not copy")
+    os.symlink(secret, d / "notes.txt")
+    model, meta = load_foreign_model(d)
+    tg.save_checkpoint(tmp_path / "ck", model, meta)
+    assert not (tmp_path / "ck" / "hf" / "notes.txt").exists()
+    tg.load_checkpoint(tmp_path / "ck")
+    import shutil
+    for tamper in ("added", "linked", "changed"):
+        ck = tmp_path / tamper
+        shutil.copytree(tmp_path / "ck", ck)
+        if tamper == "added":
+            (ck / "hf" / "extra.json").write_text("{}")
+        elif tamper == "linked":
+            (ck / "hf" / "config.json").unlink()
+            os.symlink(secret, ck / "hf" / "config.json")
+        else:
+            (ck / "hf" / "config.json").write_text((ck / "hf" / "config.json").read_text().replace("2", "3", 1))
+        with pytest.raises(UserError) as e:
+            tg.load_checkpoint(ck)
+        assert one_line_error(e)

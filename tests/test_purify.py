@@ -286,6 +286,10 @@ def test_an_older_purified_checkpoint_without_its_attack_artifact_still_loads(ba
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "old"), "--attack", str(tmp_path / "parent"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["asr"] > 0.5
+    # repairing such a checkpoint again writes a repaired model that loads (without the attack it lacks)
+    assert main(["repair", "--method", "ft", "--model", str(tmp_path / "old"), "--no-scan", "--set", "epochs=1",
+                 "--out", str(tmp_path / "again"), "--quiet"]) in (0, 3)
+    assert "attack" not in tg.load_checkpoint(tmp_path / "again")[1]
     tg.save_checkpoint(tmp_path / "bare", model, {"dataset": digits.describe(), "attack": atk.describe()})
     with pytest.raises(UserError, match="no attack.json"):
         tg.load_checkpoint(tmp_path / "bare")
@@ -318,6 +322,26 @@ def test_fine_mixing_resets_the_trigger_embedding_and_keeps_the_task(tiny_encode
     assert mix_weights(enc, pre, 1.0, torch.Generator().manual_seed(0)) == 0
     mix_weights(enc, pre, 0.0, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(enc.parameters(), pre.parameters()))
+
+
+def test_fine_mixing_after_a_reload_and_with_a_base_missing_tensors(tiny_encoder_dir, tmp_path):
+    """A reloaded checkpoint keeps only the encoder's config and tokenizer: the default base
+    is the directory it was first built from (hf_source). A base checkpoint that lacks
+    tensors other than a pooler is refused instead of keeping them fine-tuned."""
+    import trojanguard as tg
+    from transformers import BertModel
+    model, clean, texts, y, asr = _cf_backdoored_text_model(tiny_encoder_dir)
+    tg.save_checkpoint(tmp_path / "ck", model, {})
+    back, _ = tg.load_checkpoint(tmp_path / "ck")
+    res = create_defense("fine-mixing", progress=False, epochs=0, epur_tokens=0, verify_fraction=0,
+                         reserve=0.0).purify(back, clean)
+    pre = BertModel.from_pretrained(tiny_encoder_dir)
+    got = dict(res.model.encoder.named_parameters())
+    assert all(torch.equal(got[n], p) for n, p in pre.named_parameters() if n in got)
+    partial = {k: v for k, v in pre.state_dict().items() if not k.startswith("encoder.layer.1.")}
+    pre.save_pretrained(tmp_path / "partial", state_dict=partial)
+    with pytest.raises(UserError, match="holds no weights for encoder.layer.1"):
+        create_defense("fine-mixing", progress=False, epochs=0, base=str(tmp_path / "partial")).purify(back, clean)
 
 
 def test_fine_mixing_refuses_images_and_a_mismatched_base(backdoored_digits, digits, tiny_encoder_dir, tmp_path):

@@ -170,7 +170,7 @@ def save_checkpoint(path: str | Path, model: TrojanModel, meta: dict[str, Any] |
         return path
     blob = save(_state_dict(model))
     sidecar = dict(meta or {})
-    sidecar.update({"format": FORMAT, "model": _carry_hf_files(model.spec, path),
+    sidecar.update({"format": FORMAT, "model": _carry_hf_files(model, path),
                     "sha256": hashlib.sha256(blob).hexdigest(), "versions": library_versions()})
     write_bytes(path / WEIGHTS, blob)
     write_json(path / SIDECAR, sidecar)
@@ -267,11 +267,13 @@ HF_FILES = "hf"  # a checkpoint's copy of its Hugging Face directory's config an
 HF_FILE_SUFFIXES, HF_FILE_MAX_BYTES = (".json", ".txt", ".model"), 64 * 2**20
 
 
-def _carry_hf_files(spec: dict, path: Path) -> dict:
+def _carry_hf_files(model, path: Path) -> dict:
     """A model built from a Hugging Face directory is rebuilt from its config and tokenizer
     (the weights are ours): copy those small files into ``path/hf`` and record the model as
     ``<prefix>:hf``, so that the checkpoint loads on another machine or after the directory
-    moved. ``hf_source`` keeps where they came from."""
+    moved. ``hf_source`` keeps the directory they first came from (its weights are the
+    pre-trained ones fine-mixing needs). Links are not followed, sizes are bounded."""
+    spec = model.spec
     name = spec.get("name", "")
     if not name.startswith(HF_PREFIXES):
         return spec
@@ -280,20 +282,38 @@ def _carry_hf_files(spec: dict, path: Path) -> dict:
     if not (src / "config.json").is_file():
         return spec
     (path / HF_FILES).mkdir()
+    total = 0
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix in HF_FILE_SUFFIXES and f.stat().st_size <= HF_FILE_MAX_BYTES:
-            write_bytes(path / HF_FILES / f.name, f.read_bytes())
-    return {**spec, "name": f"{prefix}:{HF_FILES}", "hf_source": str(src)}
+        if f.is_symlink() or not f.is_file() or f.suffix not in HF_FILE_SUFFIXES:
+            continue
+        total += f.stat().st_size
+        if total > HF_FILE_MAX_BYTES:
+            raise UserError(f"the Hugging Face files of {src} exceed {HF_FILE_MAX_BYTES // 2**20} MB; "
+                            "a config and a tokenizer are far smaller")
+        write_bytes(path / HF_FILES / f.name, f.read_bytes())
+    return {**spec, "name": f"{prefix}:{HF_FILES}", "hf_source": getattr(model, "hf_source", None) or str(src)}
 
 
-def _hf_name_in(name: str, folder: Path) -> str:
-    """``<prefix>:hf`` of a checkpoint -> the absolute path of its copy (older checkpoints
-    name the original directory, which is used as it is)."""
+def _hf_name_in(name: str, res: Result) -> str:
+    """``<prefix>:hf`` of a checkpoint -> the absolute path of its copy, after checking that
+    every file there is a plain file the result's manifest lists (and, verifying, whose sha256
+    it matches): the files are read by transformers, so a stranger's checkpoint may not add
+    or swap one, nor link to a file elsewhere. Other names (older checkpoints name the
+    original directory) are used as they are."""
     prefix, _, directory = name.partition(":")
-    if name.startswith(HF_PREFIXES) and not Path(directory).is_absolute() \
-            and (folder / directory / "config.json").is_file():
-        return f"{prefix}:{(folder / directory).resolve()}"
-    return name
+    if not name.startswith(HF_PREFIXES) or directory != HF_FILES:
+        return name
+    folder = res.path / HF_FILES
+    if res.legacy or folder.is_symlink() or not folder.is_dir():
+        raise UserError(f"{res.path}: the model names its Hugging Face files ({HF_FILES}/) but the folder holds "
+                        "none in a sealed result; re-save the checkpoint")
+    for f in sorted(folder.iterdir()):
+        rel = f"{HF_FILES}/{f.name}"
+        if f.is_symlink() or not f.is_file():
+            raise UserError(f"{f} is not a plain file; a checkpoint's {HF_FILES}/ holds copied files only")
+        res.has(rel)  # a file the manifest does not list: one line
+        res.read_bytes(rel, HF_FILE_MAX_BYTES)  # size and sha256 against the manifest (when verifying)
+    return f"{prefix}:{folder.resolve()}"
 
 
 def _is_hf(name: str) -> bool:
@@ -312,7 +332,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{wfile} is not a valid safetensors file ({e}); re-copy the checkpoint") from None
     del blob
     spec = meta["model"]
-    name, args = _hf_name_in(spec["name"], res.path), dict(spec.get("args") or {})
+    name, args = _hf_name_in(spec["name"], res), dict(spec.get("args") or {})
     where = f"{res.path / SIDECAR}: model {name}"
     try:
         if not _is_hf(name):
@@ -331,6 +351,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                         "re-save the checkpoint") from None
     _load_state(model, state, str(wfile))
     _check_finite(state, str(wfile))
+    if spec.get("hf_source"):
+        model.hf_source = spec["hf_source"]  # kept through later saves (fine-mixing's default base)
     model.to(device).eval()
     if model.modality == "image":  # the layout it was trained and evaluated in: same kernels, same bits
         model.to(memory_format=torch.channels_last)

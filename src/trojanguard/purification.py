@@ -133,9 +133,15 @@ def write_purified_checkpoint(tmp: Path, model, parent_meta: dict, parent_path: 
     sidecar = {k: v for k, v in parent_meta.items()
                if k in ("dataset", "train_config", "seed", "attack", "classes", "normalization")}
     sidecar["purification"] = purification
-    save_checkpoint(tmp, model, sidecar)
+    attack = None
     if sidecar.get("attack"):
-        _parent_attack(parent_path).save(tmp)
+        try:
+            attack = _parent_attack(parent_path)
+        except UserError:  # an older purified parent without its artifact: loads, as checkpoint.py allows
+            sidecar.pop("attack")
+    save_checkpoint(tmp, model, sidecar)
+    if attack is not None:
+        attack.save(tmp)
 
 
 def save_purified(out: str | Path, model, setup: Setup, record: dict) -> Path:

@@ -116,7 +116,13 @@ def zoo_mismatch(folder: Path, config: dict) -> str:
         return (f"split {ds.get('name')}/{ds.get('holdout')}/seed {ds.get('split_seed')} instead of "
                 f"{want['name']}/{want['holdout']}/seed {want['split_seed']}")
     spec = meta.get("model") or {}
-    if spec.get("name") != config["model"]["name"] or \
+    from ..models import canonical_model_name
+    # a checkpoint of a Hugging Face model names its copy of the files ("hf-text:hf"); the
+    # directory it was built from is hf_source
+    recorded = spec.get("name", "")
+    if spec.get("hf_source"):
+        recorded = f"{recorded.partition(':')[0]}:{spec['hf_source']}"
+    if canonical_model_name(recorded) != canonical_model_name(config["model"]["name"]) or \
             (config["model"]["width"] is not None and (spec.get("args") or {}).get("width") != config["model"]["width"]):
         return f"model {spec.get('name')} {spec.get('args')} instead of {config['model']}"
     diff = recipe_diff(metrics.get("train_config") or meta.get("train_config") or {}, TrainConfig(**config["train"]))

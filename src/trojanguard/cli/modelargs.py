@@ -72,7 +72,8 @@ def model_from_args(args: argparse.Namespace, device=None):
     dataset_norm = None
     if args.mean is None and getattr(args, "dataset", None) and is_bare_state_dict(args.model):
         from ..pipeline import dataset_norm_for  # the normalisation train gives a model of that dataset
-        loader_kw = {k: getattr(args, k) for k in ("text_column", "label_column") if getattr(args, k, None)}
+        loader_kw = {k: getattr(args, k) for k in ("text_column", "label_column")
+                     if getattr(args, k, None) and args.dataset == "text"}  # only the generic text tables take them
         dataset_norm = dataset_norm_for(args.dataset, getattr(args, "data_dir", None), **loader_kw)
     return load_foreign_model(args.model, arch=args.arch, num_classes=args.num_classes, width=args.width,
                               classes=args.classes, mean=_flat(args.mean), std=_flat(args.std), device=device,

@@ -86,7 +86,20 @@ def base_directory(model, base: str | None):
     if spec is None:
         raise UserError("fine-mixing needs the pre-trained weights the model was fine-tuned from: give base=<local "
                         "Hugging Face encoder dir> (--set base=<dir> on the command line)")
-    return resolve_encoder(spec)
+    path = resolve_encoder(spec)
+    if base is None and not _has_weights(path) and getattr(model, "hf_source", None):
+        # a reloaded checkpoint's encoder_spec is its copy of config + tokenizer; the weights
+        # stayed in the directory the model was first built from
+        path = resolve_encoder(model.hf_source)
+    if not _has_weights(path):
+        raise UserError(f"the encoder directory {path} holds no weights (a trojanguard checkpoint keeps only the "
+                        "config and tokenizer): give base=<the pre-trained encoder dir> (--set base=<dir> on the "
+                        "command line)")
+    return path
+
+
+def _has_weights(path) -> bool:
+    return any(f.suffix in (".safetensors", ".bin") for f in path.iterdir())
 
 
 def pretrained_encoder(model, base: str | None) -> tuple[torch.nn.Module, set[str]]:
@@ -134,6 +147,11 @@ def mix_weights(encoder: torch.nn.Module, pretrained: torch.nn.Module, reserve: 
     pre-trained parameters its checkpoint holds no values for; the model's are kept. Besides
     those, the two must have the same tensors, except a pooler the model was built without."""
     mine, theirs = dict(encoder.named_parameters()), dict(pretrained.named_parameters())
+    absent = [n for n in untrained if n in mine and not n.startswith("pooler.")]
+    if absent:  # only a pooler may lack pre-trained values (sentence-transformers exports drop it)
+        raise UserError(f"the pre-trained checkpoint holds no weights for {absent[0]} (and {len(absent) - 1} more "
+                        "tensors); give base=<the complete encoder the model was fine-tuned from> (--set base=<dir> "
+                        "on the command line)")
     shared = [n for n in mine if n in theirs and n not in untrained]
     mismatch = ([n for n in shared if theirs[n].shape != mine[n].shape]
                 + [n for n in mine if n not in theirs]  # e.g. a base with fewer layers

@@ -30,14 +30,20 @@ def _minilm(num_classes: int = 2, max_length: int = 128, pooling: str = "mean",
     return TextClassifier(num_classes, "minilm", max_length, pooling, dropout, pretrained)
 
 
+def canonical_model_name(name: str) -> str:
+    """Registry names in lower case; a Hugging Face directory as an absolute path (a
+    checkpoint that records it then loads from any folder)."""
+    if name.startswith(HF_PREFIXES):
+        prefix, _, directory = name.partition(":")
+        return f"{prefix}:{Path(directory).expanduser().resolve()}"
+    return name if name.startswith("wrap:") else name.lower()
+
+
 def create_model(name: str, **kwargs) -> TrojanModel:
     """Build a model by registry name (or ``hf:<dir>``). Unknown keyword arguments are a
     user error listing the accepted ones. The name and arguments are kept on the model
     (``model.spec``) so that checkpoints can rebuild it."""
-    if name.startswith(HF_PREFIXES):
-        # the directory as an absolute path: a checkpoint that records it then loads from any folder
-        prefix, _, directory = name.partition(":")
-        name = f"{prefix}:{Path(directory).expanduser().resolve()}"
+    name = canonical_model_name(name)
     if name.startswith("hf:"):
         factory, fixed = TextClassifier, {"encoder": name}
     elif name.startswith("hf-image:"):

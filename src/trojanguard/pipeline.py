@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .data import DatasetBundle, load_dataset, split_holdout
 from .data.base import Data
 from .errors import DataNotFound, UserError
-from .models import TrojanModel, create_model
+from .models import TrojanModel, canonical_model_name, create_model
 
 
 @dataclass
@@ -47,8 +47,7 @@ def default_holdout(dataset_modality: str) -> float | None:
 
 def build_model(name: str, bundle: DatasetBundle, width: int | None = None, **kw) -> TrojanModel:
     """A model of architecture ``name`` shaped for ``bundle`` (classes, channels, norm)."""
-    # names compare in lower case, as in the registry; a directory after "hf:" keeps its case
-    name = "hf:" + name[3:] if name[:3].lower() == "hf:" else name.lower()
+    name = canonical_model_name(name)  # lower case as in the registry; an "hf:" directory keeps its case
     is_text_model = name == "minilm" or name.startswith("hf:")
     if is_text_model != (bundle.modality == "text"):
         raise UserError(f"model {name!r} is for {'text' if is_text_model else 'images'} but dataset "

@@ -157,14 +157,14 @@ def _repair(args) -> int:
     model, meta, clean, source, classes = _load(args)
     from ..practitioner import repair_plan
     # the purifier's options are checked now: a typo fails before the scan, not after it
-    repair_plan(clean, args.method, defense_options(args.options), args.seed, args.verify_fraction, args.max_ca_drop,
-                model=model)
+    options = defense_options(args.options)
+    repair_plan(clean, args.method, options, args.seed, args.verify_fraction, args.max_ca_drop, model=model)
     s = None
     if not args.no_scan:
         s = scan(model, clean, seed=args.seed, second_opinion=False, progress=not args.quiet, device=args.device)
         if not args.json:
             _print_scan(s, classes, source)
-    repaired, r = repair(model, clean, args.method, defense_options(args.options),
+    repaired, r = repair(model, clean, args.method, options,
                          trigger=s.trigger if s is not None else None, seed=args.seed,
                          verify_fraction=args.verify_fraction, max_ca_drop=args.max_ca_drop,
                          progress=not args.quiet, device=args.device)
